@@ -1,0 +1,45 @@
+//! The one error type of this crate. `Display` names the step and the path; `source()` links the
+//! operating-system cause. Nothing here ever formats key material.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub enum Error {
+    /// A filesystem operation failed.
+    Io { step: &'static str, path: PathBuf, source: io::Error },
+    /// A path exists but its mode or owner would expose or let others replace secrets.
+    Permissions { path: PathBuf, detail: String },
+    /// A key could not be generated, parsed or used.
+    Key { step: &'static str, detail: String },
+}
+
+impl Error {
+    pub(crate) fn io(step: &'static str, path: &Path, source: io::Error) -> Self {
+        Error::Io { step, path: path.to_path_buf(), source }
+    }
+
+    pub(crate) fn key(step: &'static str, detail: impl Into<String>) -> Self {
+        Error::Key { step, detail: detail.into() }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { step, path, .. } => write!(f, "{step} {}", path.display()),
+            Error::Permissions { path, detail } => write!(f, "{}: {detail}", path.display()),
+            Error::Key { step, detail } => write!(f, "{step}: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
