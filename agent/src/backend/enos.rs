@@ -1,0 +1,297 @@
+//! Envision EnOS connect-service certificates (protocols.md §1; seed enos-apply-certificate.txt).
+//!
+//! Auth (§1.2): `token/get` with `encryption = sha256hex(appKey + timestamp + appSecret)`, then on
+//! every call `apim-signature = sha256hex(accessToken + paramsData + timestamp + appSecret)` where
+//! paramsData is the sorted query parameters as key+value followed by the body bytes exactly as
+//! sent. Apply (§1.4) and renew (§1.5) are synchronous. Renewal is authenticated by the same
+//! application credentials: EnOS does not accept the device certificate (§1.9).
+
+use zeroize::Zeroizing;
+
+use super::{CaBackend, Credentials, Current, Outcome, Request};
+use crate::config::{EnosDevice, EnosSettings};
+use crate::error::{Error, Result};
+use crate::http::{self, Http};
+use crate::json::{self, Value};
+use crate::pki::Issued;
+
+pub const CREDENTIALS: Credentials = Credentials {
+    enroll: "EnOS application appKey + appSecret (apim token and per-request signature)",
+    renew: "the same EnOS application appKey + appSecret (EnOS does not accept the device certificate)",
+};
+
+const TOKEN_PATH: &str = "/apim-token-service/v2.0/token/get";
+const CERTIFICATES_PATH: &str = "/connect-service/v2.0/certificates";
+/// §1.2: the token service's "token expired" code.
+const TOKEN_EXPIRED: i64 = 1203;
+
+pub struct Enos<'a> {
+    settings: &'a EnosSettings,
+    http: Http,
+    token: Option<Token>,
+}
+
+struct Token {
+    value: Zeroizing<String>,
+    expires_at: u64,
+}
+
+impl<'a> Enos<'a> {
+    pub fn new(settings: &'a EnosSettings, http: Http) -> Self {
+        Enos { settings, http, token: None }
+    }
+
+    fn issue_authority(request: &Request) -> &'static str {
+        match request.algorithm {
+            enroll_hal::Algorithm::P256 => "ECC",
+            enroll_hal::Algorithm::Rsa2048 => "RSA",
+        }
+    }
+
+    /// A valid access token, fetched when missing or about to expire.
+    fn access_token(&mut self) -> Result<Zeroizing<String>> {
+        let now = crate::time::now();
+        if let Some(token) = self.token.as_ref().filter(|t| t.expires_at > now + 60) {
+            return Ok(token.value.clone());
+        }
+        let token = self.fetch_token()?;
+        let value = token.value.clone();
+        self.token = Some(token);
+        Ok(value)
+    }
+
+    fn fetch_token(&self) -> Result<Token> {
+        const STEP: &str = "getting an EnOS access token";
+        let timestamp = now_ms().to_string();
+        let secret = self.settings.app_secret.expose();
+        let encryption = sha256_hex(&[&self.settings.app_key, &timestamp, secret]);
+        let body = json::object([
+            ("appKey", self.settings.app_key.as_str().into()),
+            ("encryption", encryption.into()),
+            ("timestamp", Value::Number(timestamp)),
+        ])
+        .to_json();
+        let url = http::join(&self.settings.api_gateway, TOKEN_PATH);
+        let response = self.http.send(STEP, "POST", &url, &[("Content-Type", "application/json;charset=UTF-8")], Some(body.as_bytes()))?;
+        if !response.is_success() {
+            return Err(gateway_error(STEP, &response));
+        }
+        let answer = super::parse_json(STEP, &response)?;
+        // The doc's sample spells the field "stauts" (protocols.md §1.2).
+        let status = answer.get("status").or_else(|| answer.get("stauts")).and_then(Value::as_i64);
+        if status != Some(0) {
+            let msg = answer.get("msg").and_then(Value::as_str).unwrap_or("");
+            let text = format!("{STEP}: EnOS token service status {}: {msg}", status.map_or("missing".into(), |s| s.to_string()));
+            return Err(if status == Some(1005) { Error::temporary(text) } else { Error::refused(text) });
+        }
+        let data = answer.get("data").ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no data")))?;
+        let value = data
+            .get("accessToken")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no data.accessToken")))?;
+        let lifetime = data.get("expire").and_then(Value::as_u64).unwrap_or(7200);
+        Ok(Token { value: Zeroizing::new(value.to_string()), expires_at: crate::time::now() + lifetime })
+    }
+
+    /// The device selection of §1.3 plus the action, as (key, value) query parameters.
+    fn query(&self, action: &str) -> Vec<(&'static str, String)> {
+        let mut params = vec![("action", action.to_string()), ("orgId", self.settings.org_id.clone())];
+        match &self.settings.device {
+            EnosDevice::Asset(id) => params.push(("assetId", id.clone())),
+            EnosDevice::Product { product_key, device_key } => {
+                params.push(("productKey", product_key.clone()));
+                params.push(("deviceKey", device_key.clone()));
+            }
+        }
+        params
+    }
+
+    /// One signed connect-service call; retried once with a fresh token on code 1203.
+    fn call(&mut self, action: &str, body: &Value) -> Result<Value> {
+        let step = format!("EnOS certificates action={action}");
+        let body = body.to_json();
+        for attempt in 0..2 {
+            let token = self.access_token()?;
+            let timestamp = now_ms().to_string();
+            let params = self.query(action);
+            let signature = sign_request(&token, &params, body.as_bytes(), &timestamp, self.settings.app_secret.expose());
+            let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={}", http::query_escape(v))).collect();
+            let url = format!("{}?{}", http::join(&self.settings.api_gateway, CERTIFICATES_PATH), query.join("&"));
+            let headers = [
+                ("Content-Type", "application/json;charset=UTF-8"),
+                ("apim-accesstoken", token.as_str()),
+                ("apim-signature", signature.as_str()),
+                ("apim-timestamp", timestamp.as_str()),
+            ];
+            let response = self.http.send(&step, "POST", &url, &headers, Some(body.as_bytes()))?;
+            if !response.is_success() {
+                return Err(gateway_error(&step, &response));
+            }
+            let answer = super::parse_json(&step, &response)?;
+            let code = answer.get("code").and_then(Value::as_i64);
+            if code == Some(0) {
+                return answer.get("data").cloned().ok_or_else(|| Error::protocol(format!("{step}: the answer has no data")));
+            }
+            if code == Some(TOKEN_EXPIRED) && attempt == 0 {
+                log::info!("EnOS access token expired (code 1203); fetching a new one");
+                self.token = None;
+                continue;
+            }
+            return Err(service_error(&step, &answer));
+        }
+        Err(Error::refused(format!("{step}: EnOS kept answering code 1203 (token expired) with a fresh token")))
+    }
+
+    fn issued_from(data: &Value) -> Result<Issued> {
+        const STEP: &str = "reading the EnOS certificate";
+        let leaf = super::pem_field(STEP, data, "cert")?.into_iter().next().ok_or_else(|| Error::protocol(format!("{STEP}: empty cert")))?;
+        let roots = match data.get("caCert") {
+            Some(_) => super::pem_field(STEP, data, "caCert")?,
+            None => Vec::new(),
+        };
+        // The table says certSn, the samples certSN; it is a decimal string (§1.4).
+        let ca_ref = ["certSN", "certSn"].iter().find_map(|k| data.get(k)).and_then(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.clone()),
+            _ => None,
+        });
+        if ca_ref.as_deref().map_or(true, |s| s.parse::<i64>().is_err()) {
+            return Err(Error::protocol(format!("{STEP}: certSN is missing or not a number")));
+        }
+        Ok(Issued { leaf, intermediates: Vec::new(), roots, ca_ref })
+    }
+}
+
+impl CaBackend for Enos<'_> {
+    fn name(&self) -> &'static str {
+        "enos"
+    }
+
+    fn enroll(&mut self, request: &Request) -> Result<Outcome> {
+        let body = json::object([
+            ("csr", request.csr.pem.as_str().into()),
+            ("validDay", self.settings.valid_days.into()),
+            ("issueAuthority", Self::issue_authority(request).into()),
+        ]);
+        let data = self.call("apply", &body)?;
+        Ok(Outcome::Issued(Self::issued_from(&data)?))
+    }
+
+    fn renew(&mut self, request: &Request, current: &Current) -> Result<Outcome> {
+        // design.md §7: certSn is the integer form of the certSN string kept at apply; if
+        // state.json lost it, the certificate's own serial is the same number (seed sample).
+        let cert_sn = current
+            .ca_ref
+            .map(str::to_string)
+            .or_else(|| current.cert.serial_decimal())
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| Error::protocol("EnOS renew: the current certificate's certSN is unknown and its serial is not a 63-bit number"))?;
+        let body = json::object([
+            ("certSn", cert_sn.into()),
+            ("csr", request.csr.pem.as_str().into()),
+            ("validDay", self.settings.valid_days.into()),
+            ("issueAuthority", Self::issue_authority(request).into()),
+        ]);
+        let data = self.call("renew", &body)?;
+        Ok(Outcome::Issued(Self::issued_from(&data)?))
+    }
+
+    fn credentials(&self) -> Credentials {
+        CREDENTIALS
+    }
+
+    fn probe_url(&self) -> String {
+        http::join(&self.settings.api_gateway, TOKEN_PATH)
+    }
+}
+
+/// §1.2 step B: sha256hex(token + sorted(key+value)… + body + timestamp + secret).
+pub fn sign_request(token: &str, params: &[(&str, String)], body: &[u8], timestamp: &str, secret: &str) -> String {
+    let mut sorted: Vec<&(&str, String)> = params.iter().collect();
+    sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(token.as_bytes());
+    for (key, value) in sorted {
+        context.update(key.as_bytes());
+        context.update(value.as_bytes());
+    }
+    context.update(body);
+    context.update(timestamp.as_bytes());
+    context.update(secret.as_bytes());
+    hex(context.finish().as_ref())
+}
+
+fn sha256_hex(parts: &[&str]) -> String {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        context.update(part.as_bytes());
+    }
+    hex(context.finish().as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_ms() -> u64 {
+    // The effective clock (design.md §5 rule 7), with the system's sub-second part.
+    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_millis());
+    crate::time::now() * 1000 + u64::from(millis)
+}
+
+/// Gateway statuses (§1.1): 401 bad credentials/signature, 403 IP not allowed, 429 rate limit.
+fn gateway_error(step: &str, response: &http::Response) -> Error {
+    match response.status {
+        401 => Error::refused(format!(
+            "{step}: the EnOS API gateway rejected the credentials or request signature (HTTP 401): {}",
+            response.excerpt()
+        )),
+        _ => http::status_error(step, response),
+    }
+}
+
+/// Service codes (§1.1, §1.4): 99500 and token-service 1005 are the CA's own failures (retry);
+/// everything else is a refusal that needs a person (bad device, policy, parameters).
+fn service_error(step: &str, answer: &Value) -> Error {
+    let code = answer.get("code").and_then(Value::as_i64);
+    let msg = answer.get("msg").and_then(Value::as_str).unwrap_or("");
+    let request_id = answer.get("requestId").and_then(Value::as_str).unwrap_or("-");
+    let Some(code) = code else {
+        return Error::protocol(format!("{step}: the answer has no numeric code"));
+    };
+    let text = format!("{step}: EnOS code {code}: {} (requestId {request_id})", http::excerpt(msg));
+    match code {
+        99500 | 1005 => Error::temporary(text),
+        _ => Error::refused(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_sorts_params_bytewise_and_hashes_body_as_sent() {
+        // The DECADA firmware's layout (protocols.md §1.2): action, deviceKey, orgId, productKey.
+        let params = vec![
+            ("orgId", "o1".to_string()),
+            ("action", "apply".to_string()),
+            ("productKey", "pk".to_string()),
+            ("deviceKey", "dk".to_string()),
+        ];
+        let body = br#"{"csr":"x"}"#;
+        let expected = sha256_hex(&["tok", "actionapplydeviceKeydkorgIdo1productKeypk", r#"{"csr":"x"}"#, "123", "sec"]);
+        assert_eq!(sign_request("tok", &params, body, "123", "sec"), expected);
+        assert_ne!(sign_request("tok", &params, br#"{"csr": "x"}"#, "123", "sec"), expected);
+    }
+
+    #[test]
+    fn service_codes_map_to_the_documented_exit_classes() {
+        let answer = |code: i64| json::parse(format!(r#"{{"code":{code},"msg":"Device cannot be found","requestId":"r1"}}"#).as_bytes()).unwrap();
+        let refused = service_error("apply", &answer(11404));
+        assert_eq!(refused.kind(), crate::error::Kind::Refused);
+        assert_eq!(refused.to_string(), "apply: EnOS code 11404: Device cannot be found (requestId r1)");
+        assert_eq!(service_error("apply", &answer(99500)).kind(), crate::error::Kind::Temporary);
+    }
+}

@@ -1,0 +1,97 @@
+//! The CA seam: one trait, one file per CA, one factory.
+//!
+//! A backend turns a signed CSR into an [`Outcome`]: a certificate, or (for asynchronous CAs) a
+//! pending request id the lifecycle records before waiting. Backends keep the CA's own error
+//! words and classify them into the exit codes of design.md §2.
+
+use std::sync::Arc;
+
+use enroll_hal::{Algorithm, DeviceKey};
+
+use crate::config::{Backend, Sans, Settings, Subject};
+use crate::csr::Csr;
+use crate::error::Result;
+use crate::http::Http;
+use crate::pki::{Cert, Issued};
+
+pub mod enos;
+pub mod ezca;
+
+/// What the backend needs to know about the request besides the CSR.
+pub struct Request<'a> {
+    pub csr: &'a Csr,
+    pub algorithm: Algorithm,
+    pub subject: &'a Subject,
+    pub sans: &'a Sans,
+}
+
+/// The identity being renewed: the credential for CAs that accept it.
+pub struct Current<'a> {
+    pub cert: &'a Cert,
+    pub key: Arc<dyn DeviceKey>,
+    /// The CA's handle recorded at issue time (EnOS certSN).
+    pub ca_ref: Option<&'a str>,
+}
+
+pub enum Outcome {
+    Issued(Issued),
+    /// The CA accepted the request and will answer later (Sectigo, Securosys approval, …).
+    #[allow(dead_code)]
+    Pending { request_id: String },
+}
+
+/// Which credential a backend uses for what (shown by `status`, documented in README).
+pub struct Credentials {
+    pub enroll: &'static str,
+    pub renew: &'static str,
+}
+
+pub trait CaBackend {
+    fn name(&self) -> &'static str;
+    /// First enrollment with the bootstrap credential.
+    fn enroll(&mut self, request: &Request) -> Result<Outcome>;
+    /// Renewal, authenticated with the current identity wherever the CA allows.
+    fn renew(&mut self, request: &Request, current: &Current) -> Result<Outcome>;
+    fn credentials(&self) -> Credentials;
+    /// The URL `check --online` probes.
+    fn probe_url(&self) -> String;
+}
+
+/// Builds the configured backend.
+pub fn from_settings(settings: &Settings, http: Http) -> Box<dyn CaBackend + '_> {
+    match &settings.ca {
+        Backend::Enos(enos) => Box::new(enos::Enos::new(enos, http)),
+        Backend::Ezca(ezca) => Box::new(ezca::Ezca::new(ezca, settings, http)),
+    }
+}
+
+/// Static description without building a client (for `status`).
+pub fn credentials_of(settings: &Settings) -> Credentials {
+    match &settings.ca {
+        Backend::Enos(_) => enos::CREDENTIALS,
+        Backend::Ezca(ezca) => ezca::credentials(ezca),
+    }
+}
+
+/// Reads a JSON body, naming the step.
+pub fn parse_json(what: &str, response: &crate::http::Response) -> Result<crate::json::Value> {
+    crate::json::parse(&response.body).map_err(|e| {
+        crate::error::Error::protocol(format!("{what}: HTTP {} with a body that is not valid JSON", response.status))
+            .with_source(e)
+    })
+}
+
+/// Reads one PEM certificate out of a JSON field.
+pub fn pem_field(what: &str, value: &crate::json::Value, field: &str) -> Result<Vec<Vec<u8>>> {
+    let Some(text) = value.get(field).and_then(|v| v.as_str()) else {
+        return Err(crate::error::Error::protocol(format!("{what}: the answer has no {field}")));
+    };
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let certs = crate::pki::parse_pem_certs(text).map_err(|e| e.context(format!("{what}: {field}")))?;
+    if certs.is_empty() {
+        return Err(crate::error::Error::protocol(format!("{what}: {field} holds no certificate")));
+    }
+    Ok(certs.into_iter().map(|c| c.der).collect())
+}

@@ -1,0 +1,705 @@
+//! The config file (design.md §3, §7), parsed once into a validated [`Settings`].
+//!
+//! Every error names the JSON path of the field (`error: ca.org_id: missing`), unknown keys are
+//! errors, and nothing is created on disk while parsing.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use enroll_hal::Algorithm;
+
+use crate::error::{Error, Result};
+use crate::json::{self, Value};
+use crate::secret::Secret;
+
+/// Config files are small; a larger one is a mistake (or an attack on the parser).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Build-time default so a Yocto recipe can move it (style.md §11).
+pub const DEFAULT_CONFIG_PATH: &str = match option_env!("ENROLL_AGENT_DEFAULT_CONFIG") {
+    Some(p) => p,
+    None => "/etc/enroll-agent/config.json",
+};
+const DEFAULT_STATE_DIR: &str = match option_env!("ENROLL_AGENT_DEFAULT_STATE_DIR") {
+    Some(p) => p,
+    None => "/var/lib/enroll-agent",
+};
+
+#[derive(Debug)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub subject: Subject,
+    pub san: Sans,
+    pub key: KeySettings,
+    pub ca: Backend,
+    pub tls: TlsSettings,
+    pub renewal: RenewalPolicy,
+    pub hooks: Hooks,
+}
+
+/// Subject attributes in DER order (most significant first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subject {
+    pub attributes: Vec<(SubjectAttribute, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectAttribute {
+    C,
+    ST,
+    L,
+    O,
+    OU,
+    CN,
+    SerialNumber,
+}
+
+impl SubjectAttribute {
+    const ALL: [SubjectAttribute; 7] = [Self::C, Self::ST, Self::L, Self::O, Self::OU, Self::CN, Self::SerialNumber];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::C => "C",
+            Self::ST => "ST",
+            Self::L => "L",
+            Self::O => "O",
+            Self::OU => "OU",
+            Self::CN => "CN",
+            Self::SerialNumber => "serialNumber",
+        }
+    }
+
+    /// Dotted OID (RFC 4519 / X.520).
+    pub fn oid(self) -> &'static str {
+        match self {
+            Self::C => "2.5.4.6",
+            Self::ST => "2.5.4.8",
+            Self::L => "2.5.4.7",
+            Self::O => "2.5.4.10",
+            Self::OU => "2.5.4.11",
+            Self::CN => "2.5.4.3",
+            Self::SerialNumber => "2.5.4.5",
+        }
+    }
+}
+
+impl Subject {
+    pub fn common_name(&self) -> &str {
+        self.attributes.iter().find(|(a, _)| *a == SubjectAttribute::CN).map_or("", |(_, v)| v)
+    }
+
+    /// RFC 4514 string, least significant first (`CN=x,O=y,C=z`).
+    pub fn rfc4514(&self) -> String {
+        let escape = |v: &str| {
+            let mut out = String::new();
+            for (i, c) in v.chars().enumerate() {
+                let edge = (i == 0 && (c == ' ' || c == '#')) || (i + 1 == v.chars().count() && c == ' ');
+                if edge || matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=') {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+            out
+        };
+        let parts: Vec<String> =
+            self.attributes.iter().rev().map(|(a, v)| format!("{}={}", a.key(), escape(v))).collect();
+        parts.join(",")
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sans {
+    pub dns: Vec<String>,
+    pub ip: Vec<IpAddr>,
+    pub uri: Vec<String>,
+    pub email: Vec<String>,
+}
+
+impl Sans {
+    pub fn is_empty(&self) -> bool {
+        self.dns.is_empty() && self.ip.is_empty() && self.uri.is_empty() && self.email.is_empty()
+    }
+}
+
+#[derive(Debug)]
+pub struct KeySettings {
+    pub algorithm: Algorithm,
+    pub provider: Provider,
+    pub rotate_on_renew: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    File,
+}
+
+#[derive(Debug)]
+pub enum Backend {
+    Enos(EnosSettings),
+    Ezca(EzcaSettings),
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Enos(_) => "enos",
+            Backend::Ezca(_) => "ezca",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct EnosSettings {
+    pub api_gateway: String,
+    pub org_id: String,
+    pub device: EnosDevice,
+    pub app_key: String,
+    pub app_secret: Secret,
+    pub valid_days: u64,
+}
+
+#[derive(Debug, Clone)]
+pub enum EnosDevice {
+    Asset(String),
+    Product { product_key: String, device_key: String },
+}
+
+#[derive(Debug)]
+pub struct EzcaSettings {
+    pub url: String,
+    pub ca_id: String,
+    pub template_id: String,
+    pub valid_days: u64,
+    pub bootstrap: EzcaBootstrap,
+    pub renew_auth: RenewAuth,
+}
+
+#[derive(Debug)]
+pub enum EzcaBootstrap {
+    /// A static bearer token installed at the factory.
+    Token(Secret),
+    /// Entra ID client credentials (protocols.md §2.2).
+    Entra { tenant_id: String, client_id: String, client_secret: Secret, authority: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewAuth {
+    Certificate,
+    Bootstrap,
+}
+
+#[derive(Debug)]
+pub struct TlsSettings {
+    pub trust_bundle: Option<PathBuf>,
+    pub timeout_s: u64,
+    pub danger_allow_http: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RenewalPolicy {
+    pub at_fraction: f64,
+    pub jitter_fraction: f64,
+    pub retry_initial_s: u64,
+    pub retry_max_s: u64,
+}
+
+impl Default for RenewalPolicy {
+    fn default() -> Self {
+        RenewalPolicy { at_fraction: 0.66, jitter_fraction: 0.05, retry_initial_s: 30, retry_max_s: 21_600 }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Hooks {
+    pub after_install: Vec<String>,
+}
+
+impl Settings {
+    /// Reads and validates the config file.
+    pub fn load(path: &Path) -> Result<Settings> {
+        let bytes = read_config(path)?;
+        let value = json::parse(&bytes)
+            .map_err(|e| Error::config(format!("config file {}: {e}", path.display())))?;
+        Settings::from_value(&value)
+    }
+
+    pub fn from_value(value: &Value) -> Result<Settings> {
+        let mut root = Fields::new(value, "")?;
+        let tls = parse_tls(&mut root)?;
+        let settings = Settings {
+            state_dir: root.string("state_dir")?.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
+            subject: parse_subject(&mut root)?,
+            san: parse_sans(&mut root)?,
+            key: parse_key(&mut root)?,
+            ca: parse_backend(&mut root, tls.danger_allow_http)?,
+            renewal: parse_renewal(&mut root)?,
+            hooks: parse_hooks(&mut root)?,
+            tls,
+        };
+        root.finish()?;
+        settings.cross_check()?;
+        Ok(settings)
+    }
+
+    /// Rules that involve more than one section.
+    fn cross_check(&self) -> Result<()> {
+        if let Backend::Ezca(ezca) = &self.ca {
+            if ezca.renew_auth == RenewAuth::Certificate && self.key.algorithm != Algorithm::Rsa2048 {
+                return Err(Error::config(
+                    "ca.renew_auth: EZCA certificate renewal signs an RS256 token and needs an RSA key: \
+                     set key.algorithm to \"rsa2048\", or set ca.renew_auth to \"bootstrap\"",
+                ));
+            }
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(Error::config("state_dir: must be an absolute path"));
+        }
+        Ok(())
+    }
+}
+
+fn read_config(path: &Path) -> Result<Vec<u8>> {
+    let describe = |e: std::io::Error| Error::config(format!("config file {}: {e}", path.display()));
+    let meta = std::fs::metadata(path).map_err(describe)?;
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(Error::config(format!("config file {}: larger than {MAX_CONFIG_BYTES} bytes", path.display())));
+    }
+    std::fs::read(path).map_err(describe)
+}
+
+fn parse_subject(root: &mut Fields) -> Result<Subject> {
+    let Some(mut fields) = root.object("subject")? else {
+        return Err(Error::config("subject: missing (subject.CN is required)"));
+    };
+    let mut attributes = Vec::new();
+    for attribute in SubjectAttribute::ALL {
+        if let Some(value) = fields.string(attribute.key())? {
+            if value.is_empty() {
+                return Err(Error::config(format!("{}: must not be empty", fields.path_of(attribute.key()))));
+            }
+            if attribute == SubjectAttribute::C && (value.len() != 2 || !value.chars().all(|c| c.is_ascii_alphabetic())) {
+                return Err(Error::config("subject.C: must be a two-letter country code"));
+            }
+            attributes.push((attribute, value));
+        }
+    }
+    fields.finish()?;
+    if !attributes.iter().any(|(a, _)| *a == SubjectAttribute::CN) {
+        return Err(Error::config("subject.CN: missing"));
+    }
+    Ok(Subject { attributes })
+}
+
+fn parse_sans(root: &mut Fields) -> Result<Sans> {
+    let Some(mut fields) = root.object("san")? else { return Ok(Sans::default()) };
+    let dns = fields.string_list("dns")?.unwrap_or_default();
+    let ip_text = fields.string_list("ip")?.unwrap_or_default();
+    let uri = fields.string_list("uri")?.unwrap_or_default();
+    let email = fields.string_list("email")?.unwrap_or_default();
+    fields.finish()?;
+    let check = |list: &[String], field: &str, ok: &dyn Fn(&str) -> bool, what: &str| {
+        match list.iter().find(|v| !ok(v)) {
+            Some(bad) => Err(Error::config(format!("san.{field}: {bad:?} is not {what}"))),
+            None => Ok(()),
+        }
+    };
+    check(&dns, "dns", &|v| !v.is_empty() && v.is_ascii() && !v.contains(char::is_whitespace), "a DNS name")?;
+    check(&uri, "uri", &|v| v.is_ascii() && v.contains(':'), "an absolute URI")?;
+    check(&email, "email", &|v| v.is_ascii() && v.contains('@'), "an email address")?;
+    check(&ip_text, "ip", &|v| v.parse::<IpAddr>().is_ok(), "an IP address")?;
+    let ip = ip_text.iter().filter_map(|v| v.parse().ok()).collect();
+    Ok(Sans { dns, ip, uri, email })
+}
+
+fn parse_key(root: &mut Fields) -> Result<KeySettings> {
+    let Some(mut fields) = root.object("key")? else { return Err(Error::config("key: missing")) };
+    let algorithm = match fields.required_string("algorithm")?.as_str() {
+        "p256" => Algorithm::P256,
+        "rsa2048" => Algorithm::Rsa2048,
+        other => return Err(Error::config(format!("key.algorithm: {other:?} is not one of \"p256\", \"rsa2048\""))),
+    };
+    let provider = match fields.required_string("provider")?.as_str() {
+        "file" => Provider::File,
+        name @ ("pkcs11" | "tpm") => {
+            return Err(Error::config(format!(
+                "key.provider: provider {name} is not compiled into this build (cargo feature {name})"
+            )))
+        }
+        "redtrust" => return Err(Error::config("key.provider: provider redtrust is not implemented in this version")),
+        other => {
+            return Err(Error::config(format!(
+                "key.provider: {other:?} is not one of \"file\", \"pkcs11\", \"tpm\", \"redtrust\""
+            )))
+        }
+    };
+    let rotate_on_renew = fields.boolean("rotate_on_renew")?.unwrap_or(true);
+    fields.finish()?;
+    Ok(KeySettings { algorithm, provider, rotate_on_renew })
+}
+
+fn parse_backend(root: &mut Fields, allow_http: bool) -> Result<Backend> {
+    let Some(mut fields) = root.object("ca")? else { return Err(Error::config("ca: missing")) };
+    let backend = match fields.required_string("backend")?.as_str() {
+        "enos" => Backend::Enos(parse_enos(&mut fields, allow_http)?),
+        "ezca" => Backend::Ezca(parse_ezca(&mut fields, allow_http)?),
+        name @ ("sectigo" | "securosys" | "est" | "scep" | "acme") => {
+            return Err(Error::config(format!("ca.backend: backend {name} is not implemented in this version")))
+        }
+        other => {
+            return Err(Error::config(format!("ca.backend: {other:?} is not one of \"enos\", \"ezca\"")))
+        }
+    };
+    fields.finish()?;
+    Ok(backend)
+}
+
+fn parse_enos(fields: &mut Fields, allow_http: bool) -> Result<EnosSettings> {
+    let api_gateway = fields.url("api_gateway", None, allow_http)?;
+    let org_id = fields.required_string("org_id")?;
+    let asset_id = fields.string("asset_id")?;
+    let product_key = fields.string("product_key")?;
+    let device_key = fields.string("device_key")?;
+    let device = match (asset_id, product_key, device_key) {
+        (Some(asset), None, None) => EnosDevice::Asset(asset),
+        (None, Some(product_key), Some(device_key)) => EnosDevice::Product { product_key, device_key },
+        (Some(_), _, _) => {
+            return Err(Error::config("ca.asset_id: give either asset_id or product_key + device_key, not both"))
+        }
+        (None, Some(_), None) => return Err(Error::config("ca.device_key: missing (product_key needs device_key)")),
+        (None, None, Some(_)) => return Err(Error::config("ca.product_key: missing (device_key needs product_key)")),
+        (None, None, None) => {
+            return Err(Error::config("ca.asset_id: missing (give asset_id, or product_key + device_key)"))
+        }
+    };
+    Ok(EnosSettings {
+        api_gateway,
+        org_id,
+        device,
+        app_key: fields.required_string("app_key")?,
+        app_secret: fields.secret_file("app_secret_file")?,
+        valid_days: fields.positive("valid_days")?.unwrap_or(730),
+    })
+}
+
+fn parse_ezca(fields: &mut Fields, allow_http: bool) -> Result<EzcaSettings> {
+    let url = fields.url("url", Some("https://portal.ezca.io/"), allow_http)?;
+    let ca_id = fields.required_string("ca_id")?;
+    let template_id = fields.required_string("template_id")?;
+    let valid_days = fields.positive("valid_days")?.unwrap_or(90);
+    let renew_auth = match fields.string("renew_auth")?.as_deref() {
+        None | Some("certificate") => RenewAuth::Certificate,
+        Some("bootstrap") => RenewAuth::Bootstrap,
+        Some(other) => {
+            return Err(Error::config(format!(
+                "ca.renew_auth: {other:?} is not one of \"certificate\", \"bootstrap\""
+            )))
+        }
+    };
+    let Some(mut boot) = fields.object("bootstrap")? else { return Err(Error::config("ca.bootstrap: missing")) };
+    let bootstrap = if boot.has("token_file") {
+        EzcaBootstrap::Token(boot.secret_file("token_file")?)
+    } else if boot.has("client_id") || boot.has("tenant_id") {
+        EzcaBootstrap::Entra {
+            tenant_id: boot.required_string("tenant_id")?,
+            client_id: boot.required_string("client_id")?,
+            client_secret: boot.secret_file("client_secret_file")?,
+            authority: boot.url("authority", Some("https://login.microsoftonline.com"), allow_http)?,
+        }
+    } else {
+        return Err(Error::config(
+            "ca.bootstrap: give token_file, or tenant_id + client_id + client_secret_file",
+        ));
+    };
+    boot.finish()?;
+    Ok(EzcaSettings { url, ca_id, template_id, valid_days, bootstrap, renew_auth })
+}
+
+fn parse_tls(root: &mut Fields) -> Result<TlsSettings> {
+    let Some(mut fields) = root.object("tls")? else {
+        return Ok(TlsSettings { trust_bundle: None, timeout_s: 30, danger_allow_http: false });
+    };
+    let trust_bundle = fields.string("trust_bundle")?.map(PathBuf::from);
+    let timeout_s = fields.positive("timeout_s")?.unwrap_or(30);
+    if timeout_s > 600 {
+        return Err(Error::config("tls.timeout_s: must be at most 600 seconds"));
+    }
+    let danger_allow_http = fields.boolean("danger_allow_http")?.unwrap_or(false);
+    fields.finish()?;
+    Ok(TlsSettings { trust_bundle, timeout_s, danger_allow_http })
+}
+
+fn parse_renewal(root: &mut Fields) -> Result<RenewalPolicy> {
+    let defaults = RenewalPolicy::default();
+    let Some(mut fields) = root.object("renewal")? else { return Ok(defaults) };
+    let policy = RenewalPolicy {
+        at_fraction: fields.number("at_fraction")?.unwrap_or(defaults.at_fraction),
+        jitter_fraction: fields.number("jitter_fraction")?.unwrap_or(defaults.jitter_fraction),
+        retry_initial_s: fields.positive("retry_initial_s")?.unwrap_or(defaults.retry_initial_s),
+        retry_max_s: fields.positive("retry_max_s")?.unwrap_or(defaults.retry_max_s),
+    };
+    fields.finish()?;
+    if !(policy.at_fraction > 0.0 && policy.at_fraction < 1.0) {
+        return Err(Error::config("renewal.at_fraction: must be between 0 and 1 (exclusive)"));
+    }
+    let (low, high) = (policy.at_fraction - policy.jitter_fraction, policy.at_fraction + policy.jitter_fraction);
+    if policy.jitter_fraction < 0.0 || low <= 0.0 || high >= 1.0 {
+        return Err(Error::config(
+            "renewal.jitter_fraction: at_fraction ± jitter_fraction must stay between 0 and 1",
+        ));
+    }
+    if policy.retry_max_s < policy.retry_initial_s {
+        return Err(Error::config("renewal.retry_max_s: must not be smaller than retry_initial_s"));
+    }
+    Ok(policy)
+}
+
+fn parse_hooks(root: &mut Fields) -> Result<Hooks> {
+    let Some(mut fields) = root.object("hooks")? else { return Ok(Hooks::default()) };
+    let after_install = fields.string_list("after_install")?.unwrap_or_default();
+    fields.finish()?;
+    if let Some(program) = after_install.first() {
+        if !Path::new(program).is_absolute() {
+            return Err(Error::config("hooks.after_install: the program (first element) must be an absolute path"));
+        }
+    }
+    Ok(Hooks { after_install })
+}
+
+/// One JSON object being read: remembers which members were used so unknown ones are reported
+/// with their full path.
+struct Fields<'a> {
+    path: String,
+    members: &'a [(String, Value)],
+    used: Vec<bool>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(value: &'a Value, path: &str) -> Result<Fields<'a>> {
+        match value {
+            Value::Object(members) => Ok(Fields { path: path.to_string(), members, used: vec![false; members.len()] }),
+            other => Err(Error::config(format!("{}: expected an object, found {}", display_path(path), other.type_name()))),
+        }
+    }
+
+    fn path_of(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.members.iter().any(|(k, _)| k == key)
+    }
+
+    /// The member's value; JSON `null` counts as absent.
+    fn take(&mut self, key: &str) -> Option<&'a Value> {
+        let index = self.members.iter().position(|(k, _)| k == key)?;
+        self.used[index] = true;
+        let value = &self.members[index].1;
+        (!value.is_null()).then_some(value)
+    }
+
+    fn wrong_type(&self, key: &str, expected: &str, found: &Value) -> Error {
+        Error::config(format!("{}: expected {expected}, found {}", self.path_of(key), found.type_name()))
+    }
+
+    fn string(&mut self, key: &str) -> Result<Option<String>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(self.wrong_type(key, "a string", other)),
+        }
+    }
+
+    fn required_string(&mut self, key: &str) -> Result<String> {
+        match self.string(key)? {
+            Some(s) if !s.is_empty() => Ok(s),
+            Some(_) => Err(Error::config(format!("{}: must not be empty", self.path_of(key)))),
+            None => Err(Error::config(format!("{}: missing", self.path_of(key)))),
+        }
+    }
+
+    fn number(&mut self, key: &str) -> Result<Option<f64>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v @ Value::Number(_)) => Ok(v.as_f64()),
+            Some(other) => Err(self.wrong_type(key, "a number", other)),
+        }
+    }
+
+    /// A whole number ≥ 1.
+    fn positive(&mut self, key: &str) -> Result<Option<u64>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v @ Value::Number(_)) => match v.as_u64() {
+                Some(n) if n >= 1 => Ok(Some(n)),
+                _ => Err(Error::config(format!("{}: must be a whole number of at least 1", self.path_of(key)))),
+            },
+            Some(other) => Err(self.wrong_type(key, "a number", other)),
+        }
+    }
+
+    fn boolean(&mut self, key: &str) -> Result<Option<bool>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.wrong_type(key, "true or false", other)),
+        }
+    }
+
+    fn string_list(&mut self, key: &str) -> Result<Option<Vec<String>>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(Error::config(format!(
+                        "{}[{i}]: expected a string, found {}",
+                        self.path_of(key),
+                        other.type_name()
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(other) => Err(self.wrong_type(key, "an array of strings", other)),
+        }
+    }
+
+    fn object(&mut self, key: &str) -> Result<Option<Fields<'a>>> {
+        let path = self.path_of(key);
+        self.take(key).map(|v| Fields::new(v, &path)).transpose()
+    }
+
+    /// An `https://` URL (or `http://` with `tls.danger_allow_http`).
+    fn url(&mut self, key: &str, default: Option<&str>, allow_http: bool) -> Result<String> {
+        let url = match (self.string(key)?, default) {
+            (Some(url), _) => url,
+            (None, Some(default)) => default.to_string(),
+            (None, None) => return Err(Error::config(format!("{}: missing", self.path_of(key)))),
+        };
+        let rest = if let Some(rest) = url.strip_prefix("https://") {
+            rest
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            if !allow_http {
+                return Err(Error::config(format!(
+                    "{}: plain http:// is refused; use https:// (or set tls.danger_allow_http for a lab)",
+                    self.path_of(key)
+                )));
+            }
+            rest
+        } else {
+            return Err(Error::config(format!("{}: {url:?} is not an https:// URL", self.path_of(key))));
+        };
+        if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) || rest.contains(['?', '#']) {
+            return Err(Error::config(format!("{}: {url:?} has no host or has a query", self.path_of(key))));
+        }
+        Ok(url.trim_end_matches('/').to_string())
+    }
+
+    fn secret_file(&mut self, key: &str) -> Result<Secret> {
+        let path = self.required_string(key)?;
+        Secret::from_file(Path::new(&path)).map_err(|e| Error::config(format!("{}: {e}", self.path_of(key))))
+    }
+
+    /// Every member must have been read: a typo must not be silently ignored.
+    fn finish(self) -> Result<()> {
+        match self.used.iter().position(|used| !used) {
+            Some(i) => Err(Error::config(format!("{}: unknown field", self.path_of(&self.members[i].0)))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn display_path(path: &str) -> &str {
+    if path.is_empty() {
+        "config"
+    } else {
+        path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn secret_file(name: &str, mode: u32) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("enroll-config-{name}-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    fn ezca(extra_key: &str, secret: &Path) -> String {
+        format!(
+            r#"{{"subject":{{"CN":"dev-1","C":"NL"}},"key":{{"algorithm":"rsa2048","provider":"file"{extra_key}}},
+            "ca":{{"backend":"ezca","ca_id":"c","template_id":"t","bootstrap":{{"token_file":"{}"}}}}}}"#,
+            secret.display()
+        )
+    }
+
+    fn load(text: &str) -> Result<Settings> {
+        Settings::from_value(&json::parse(text.as_bytes()).unwrap())
+    }
+
+    fn message(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_minimal_ezca_config_gets_the_documented_defaults() {
+        let secret = secret_file("ok", 0o600);
+        let settings = load(&ezca("", &secret)).unwrap();
+        assert_eq!(settings.state_dir, PathBuf::from("/var/lib/enroll-agent"));
+        assert_eq!(settings.renewal, RenewalPolicy::default());
+        assert_eq!(settings.tls.timeout_s, 30);
+        let Backend::Ezca(ezca) = settings.ca else { panic!("not ezca") };
+        assert_eq!(ezca.url, "https://portal.ezca.io");
+        assert_eq!(ezca.renew_auth, RenewAuth::Certificate);
+        let EzcaBootstrap::Token(token) = ezca.bootstrap else { panic!("not a token") };
+        assert_eq!(token.expose(), "s3cret", "one trailing newline is trimmed");
+        assert_eq!(settings.subject.rfc4514(), "CN=dev-1,C=NL");
+    }
+
+    #[test]
+    fn errors_name_the_full_path_of_the_field() {
+        let secret = secret_file("paths", 0o600);
+        let base = ezca("", &secret);
+        assert_eq!(message(&ezca(r#","rotate_on_reneww":true"#, &secret)), "key.rotate_on_reneww: unknown field");
+        assert_eq!(
+            message(&base.replacen(r#""template_id":"t","#, "", 1)),
+            "ca.template_id: missing"
+        );
+        assert_eq!(
+            message(&base.replacen(r#""ca_id":"c""#, r#""ca_id":7"#, 1)),
+            "ca.ca_id: expected a string, found a number"
+        );
+        let with_renewal = base.replacen('{', r#"{"renewal":{"at_fracton":0.5},"#, 1);
+        assert_eq!(message(&with_renewal), "renewal.at_fracton: unknown field");
+        let http = base.replacen(r#""ca_id""#, r#""url":"http://ca.example","ca_id""#, 1);
+        assert!(message(&http).starts_with("ca.url: plain http:// is refused"));
+    }
+
+    #[test]
+    fn ezca_certificate_renewal_with_p256_names_both_ways_out() {
+        let secret = secret_file("p256", 0o600);
+        let text = ezca("", &secret).replace("rsa2048", "p256");
+        let err = message(&text);
+        assert!(err.contains("key.algorithm") && err.contains("\"bootstrap\""), "{err}");
+        let fixed = text.replacen(r#""ca_id""#, r#""renew_auth":"bootstrap","ca_id""#, 1);
+        assert!(load(&fixed).is_ok());
+    }
+
+    #[test]
+    fn a_secret_file_readable_by_others_is_refused_naming_field_and_file() {
+        let secret = secret_file("loose", 0o644);
+        let err = message(&ezca("", &secret));
+        assert!(err.starts_with("ca.bootstrap.token_file: "), "{err}");
+        assert!(err.contains(&secret.display().to_string()) && err.contains("0644"), "{err}");
+        assert!(!err.contains("s3cret"));
+    }
+}

@@ -1,0 +1,166 @@
+//! The agent's error chain and its exit codes (design.md §2, sysexits.h).
+//!
+//! Each error carries the [`Kind`] that decides the exit code, a message describing only its own
+//! step, and the cause below it. `main` prints `error: …` then one `caused by: …` per link.
+
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// 64: bad command line.
+    Usage,
+    /// 78: the config file (or a file it names) is invalid.
+    Config,
+    /// 75: the CA was unreachable, slow or failing, or a request is still pending; retry later.
+    Temporary,
+    /// 76: the CA answered and the answer cannot be used.
+    Protocol,
+    /// 77: the CA refused (authentication, permission, policy).
+    Refused,
+    /// 74: storage or key-provider failure.
+    Storage,
+    /// 70: a bug.
+    Internal,
+}
+
+impl Kind {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Kind::Usage => 64,
+            Kind::Config => 78,
+            Kind::Temporary => 75,
+            Kind::Protocol => 76,
+            Kind::Refused => 77,
+            Kind::Storage => 74,
+            Kind::Internal => 70,
+        }
+    }
+
+    /// Whether trying the same thing later may succeed without anyone changing anything.
+    pub fn is_retryable(self) -> bool {
+        self == Kind::Temporary
+    }
+}
+
+pub struct Error {
+    kind: Kind,
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        Error { kind, message: message.into(), source: None }
+    }
+
+    pub fn config(message: impl Into<String>) -> Self {
+        Error::new(Kind::Config, message)
+    }
+
+    pub fn protocol(message: impl Into<String>) -> Self {
+        Error::new(Kind::Protocol, message)
+    }
+
+    pub fn temporary(message: impl Into<String>) -> Self {
+        Error::new(Kind::Temporary, message)
+    }
+
+    pub fn refused(message: impl Into<String>) -> Self {
+        Error::new(Kind::Refused, message)
+    }
+
+    pub fn storage(message: impl Into<String>) -> Self {
+        Error::new(Kind::Storage, message)
+    }
+
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Wraps this error under a higher-level step; the kind (and so the exit code) is kept.
+    pub fn context(self, message: impl Into<String>) -> Self {
+        Error { kind: self.kind, message: message.into(), source: Some(Box::new(self)) }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The whole chain on one line, for `state.json` and logs.
+    pub fn chain_line(&self) -> String {
+        let mut line = self.message.clone();
+        let mut next = std::error::Error::source(self);
+        while let Some(cause) = next {
+            line.push_str(": ");
+            line.push_str(&cause.to_string());
+            next = cause.source();
+        }
+        line
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.chain_line())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<enroll_hal::Error> for Error {
+    fn from(e: enroll_hal::Error) -> Self {
+        Error::new(Kind::Storage, e.to_string()).with_source_of(e)
+    }
+}
+
+impl Error {
+    fn with_source_of(mut self, e: enroll_hal::Error) -> Self {
+        // The hal error's own text is already our message; keep only its OS cause.
+        if let Some(cause) = std::error::Error::source(&e) {
+            self.source = Some(Box::new(SourceText(cause.to_string())));
+        }
+        self
+    }
+}
+
+/// A cause kept as text (the original error could not be moved out of its parent).
+#[derive(Debug)]
+struct SourceText(String);
+
+impl fmt::Display for SourceText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SourceText {}
+
+/// `.context("step")` on results.
+pub trait Context<T> {
+    fn context(self, message: impl Into<String>) -> Result<T>;
+}
+
+impl<T> Context<T> for Result<T> {
+    fn context(self, message: impl Into<String>) -> Result<T> {
+        self.map_err(|e| e.context(message))
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, enroll_hal::Error> {
+    fn context(self, message: impl Into<String>) -> Result<T> {
+        self.map_err(|e| Error::from(e).context(message))
+    }
+}

@@ -1,0 +1,130 @@
+//! HTTPS with ureq + rustls: one timeout per request, bounded bodies, and the transport failure
+//! classes of design.md §7 (unreachable/slow/closed early → 75). Backends decide what an HTTP
+//! status means for their CA.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Larger answers are refused as protocol errors: no CA sends megabytes for one certificate.
+pub const MAX_BODY_BYTES: u64 = 1 << 20;
+
+#[derive(Clone)]
+pub struct Http {
+    agent: ureq::Agent,
+}
+
+/// A complete response.
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
+    pub location: Option<String>,
+}
+
+impl Response {
+    /// The body as text, trimmed to one line of at most 300 characters (for error messages that
+    /// keep the CA's own words).
+    pub fn excerpt(&self) -> String {
+        excerpt(&String::from_utf8_lossy(&self.body))
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+pub fn excerpt(text: &str) -> String {
+    let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() > 300 {
+        format!("{}…", line.chars().take(300).collect::<String>())
+    } else {
+        line
+    }
+}
+
+impl Http {
+    pub fn new(tls: Arc<rustls::ClientConfig>, timeout_s: u64) -> Http {
+        let agent = ureq::AgentBuilder::new()
+            .tls_config(tls)
+            .timeout(Duration::from_secs(timeout_s))
+            .redirects(0)
+            .user_agent(concat!("enroll-agent/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Http { agent }
+    }
+
+    /// Sends one request and reads the whole bounded body. `what` names the step for errors.
+    pub fn send(&self, what: &str, method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Result<Response> {
+        let mut request = self.agent.request(method, url);
+        for (name, value) in headers {
+            request = request.set(name, value);
+        }
+        let result = match body {
+            Some(bytes) => request.send_bytes(bytes),
+            None => request.call(),
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(ureq::Error::Status(_, response)) => response,
+            Err(ureq::Error::Transport(transport)) => {
+                return Err(Error::temporary(format!("{what}: {method} {url}: could not reach the CA")).with_source(transport));
+            }
+        };
+        self.read(what, response)
+    }
+
+    fn read(&self, what: &str, response: ureq::Response) -> Result<Response> {
+        if let Some(date) = response.header("date").and_then(crate::time::parse_http_date) {
+            crate::time::observe_server_date(date);
+        }
+        let status = response.status();
+        let content_type = response.header("content-type").map(str::to_string);
+        let location = response.header("location").map(str::to_string);
+        let mut body = Vec::new();
+        response
+            .into_reader()
+            .take(MAX_BODY_BYTES + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| Error::temporary(format!("{what}: the connection closed before the body was complete")).with_source(e))?;
+        if body.len() as u64 > MAX_BODY_BYTES {
+            return Err(Error::protocol(format!("{what}: the response body is larger than {MAX_BODY_BYTES} bytes")));
+        }
+        Ok(Response { status, body, content_type, location })
+    }
+}
+
+/// The common reading of an HTTP failure status (design.md §7): 408/429/5xx are temporary,
+/// other 4xx are refusals. Backends call this after handling their own codes.
+pub fn status_error(what: &str, response: &Response) -> Error {
+    let message = format!("{what}: HTTP {}: {}", response.status, response.excerpt());
+    match response.status {
+        408 | 429 | 500..=599 => Error::temporary(message),
+        400..=499 => Error::refused(message),
+        _ => Error::protocol(message),
+    }
+}
+
+/// `base` (no trailing slash) + `path` (with a leading slash).
+pub fn join(base: &str, path: &str) -> String {
+    format!("{}{}", base.trim_end_matches('/'), path)
+}
+
+/// RFC 3986 percent-encoding for query values (unreserved characters stay).
+pub fn query_escape(value: &str) -> String {
+    let mut out = String::new();
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(byte as char),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// `application/x-www-form-urlencoded` body.
+pub fn form_encode(pairs: &[(&str, &str)]) -> String {
+    pairs.iter().map(|(k, v)| format!("{}={}", query_escape(k), query_escape(v))).collect::<Vec<_>>().join("&")
+}

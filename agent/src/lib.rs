@@ -1,0 +1,95 @@
+//! enroll-agent: gives an embedded Linux device its own X.509 identity and keeps it renewed.
+//!
+//! The binary (`main.rs`) parses the command line and calls [`execute`]. Inside: `config` parses the
+//! JSON config once into `Settings`; `lifecycle` drives enrollment and renewal through the
+//! `backend::CaBackend` trait (one file per CA) and the `enroll_hal` key and storage seams; `pki`
+//! checks every issued certificate before it is installed.
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod csr;
+pub mod daemon;
+pub mod error;
+pub mod http;
+pub mod json;
+pub mod lifecycle;
+pub mod pki;
+pub mod report;
+pub mod secret;
+pub mod state;
+pub mod time;
+pub mod tls;
+
+use cli::Command;
+use config::Settings;
+use error::{Error, Result};
+use lifecycle::{Agent, Done};
+
+/// What `main` should print and how it should exit.
+pub struct Outcome {
+    pub stdout: String,
+    pub exit_code: i32,
+}
+
+impl Outcome {
+    fn ok(stdout: String) -> Self {
+        Outcome { stdout, exit_code: 0 }
+    }
+}
+
+/// Runs one parsed command.
+pub fn execute(cli: &cli::Cli) -> Result<Outcome> {
+    match &cli.command {
+        Command::Help => return Ok(Outcome::ok(cli::HELP.to_string())),
+        Command::Version => return Ok(Outcome::ok(format!("enroll-agent {}\n", env!("CARGO_PKG_VERSION")))),
+        Command::Run => return daemon::run(&cli.config).map(|_| Outcome::ok(String::new())),
+        _ => {}
+    }
+    let settings = Settings::load(&cli.config)?;
+    match &cli.command {
+        Command::Enroll { force } => with_agent(&settings, |agent| agent.enroll(*force)),
+        Command::Renew { force } => with_agent(&settings, |agent| agent.renew(*force)),
+        Command::Status { json } => report::status(&settings, *json).map(Outcome::ok),
+        Command::Check { online } => report::check(&settings, *online).map(Outcome::ok),
+        Command::NeedsRenewal => {
+            let due = report::needs_renewal(&settings)?;
+            Ok(Outcome { stdout: if due { "due\n".into() } else { "not due\n".into() }, exit_code: if due { 0 } else { 1 } })
+        }
+        Command::Help | Command::Version | Command::Run => unreachable!("handled above"),
+    }
+}
+
+/// Runs an enroll/renew step and records its failure in state.json.
+fn with_agent(settings: &Settings, step: impl FnOnce(&mut Agent) -> Result<Done>) -> Result<Outcome> {
+    let mut agent = Agent::open(settings)?;
+    let current = agent.store().current_link();
+    match step(&mut agent) {
+        Ok(done) => Ok(Outcome::ok(describe(&done, &current))),
+        Err(error) => {
+            agent.record_error(&error);
+            Err(error)
+        }
+    }
+}
+
+fn describe(done: &Done, current: &std::path::Path) -> String {
+    match done {
+        Done::Installed { serial, purpose } => {
+            format!("{}: installed certificate serial {serial} in {}\n", purpose.name(), current.display())
+        }
+        Done::AlreadyEnrolled => format!("enroll: a valid identity is already installed in {}\n", current.display()),
+        Done::NotDue { renew_at } => format!("renew: not due until {}\n", time::rfc3339(*renew_at)),
+    }
+}
+
+/// The error chain as printed by `main`: `error: …` then `caused by: …` lines.
+pub fn format_error(error: &Error) -> String {
+    let mut text = format!("error: {error}\n");
+    let mut next = std::error::Error::source(error);
+    while let Some(cause) = next {
+        text.push_str(&format!("caused by: {cause}\n"));
+        next = cause.source();
+    }
+    text
+}

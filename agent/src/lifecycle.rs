@@ -1,0 +1,449 @@
+//! Enrollment, renewal and the long-running loop.
+//!
+//! The scheduling rules are pure functions of (certificate, policy, clock, random sample) so tests
+//! cover them without sleeping; [`Agent`] does the I/O around them: it records a pending request in
+//! `state.json` before talking to the CA, verifies what comes back (design.md §5 rule 2) and only
+//! then installs it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use enroll_hal::soft::FileKeyProvider;
+use enroll_hal::{DeviceKey, KeyProvider, Store};
+
+use crate::backend::{self, Current, Outcome, Request};
+use crate::config::{Provider, RenewalPolicy, Settings};
+use crate::csr;
+use crate::error::{Context, Error, Kind, Result};
+use crate::http::Http;
+use crate::pki::{self, Cert, Expectation, Issued};
+use crate::state::{Pending, Purpose, State};
+use crate::time;
+
+/// A renewal is never started sooner than this after an install, whatever the certificate says
+/// (a CA issuing very short or back-dated certificates must not make us hammer it).
+const MIN_RENEWAL_INTERVAL_S: u64 = 60;
+/// How long a hook may run before it is killed.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+
+// ---------------------------------------------------------------- pure scheduling rules
+
+/// not_before + lifetime × (at_fraction + jitter_fraction × sample), sample uniform in [-1, 1].
+pub fn renewal_time(not_before: u64, not_after: u64, policy: &RenewalPolicy, sample: f64) -> u64 {
+    let lifetime = not_after.saturating_sub(not_before) as f64;
+    let fraction = (policy.at_fraction + policy.jitter_fraction * sample.clamp(-1.0, 1.0)).clamp(0.0, 1.0);
+    not_before + (lifetime * fraction) as u64
+}
+
+/// The renewal loop guard: never earlier than `MIN_RENEWAL_INTERVAL_S` (or the retry base, if
+/// larger) after the last install.
+pub fn guarded_renewal_time(renew_at: u64, last_install: Option<u64>, policy: &RenewalPolicy) -> u64 {
+    match last_install {
+        Some(installed) => renew_at.max(installed + MIN_RENEWAL_INTERVAL_S.max(policy.retry_initial_s)),
+        None => renew_at,
+    }
+}
+
+/// Capped exponential backoff with full jitter: uniform in [1 s, min(max, initial × 2^attempt)].
+/// `attempt` counts from 0; `sample` is uniform in [0, 1).
+pub fn backoff(attempt: u32, policy: &RenewalPolicy, sample: f64) -> Duration {
+    let cap = policy.retry_initial_s.saturating_mul(1u64 << attempt.min(32)).min(policy.retry_max_s);
+    let seconds = (cap as f64 * sample.clamp(0.0, 1.0)) as u64;
+    Duration::from_secs(seconds.max(1))
+}
+
+/// What `status` calls the identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    None,
+    Valid,
+    RenewalDue,
+    Expired,
+    Pending,
+}
+
+impl Condition {
+    pub fn name(self) -> &'static str {
+        match self {
+            Condition::None => "none",
+            Condition::Valid => "valid",
+            Condition::RenewalDue => "renewal_due",
+            Condition::Expired => "expired",
+            Condition::Pending => "pending",
+        }
+    }
+}
+
+pub fn condition(cert: Option<(u64, u64)>, renew_at: u64, pending: bool, now: u64) -> Condition {
+    match cert {
+        _ if pending => Condition::Pending,
+        None => Condition::None,
+        Some((_, not_after)) if now >= not_after => Condition::Expired,
+        Some(_) if now >= renew_at => Condition::RenewalDue,
+        Some(_) => Condition::Valid,
+    }
+}
+
+/// A uniform sample in [0, 1) from the system generator.
+pub fn random_unit() -> f64 {
+    let mut bytes = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+// ---------------------------------------------------------------- the agent
+
+/// The installed identity.
+pub struct Installed {
+    pub slot: PathBuf,
+    pub cert: Cert,
+    /// CA certificates installed with it (ca.pem).
+    pub ca: Vec<Cert>,
+}
+
+/// What a command did, for the one line printed on success.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Done {
+    Installed { serial: String, purpose: Purpose },
+    AlreadyEnrolled,
+    NotDue { renew_at: u64 },
+}
+
+pub struct Agent<'a> {
+    settings: &'a Settings,
+    store: Store,
+    provider: Box<dyn KeyProvider>,
+    pub state: State,
+}
+
+pub fn provider_for(settings: &Settings) -> Box<dyn KeyProvider> {
+    match settings.key.provider {
+        Provider::File => Box::new(FileKeyProvider),
+    }
+}
+
+impl<'a> Agent<'a> {
+    /// Opens (creating if needed) the state directory and reads state.json.
+    pub fn open(settings: &'a Settings) -> Result<Agent<'a>> {
+        let store = Store::open(&settings.state_dir).context("opening the state directory")?;
+        let state = load_state(&store)?;
+        Ok(Agent { settings, store, provider: provider_for(settings), state })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn save(&self) -> Result<()> {
+        self.store.write_state(self.state.to_json().as_bytes()).context("writing state.json")
+    }
+
+    /// Remembers a failure in state.json so `status` can show it (best effort).
+    pub fn record_error(&mut self, error: &Error) {
+        self.state.last_error = Some(error.chain_line());
+        self.state.last_error_at = Some(time::now());
+        if let Err(e) = self.save() {
+            log::warn!("could not record the error in state.json: {}", e.chain_line());
+        }
+    }
+
+    /// The current identity, if `current` names a readable certificate.
+    pub fn installed(&self) -> Option<Installed> {
+        let slot = self.store.current()?;
+        let read = |name: &str| std::fs::read_to_string(slot.join(name)).ok();
+        let cert = match read("cert.pem").map(|t| pki::parse_pem_certs(&t)) {
+            Some(Ok(certs)) if !certs.is_empty() => certs.into_iter().next()?,
+            _ => {
+                log::warn!("{} has no readable certificate", slot.join("cert.pem").display());
+                return None;
+            }
+        };
+        let ca = read("ca.pem").and_then(|t| pki::parse_pem_certs(&t).ok()).unwrap_or_default();
+        Some(Installed { slot, cert, ca })
+    }
+
+    /// When the installed identity is due for renewal.
+    pub fn renew_at(&self, installed: &Installed) -> u64 {
+        let policy = &self.settings.renewal;
+        let planned = self.state.renew_at.unwrap_or_else(|| {
+            renewal_time(installed.cert.not_before(), installed.cert.not_after(), policy, 0.0)
+        });
+        guarded_renewal_time(planned, self.state.last_install, policy)
+    }
+
+    fn http(&self) -> Result<Http> {
+        let roots = crate::tls::load_roots(self.settings.tls.trust_bundle.as_deref())?;
+        let config = crate::tls::client_config(roots, None)?;
+        Ok(Http::new(config, self.settings.tls.timeout_s))
+    }
+
+    /// `enroll [--force]`.
+    pub fn enroll(&mut self, force: bool) -> Result<Done> {
+        let installed = self.installed();
+        if let (Some(installed), false) = (&installed, force) {
+            if self.usable(installed) {
+                return Ok(Done::AlreadyEnrolled);
+            }
+        }
+        if force {
+            self.abandon_pending()?;
+        }
+        self.obtain(Purpose::Enroll, None)
+    }
+
+    /// `renew [--force]`.
+    pub fn renew(&mut self, force: bool) -> Result<Done> {
+        let Some(installed) = self.installed() else {
+            return Err(Error::new(Kind::Usage, "renew: no identity is installed; run `enroll-agent enroll` first"));
+        };
+        let now = time::now();
+        let renew_at = self.renew_at(&installed);
+        if !force && now < renew_at && self.state.pending.is_none() {
+            return Ok(Done::NotDue { renew_at });
+        }
+        if now >= installed.cert.not_after() {
+            // An expired certificate is no credential; enroll again with the bootstrap credential.
+            log::warn!("the installed certificate expired at {}; enrolling again with the bootstrap credential", time::rfc3339(installed.cert.not_after()));
+            return self.obtain(Purpose::Enroll, Some(&installed));
+        }
+        self.obtain(Purpose::Renew, Some(&installed))
+    }
+
+    /// Whether the installed identity can be used as it is: valid now and its key loads and
+    /// matches the certificate.
+    fn usable(&self, installed: &Installed) -> bool {
+        if time::now() >= installed.cert.not_after() {
+            return false;
+        }
+        match self.provider.load(&installed.slot) {
+            Ok(key) => key.public_key_spki() == installed.cert.spki_der(),
+            Err(e) => {
+                log::warn!("the installed key cannot be used: {e}");
+                false
+            }
+        }
+    }
+
+    /// Drops an outstanding request (enroll --force) and its key.
+    fn abandon_pending(&mut self) -> Result<()> {
+        if let Some(pending) = self.state.pending.take() {
+            log::info!("abandoning the pending {} request in slot {}", pending.purpose.name(), pending.slot);
+            let slot = self.slot_path(&pending.slot);
+            if Some(&slot) != self.store.current().as_ref() {
+                let _ = self.provider.delete(&slot);
+                self.store.remove_slot(&slot).context("removing the abandoned slot")?;
+            }
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    fn slot_path(&self, name: &str) -> PathBuf {
+        self.store.root().join("slots").join(name)
+    }
+
+    /// The slot and key for the next request: the pending one if a previous run left it (so a
+    /// restart never makes a second key), else a new slot with a new (or reused) key. The slot is
+    /// recorded in state.json before the key is made.
+    fn request_slot(&mut self, purpose: Purpose, installed: Option<&Installed>) -> Result<(PathBuf, Arc<dyn DeviceKey>)> {
+        if let Some(pending) = self.state.pending.clone() {
+            let slot = self.slot_path(&pending.slot);
+            match self.provider.load(&slot) {
+                Ok(key) if key.algorithm() == self.settings.key.algorithm => {
+                    log::info!("resuming the pending {} request with the key in {}", pending.purpose.name(), slot.display());
+                    return Ok((slot, key));
+                }
+                _ => {
+                    log::warn!("the pending slot {} has no usable key; starting over", slot.display());
+                    let _ = self.store.remove_slot(&slot);
+                }
+            }
+        }
+        let slot = self.store.create_slot().context("creating a slot for the new identity")?;
+        let name = slot.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        self.state.pending = Some(Pending { request_id: None, slot: name, since: time::now(), purpose });
+        self.save()?;
+        let reuse = purpose == Purpose::Renew && !self.settings.key.rotate_on_renew;
+        let key = match installed.filter(|_| reuse) {
+            Some(current) => {
+                self.provider.reuse(&current.slot, &slot).context("reusing the current key")?;
+                self.provider.load(&slot).context("loading the reused key")?
+            }
+            None => self
+                .provider
+                .generate(self.settings.key.algorithm, &slot)
+                .context(format!("generating a {} key", self.settings.key.algorithm.name()))?,
+        };
+        Ok((slot, key))
+    }
+
+    fn obtain(&mut self, purpose: Purpose, installed: Option<&Installed>) -> Result<Done> {
+        let (slot, key) = self.request_slot(purpose, installed)?;
+        let csr = csr::build(key.as_ref(), &self.settings.subject, &self.settings.san).context("building the CSR")?;
+        let request = Request {
+            csr: &csr,
+            algorithm: self.settings.key.algorithm,
+            subject: &self.settings.subject,
+            sans: &self.settings.san,
+        };
+        let http = self.http()?;
+        let mut ca = backend::from_settings(self.settings, http);
+        let outcome = match (purpose, installed) {
+            (Purpose::Renew, Some(current)) => {
+                let current_key = self.provider.load(&current.slot).context("loading the current key")?;
+                let current = Current { cert: &current.cert, key: current_key, ca_ref: self.state.ca_ref.as_deref() };
+                ca.renew(&request, &current).context(format!("renewing with {}", ca.name()))?
+            }
+            _ => ca.enroll(&request).context(format!("enrolling with {}", ca.name()))?,
+        };
+        match outcome {
+            Outcome::Issued(issued) => {
+                let known_ca: Vec<Cert> = installed.map(|i| i.ca.clone()).unwrap_or_default();
+                self.install(&slot, key.as_ref(), &issued, &known_ca, purpose)
+            }
+            Outcome::Pending { request_id } => {
+                if let Some(pending) = self.state.pending.as_mut() {
+                    pending.request_id = Some(request_id.clone());
+                }
+                self.save()?;
+                Err(Error::temporary(format!("request {request_id} is pending at the CA; it will be resumed")))
+            }
+        }
+    }
+
+    fn install(&mut self, slot: &Path, key: &dyn DeviceKey, issued: &Issued, known_ca: &[Cert], purpose: Purpose) -> Result<Done> {
+        let now = time::now();
+        let expectation = Expectation {
+            spki: key.public_key_spki(),
+            subject: &self.settings.subject,
+            sans: &self.settings.san,
+            known_ca,
+            now,
+        };
+        let verified = pki::verify_issued(issued, &expectation).context("checking the issued certificate")?;
+        for warning in &verified.warnings {
+            log::warn!("{warning}");
+        }
+        let chain: String = std::iter::once(&verified.leaf).chain(&verified.chain).map(Cert::pem).collect();
+        let ca: String = verified.ca.iter().map(Cert::pem).collect();
+        let write = |name: &str, text: &str| self.store.write_slot_file(slot, name, text.as_bytes(), 0o644);
+        write("cert.pem", &verified.leaf.pem()).context("writing the new identity")?;
+        write("chain.pem", &chain).context("writing the new identity")?;
+        if !ca.is_empty() {
+            write("ca.pem", &ca).context("writing the new identity")?;
+        }
+        if let Some(uri) = key.uri() {
+            write("key.uri", &format!("{uri}\n")).context("writing the new identity")?;
+        }
+        self.store.install(slot, &[]).context("installing the new identity")?;
+
+        let leaf = &verified.leaf;
+        self.state.pending = None;
+        self.state.ca_ref = issued.ca_ref.clone();
+        self.state.renew_at = Some(renewal_time(leaf.not_before(), leaf.not_after(), &self.settings.renewal, random_unit() * 2.0 - 1.0));
+        self.state.last_success = Some(now);
+        self.state.last_install = Some(now);
+        self.state.last_error = None;
+        self.state.last_error_at = None;
+        if purpose == Purpose::Renew {
+            self.state.renewals += 1;
+        }
+        self.state.hook_error = self.run_hook(leaf).err();
+        self.save()?;
+        log::info!("installed certificate serial {} (valid until {})", leaf.serial_hex(), time::rfc3339(leaf.not_after()));
+        Ok(Done::Installed { serial: leaf.serial_hex(), purpose })
+    }
+
+    /// `hooks.after_install`, run once per install, without a shell. Its failure is reported,
+    /// never a reason to roll back a good certificate.
+    fn run_hook(&self, leaf: &Cert) -> std::result::Result<(), String> {
+        let Some((program, args)) = self.settings.hooks.after_install.split_first() else { return Ok(()) };
+        let current = self.store.current_link();
+        let outcome = run_with_timeout(
+            std::process::Command::new(program)
+                .args(args)
+                .env("ENROLL_AGENT_SERIAL", leaf.serial_hex())
+                .env("ENROLL_AGENT_CERT", current.join("cert.pem"))
+                .env("ENROLL_AGENT_CHAIN", current.join("chain.pem"))
+                .env("ENROLL_AGENT_KEY", current.join("key.pem"))
+                .env("ENROLL_AGENT_NOT_AFTER", time::rfc3339(leaf.not_after())),
+            HOOK_TIMEOUT,
+        );
+        if let Err(e) = &outcome {
+            log::warn!("hook {program}: {e}");
+        }
+        outcome
+    }
+}
+
+fn run_with_timeout(command: &mut std::process::Command, limit: Duration) -> std::result::Result<(), String> {
+    let mut child = command.stdin(std::process::Stdio::null()).spawn().map_err(|e| format!("could not start: {e}"))?;
+    let started = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("exited with {status}")),
+            Ok(None) if started.elapsed() > limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("killed after {} s", limit.as_secs()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(format!("could not wait for it: {e}")),
+        }
+    }
+}
+
+/// Reads state.json. A file we cannot parse is moved aside (and said so) rather than blocking
+/// renewals forever: the identity itself lives in `current/`, not here.
+fn load_state(store: &Store) -> Result<State> {
+    let Some(bytes) = store.read_state().context("reading state.json")? else { return Ok(State::default()) };
+    match State::from_json(&bytes) {
+        Ok(state) => Ok(state),
+        Err(reason) => {
+            let moved = store.quarantine_state().context("setting aside an unreadable state.json")?;
+            log::warn!("state.json is unreadable ({reason}); moved it to {} and starting with empty state", moved.display());
+            Ok(State::default())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: RenewalPolicy = RenewalPolicy { at_fraction: 0.66, jitter_fraction: 0.05, retry_initial_s: 30, retry_max_s: 21_600 };
+
+    #[test]
+    fn renewal_time_spreads_around_at_fraction_within_jitter() {
+        assert_eq!(renewal_time(1000, 2000, &POLICY, 0.0), 1660);
+        assert_eq!(renewal_time(1000, 2000, &POLICY, -1.0), 1610);
+        assert_eq!(renewal_time(1000, 2000, &POLICY, 1.0), 1710);
+        assert_eq!(renewal_time(1000, 2000, &POLICY, 7.0), 1710, "samples are clamped");
+    }
+
+    #[test]
+    fn the_loop_guard_delays_renewal_right_after_an_install() {
+        assert_eq!(guarded_renewal_time(100, Some(90), &POLICY), 150);
+        assert_eq!(guarded_renewal_time(1000, Some(90), &POLICY), 1000);
+        assert_eq!(guarded_renewal_time(100, None, &POLICY), 100);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_never_reaches_zero() {
+        assert_eq!(backoff(0, &POLICY, 0.999_999), Duration::from_secs(29));
+        assert_eq!(backoff(3, &POLICY, 0.999_999), Duration::from_secs(239));
+        assert_eq!(backoff(40, &POLICY, 0.999_999), Duration::from_secs(21_599));
+        assert_eq!(backoff(5, &POLICY, 0.0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn condition_names_pending_first_then_expiry_then_due() {
+        assert_eq!(condition(None, 0, false, 5), Condition::None);
+        assert_eq!(condition(Some((0, 100)), 60, true, 5), Condition::Pending);
+        assert_eq!(condition(Some((0, 100)), 60, false, 100), Condition::Expired);
+        assert_eq!(condition(Some((0, 100)), 60, false, 60), Condition::RenewalDue);
+        assert_eq!(condition(Some((0, 100)), 60, false, 59), Condition::Valid);
+    }
+}

@@ -1,0 +1,336 @@
+//! Certificates we receive: parsing, and the checks of design.md §5 rule 2 that every issued
+//! certificate passes before it is installed.
+
+use der::{Decode, Encode};
+use ring::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::Certificate;
+
+use crate::config::{Sans, Subject};
+use crate::error::{Error, Result};
+
+/// How far in the future a fresh certificate's notBefore may be (CA and device clocks differ).
+pub const CLOCK_SKEW_S: u64 = 300;
+
+/// A parsed certificate with its original DER.
+#[derive(Clone)]
+pub struct Cert {
+    pub der: Vec<u8>,
+    pub parsed: Certificate,
+}
+
+impl std::fmt::Debug for Cert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cert({})", self.subject())
+    }
+}
+
+impl Cert {
+    pub fn from_der(der: &[u8]) -> Result<Cert> {
+        let parsed = Certificate::from_der(der).map_err(|e| Error::protocol(format!("not an X.509 certificate: {e}")))?;
+        Ok(Cert { der: der.to_vec(), parsed })
+    }
+
+    pub fn subject(&self) -> String {
+        self.parsed.tbs_certificate.subject.to_string()
+    }
+
+    pub fn issuer(&self) -> String {
+        self.parsed.tbs_certificate.issuer.to_string()
+    }
+
+    /// Serial number as lowercase hex without leading zero bytes.
+    pub fn serial_hex(&self) -> String {
+        let bytes = self.parsed.tbs_certificate.serial_number.as_bytes();
+        let trimmed: Vec<u8> = bytes.iter().copied().skip_while(|b| *b == 0).collect();
+        if trimmed.is_empty() {
+            return "00".into();
+        }
+        trimmed.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Serial number in decimal, when it fits 128 bits (EnOS `certSN` is the decimal serial).
+    pub fn serial_decimal(&self) -> Option<String> {
+        let bytes = self.parsed.tbs_certificate.serial_number.as_bytes();
+        if bytes.len() > 17 {
+            return None;
+        }
+        Some(bytes.iter().fold(0u128, |acc, b| (acc << 8) | u128::from(*b)).to_string())
+    }
+
+    pub fn not_before(&self) -> u64 {
+        self.parsed.tbs_certificate.validity.not_before.to_unix_duration().as_secs()
+    }
+
+    pub fn not_after(&self) -> u64 {
+        self.parsed.tbs_certificate.validity.not_after.to_unix_duration().as_secs()
+    }
+
+    /// The DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> Vec<u8> {
+        self.parsed.tbs_certificate.subject_public_key_info.to_der().unwrap_or_default()
+    }
+
+    pub fn sans(&self) -> Vec<GeneralName> {
+        match self.parsed.tbs_certificate.get::<SubjectAltName>() {
+            Ok(Some((_, san))) => san.0,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Human-readable SANs (`DNS:x`, `IP:1.2.3.4`, `URI:…`, `email:…`).
+    pub fn san_strings(&self) -> Vec<String> {
+        self.sans().iter().filter_map(describe_general_name).collect()
+    }
+
+    pub fn pem(&self) -> String {
+        to_pem(&self.der)
+    }
+
+    /// Uppercase hex SHA-1 of the DER (the thumbprint EZCA and Windows use).
+    pub fn thumbprint_sha1_hex(&self) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &self.der);
+        digest.as_ref().iter().map(|b| format!("{b:02X}")).collect()
+    }
+
+    fn is_self_issued(&self) -> bool {
+        self.parsed.tbs_certificate.subject == self.parsed.tbs_certificate.issuer
+    }
+
+    /// Whether `issuer`'s key made this certificate's signature.
+    fn signed_by(&self, issuer: &Cert) -> bool {
+        if self.parsed.tbs_certificate.issuer != issuer.parsed.tbs_certificate.subject {
+            return false;
+        }
+        let Some(tbs) = first_element(&self.der) else { return false };
+        let spki = &issuer.parsed.tbs_certificate.subject_public_key_info;
+        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.decode_as::<der::asn1::ObjectIdentifier>().ok());
+        let Some(algorithm) = verification_algorithm(&self.parsed.signature_algorithm.oid.to_string(), curve) else {
+            return false;
+        };
+        let Some(signature) = self.parsed.signature.as_bytes() else { return false };
+        let Some(public_key) = spki.subject_public_key.as_bytes() else { return false };
+        UnparsedPublicKey::new(algorithm, public_key).verify(tbs, signature).is_ok()
+    }
+}
+
+pub fn to_pem(der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+/// Every CERTIFICATE block in a PEM text, parsed. Other blocks are ignored.
+pub fn parse_pem_certs(text: &str) -> Result<Vec<Cert>> {
+    let blocks = pem::parse_many(text).map_err(|e| Error::protocol(format!("bad PEM: {e}")))?;
+    blocks.iter().filter(|b| b.tag() == "CERTIFICATE").map(|b| Cert::from_der(b.contents())).collect()
+}
+
+fn describe_general_name(name: &GeneralName) -> Option<String> {
+    Some(match name {
+        GeneralName::DnsName(s) => format!("DNS:{}", s.as_str()),
+        GeneralName::UniformResourceIdentifier(s) => format!("URI:{}", s.as_str()),
+        GeneralName::Rfc822Name(s) => format!("email:{}", s.as_str()),
+        GeneralName::IpAddress(bytes) => {
+            let b = bytes.as_bytes();
+            let ip: std::net::IpAddr = match b.len() {
+                4 => std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).into(),
+                16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?).into(),
+                _ => return None,
+            };
+            format!("IP:{ip}")
+        }
+        _ => return None,
+    })
+}
+
+/// The signature algorithms CAs use, mapped to ring (curve decides ECDSA's verifier).
+fn verification_algorithm(
+    signature_oid: &str,
+    curve: Option<der::asn1::ObjectIdentifier>,
+) -> Option<&'static dyn VerificationAlgorithm> {
+    const P256: &str = "1.2.840.10045.3.1.7";
+    const P384: &str = "1.3.132.0.34";
+    let curve = curve.map(|c| c.to_string());
+    Some(match (signature_oid, curve.as_deref()) {
+        ("1.2.840.10045.4.3.2", Some(P256)) => &signature::ECDSA_P256_SHA256_ASN1,
+        ("1.2.840.10045.4.3.2", Some(P384)) => &signature::ECDSA_P384_SHA256_ASN1,
+        ("1.2.840.10045.4.3.3", Some(P256)) => &signature::ECDSA_P256_SHA384_ASN1,
+        ("1.2.840.10045.4.3.3", Some(P384)) => &signature::ECDSA_P384_SHA384_ASN1,
+        ("1.2.840.113549.1.1.11", _) => &signature::RSA_PKCS1_2048_8192_SHA256,
+        ("1.2.840.113549.1.1.12", _) => &signature::RSA_PKCS1_2048_8192_SHA384,
+        ("1.2.840.113549.1.1.13", _) => &signature::RSA_PKCS1_2048_8192_SHA512,
+        _ => return None,
+    })
+}
+
+/// The raw bytes of the first element inside a DER SEQUENCE (a certificate's TBSCertificate),
+/// so signatures are checked over exactly what the CA signed, not a re-encoding.
+fn first_element(der: &[u8]) -> Option<&[u8]> {
+    let (_, outer_len, outer_header) = read_header(der)?;
+    let inner = der.get(outer_header..outer_header + outer_len)?;
+    let (_, len, header) = read_header(inner)?;
+    inner.get(..header + len)
+}
+
+fn read_header(der: &[u8]) -> Option<(u8, usize, usize)> {
+    let tag = *der.first()?;
+    let first = *der.get(1)?;
+    if first < 0x80 {
+        return Some((tag, usize::from(first), 2));
+    }
+    let count = usize::from(first & 0x7f);
+    if count == 0 || count > 4 {
+        return None;
+    }
+    let len = der.get(2..2 + count)?.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+    Some((tag, len, 2 + count))
+}
+
+/// What the CA returned for one request.
+#[derive(Debug, Clone, Default)]
+pub struct Issued {
+    pub leaf: Vec<u8>,
+    /// Intermediates, in any order.
+    pub intermediates: Vec<Vec<u8>>,
+    /// Roots the CA returned (EnOS `caCert`, EZCA `RootCertificate`).
+    pub roots: Vec<Vec<u8>>,
+    /// The CA's handle for this certificate (EnOS certSN), kept for renewal.
+    pub ca_ref: Option<String>,
+}
+
+/// What we asked for.
+pub struct Expectation<'a> {
+    pub spki: &'a [u8],
+    pub subject: &'a Subject,
+    pub sans: &'a Sans,
+    /// CA certificates known from configuration or the previous installation.
+    pub known_ca: &'a [Cert],
+    pub now: u64,
+}
+
+/// A certificate that passed every check, with its chain ordered leaf-first.
+pub struct Verified {
+    pub leaf: Cert,
+    /// Intermediates from the leaf's issuer upward (what chain.pem carries after the leaf).
+    pub chain: Vec<Cert>,
+    /// Every CA certificate returned or known (ca.pem).
+    pub ca: Vec<Cert>,
+    pub warnings: Vec<String>,
+}
+
+/// design.md §5 rule 2. Any failure is a protocol error (exit 76); nothing gets installed.
+pub fn verify_issued(issued: &Issued, expect: &Expectation) -> Result<Verified> {
+    let leaf = Cert::from_der(&issued.leaf).map_err(|e| e.context("the issued certificate"))?;
+    let mut warnings = Vec::new();
+    check_public_key(&leaf, expect.spki)?;
+    check_subject(&leaf, expect.subject, &mut warnings)?;
+    check_sans(&leaf, expect.sans, &mut warnings)?;
+    check_validity(&leaf, expect.now)?;
+    let mut ca: Vec<Cert> = Vec::new();
+    for der in issued.intermediates.iter().chain(&issued.roots) {
+        let cert = Cert::from_der(der).map_err(|e| e.context("a CA certificate returned with the leaf"))?;
+        if !ca.iter().any(|c| c.der == cert.der) {
+            ca.push(cert);
+        }
+    }
+    for known in expect.known_ca {
+        if !ca.iter().any(|c| c.der == known.der) {
+            ca.push(known.clone());
+        }
+    }
+    let chain = build_chain(&leaf, &ca)?;
+    Ok(Verified { leaf, chain, ca, warnings })
+}
+
+fn check_public_key(leaf: &Cert, spki: &[u8]) -> Result<()> {
+    if leaf.spki_der() != spki {
+        return Err(Error::protocol(
+            "the issued certificate does not carry our public key (the CA issued it for another key)",
+        ));
+    }
+    Ok(())
+}
+
+fn check_subject(leaf: &Cert, subject: &Subject, warnings: &mut Vec<String>) -> Result<()> {
+    let wanted = crate::csr::encode_name(subject)?.to_string();
+    let got = leaf.subject();
+    if got == wanted {
+        return Ok(());
+    }
+    // CAs may rewrite or drop O/OU/C by policy; the common name is the identity and must match.
+    let cn = subject.common_name();
+    let has_cn = leaf.parsed.tbs_certificate.subject.0.iter().flat_map(|rdn| rdn.0.iter()).any(|atv| {
+        atv.oid.to_string() == "2.5.4.3" && atv_text(atv).as_deref() == Some(cn)
+    });
+    if !has_cn {
+        return Err(Error::protocol(format!("the issued certificate's subject {got:?} lacks our CN {cn:?}")));
+    }
+    warnings.push(format!("the CA changed the subject from {wanted:?} to {got:?}"));
+    Ok(())
+}
+
+fn atv_text(atv: &x509_cert::attr::AttributeTypeAndValue) -> Option<String> {
+    let value = &atv.value;
+    std::str::from_utf8(value.value()).ok().map(str::to_string)
+}
+
+fn check_sans(leaf: &Cert, sans: &Sans, warnings: &mut Vec<String>) -> Result<()> {
+    let wanted: Vec<String> = crate::csr::general_names(sans)?.iter().filter_map(describe_general_name).collect();
+    let got = leaf.san_strings();
+    if let Some(missing) = wanted.iter().find(|w| !got.contains(w)) {
+        return Err(Error::protocol(format!("the issued certificate lacks the requested SAN {missing}")));
+    }
+    let extra: Vec<&String> = got.iter().filter(|g| !wanted.contains(g)).collect();
+    if !extra.is_empty() {
+        warnings.push(format!("the CA added SANs we did not ask for: {extra:?}"));
+    }
+    Ok(())
+}
+
+fn check_validity(leaf: &Cert, now: u64) -> Result<()> {
+    if leaf.not_after() <= now {
+        return Err(Error::protocol(format!(
+            "the issued certificate expired at {} (it is now {})",
+            crate::time::rfc3339(leaf.not_after()),
+            crate::time::rfc3339(now)
+        )));
+    }
+    if leaf.not_before() > now + CLOCK_SKEW_S {
+        return Err(Error::protocol(format!(
+            "the issued certificate is not valid until {}",
+            crate::time::rfc3339(leaf.not_before())
+        )));
+    }
+    Ok(())
+}
+
+/// Walks issuer links from the leaf through `ca`, checking each signature. At least the leaf's
+/// own signature must verify against a CA certificate we were given or already know.
+fn build_chain(leaf: &Cert, ca: &[Cert]) -> Result<Vec<Cert>> {
+    let mut chain: Vec<Cert> = Vec::new();
+    let mut current = leaf.clone();
+    loop {
+        let Some(issuer) = ca.iter().find(|c| current.signed_by(c)) else {
+            if chain.is_empty() {
+                return Err(Error::protocol(format!(
+                    "the issued certificate does not chain to the CA certificates returned or configured \
+                     (issuer {:?})",
+                    leaf.issuer()
+                )));
+            }
+            // The top of what we have is not self-signed: a partial chain is still a chain.
+            return Ok(chain);
+        };
+        if issuer.is_self_issued() {
+            return Ok(chain);
+        }
+        if chain.iter().any(|c| c.der == issuer.der) || chain.len() > 8 {
+            return Err(Error::protocol("the CA certificates returned form a loop"));
+        }
+        chain.push(issuer.clone());
+        current = issuer.clone();
+    }
+}

@@ -1,0 +1,175 @@
+//! `status`, `check` and `needs-renewal`: read-only views of the identity and the setup.
+
+use enroll_hal::Store;
+
+use crate::backend;
+use crate::config::Settings;
+use crate::error::{Context, Error, Result};
+use crate::json::{self, Value};
+use crate::lifecycle::{self, Condition};
+use crate::pki::Cert;
+use crate::state::State;
+use crate::time;
+
+/// Everything `status` shows, gathered without network or writes.
+struct Snapshot {
+    condition: Condition,
+    cert: Option<Cert>,
+    renew_at: Option<u64>,
+    state: State,
+    current: std::path::PathBuf,
+}
+
+fn snapshot(settings: &Settings) -> Result<Snapshot> {
+    let current = settings.state_dir.join("current");
+    if !settings.state_dir.exists() {
+        let state = State::default();
+        return Ok(Snapshot { condition: Condition::None, cert: None, renew_at: None, state, current });
+    }
+    // Opening never creates anything here: status is read-only.
+    Store::existing(&settings.state_dir).context("opening the state directory")?;
+    let agent = lifecycle::Agent::open(settings)?;
+    let installed = agent.installed();
+    let renew_at = installed.as_ref().map(|i| agent.renew_at(i));
+    let cert = installed.map(|i| i.cert);
+    let condition = lifecycle::condition(
+        cert.as_ref().map(|c| (c.not_before(), c.not_after())),
+        renew_at.unwrap_or(0),
+        agent.state.pending.is_some(),
+        time::now(),
+    );
+    Ok(Snapshot { condition, cert, renew_at, state: agent.state, current })
+}
+
+pub fn status(settings: &Settings, as_json: bool) -> Result<String> {
+    let snap = snapshot(settings)?;
+    Ok(if as_json { status_json(settings, &snap).to_json_pretty() + "\n" } else { status_text(settings, &snap) })
+}
+
+fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
+    let cert = snap.cert.as_ref();
+    let rfc = |t: Option<u64>| t.map(time::rfc3339);
+    let path = |name: &str| snap.current.join(name).display().to_string();
+    let credentials = backend::credentials_of(settings);
+    let pending = snap.state.pending.as_ref().map_or(Value::Null, |p| {
+        json::object([
+            ("request_id", p.request_id.clone().into()),
+            ("since", time::rfc3339(p.since).into()),
+            ("purpose", p.purpose.name().into()),
+        ])
+    });
+    json::object([
+        ("state", snap.condition.name().into()),
+        ("subject", cert.map(Cert::subject).into()),
+        ("san", Value::Array(cert.map(Cert::san_strings).unwrap_or_default().into_iter().map(Value::from).collect())),
+        ("issuer", cert.map(Cert::issuer).into()),
+        ("serial", cert.map(Cert::serial_hex).into()),
+        ("not_before", rfc(cert.map(Cert::not_before)).into()),
+        ("not_after", rfc(cert.map(Cert::not_after)).into()),
+        ("renew_at", rfc(snap.renew_at).into()),
+        (
+            "key",
+            json::object([
+                ("algorithm", settings.key.algorithm.name().into()),
+                ("provider", lifecycle::provider_for(settings).name().into()),
+                ("uri", Value::Null),
+            ]),
+        ),
+        ("backend", settings.ca.name().into()),
+        (
+            "credentials",
+            json::object([("enroll", credentials.enroll.into()), ("renew", credentials.renew.into())]),
+        ),
+        ("pending", pending),
+        ("last_error", snap.state.last_error.clone().into()),
+        ("last_success", rfc(snap.state.last_success).into()),
+        ("hook_error", snap.state.hook_error.clone().into()),
+        ("renewals", snap.state.renewals.into()),
+        (
+            "paths",
+            json::object([
+                ("cert", path("cert.pem").into()),
+                ("chain", path("chain.pem").into()),
+                ("key", path("key.pem").into()),
+            ]),
+        ),
+    ])
+}
+
+fn status_text(settings: &Settings, snap: &Snapshot) -> String {
+    let mut lines = vec![format!("state:       {}", snap.condition.name())];
+    let credentials = backend::credentials_of(settings);
+    if let Some(cert) = &snap.cert {
+        let now = time::now() as i64;
+        let left = cert.not_after() as i64 - now;
+        lines.push(format!("subject:     {}", cert.subject()));
+        lines.push(format!("SANs:        {}", cert.san_strings().join(", ")));
+        lines.push(format!("issuer:      {}", cert.issuer()));
+        lines.push(format!("serial:      {}", cert.serial_hex()));
+        lines.push(format!("not before:  {}", time::rfc3339(cert.not_before())));
+        lines.push(format!("not after:   {} ({} left)", time::rfc3339(cert.not_after()), time::human_duration(left)));
+        if let Some(at) = snap.renew_at {
+            lines.push(format!("renew at:    {} (in {})", time::rfc3339(at), time::human_duration(at as i64 - now)));
+        }
+    }
+    lines.push(format!("key:         {} ({} provider)", settings.key.algorithm.name(), lifecycle::provider_for(settings).name()));
+    lines.push(format!("backend:     {}", settings.ca.name()));
+    lines.push(format!("enrolls with {}", credentials.enroll));
+    lines.push(format!("renews with  {}", credentials.renew));
+    lines.push(match &snap.state.pending {
+        Some(p) => format!(
+            "pending:     {} request {} since {}",
+            p.purpose.name(),
+            p.request_id.as_deref().unwrap_or("(not yet accepted by the CA)"),
+            time::rfc3339(p.since)
+        ),
+        None => "pending:     none".into(),
+    });
+    lines.push(format!("last error:  {}", snap.state.last_error.as_deref().unwrap_or("none")));
+    if let Some(hook) = &snap.state.hook_error {
+        lines.push(format!("hook error:  {hook}"));
+    }
+    if snap.cert.is_some() {
+        lines.push(format!("identity:    {}/{{cert,chain,key}}.pem", snap.current.display()));
+    }
+    lines.join("\n") + "\n"
+}
+
+/// `needs-renewal`: true when enrollment or renewal is due (or a request is pending).
+pub fn needs_renewal(settings: &Settings) -> Result<bool> {
+    let snap = snapshot(settings)?;
+    Ok(snap.condition != Condition::Valid)
+}
+
+/// `check [--online]`: config (already parsed), storage, key, trust bundle, optionally the CA.
+pub fn check(settings: &Settings, online: bool) -> Result<String> {
+    let mut lines = vec!["ok: config".to_string()];
+    if settings.state_dir.exists() {
+        let store = Store::existing(&settings.state_dir).context("checking the state directory")?;
+        lines.push(format!("ok: state directory {}", store.root().display()));
+        if let Some(slot) = store.current() {
+            let provider = lifecycle::provider_for(settings);
+            let key = provider.load(&slot).context("checking the installed key")?;
+            let agent = lifecycle::Agent::open(settings)?;
+            let installed = agent.installed().ok_or_else(|| Error::storage("current/cert.pem is unreadable"))?;
+            if key.public_key_spki() != installed.cert.spki_der() {
+                return Err(Error::storage(format!("{}: the key does not match cert.pem", slot.display())));
+            }
+            lines.push(format!("ok: installed key matches the certificate ({} provider)", provider.name()));
+        } else {
+            lines.push("ok: no identity installed yet".into());
+        }
+    } else {
+        lines.push(format!("ok: state directory {} will be created on enroll", settings.state_dir.display()));
+    }
+    let roots = crate::tls::load_roots(settings.tls.trust_bundle.as_deref())?;
+    lines.push(format!("ok: trust bundle ({} roots)", roots.len()));
+    if online {
+        let http = crate::http::Http::new(crate::tls::client_config(roots, None)?, settings.tls.timeout_s);
+        let backend = backend::from_settings(settings, http.clone());
+        let url = backend.probe_url();
+        let response = http.send("reaching the CA", "GET", &url, &[], None)?;
+        lines.push(format!("ok: {} reachable over verified TLS (HTTP {} from {url})", backend.name(), response.status));
+    }
+    Ok(lines.join("\n") + "\n")
+}

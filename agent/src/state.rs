@@ -1,0 +1,125 @@
+//! `state.json`: what survives between runs besides the identity itself (design.md §4).
+//! Written atomically with mode 0600; unknown fields are ignored so older agents can read it.
+
+use crate::json::{self, Value};
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    /// An outstanding request and the slot holding its key.
+    pub pending: Option<Pending>,
+    /// When the current identity should be renewed (jitter drawn once, at install).
+    pub renew_at: Option<u64>,
+    /// The CA's handle for the current certificate (EnOS certSN).
+    pub ca_ref: Option<String>,
+    pub last_success: Option<u64>,
+    pub last_install: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<u64>,
+    pub hook_error: Option<String>,
+    pub renewals: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    /// The CA's request id, once it gave one (asynchronous CAs).
+    pub request_id: Option<String>,
+    /// Slot directory name under `slots/`.
+    pub slot: String,
+    pub since: u64,
+    pub purpose: Purpose,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Enroll,
+    Renew,
+}
+
+impl Purpose {
+    pub fn name(self) -> &'static str {
+        match self {
+            Purpose::Enroll => "enroll",
+            Purpose::Renew => "renew",
+        }
+    }
+}
+
+impl State {
+    pub fn to_json(&self) -> String {
+        let pending = self.pending.as_ref().map_or(Value::Null, |p| {
+            json::object([
+                ("request_id", p.request_id.clone().into()),
+                ("slot", p.slot.as_str().into()),
+                ("since", p.since.into()),
+                ("purpose", p.purpose.name().into()),
+            ])
+        });
+        let mut text = json::object([
+            ("pending", pending),
+            ("renew_at", self.renew_at.into()),
+            ("ca_ref", self.ca_ref.clone().into()),
+            ("last_success", self.last_success.into()),
+            ("last_install", self.last_install.into()),
+            ("last_error", self.last_error.clone().into()),
+            ("last_error_at", self.last_error_at.into()),
+            ("hook_error", self.hook_error.clone().into()),
+            ("renewals", self.renewals.into()),
+        ])
+        .to_json_pretty();
+        text.push('\n');
+        text
+    }
+
+    /// Parses state.json; `Err` means the file is not ours to trust (it is then set aside).
+    pub fn from_json(bytes: &[u8]) -> Result<State, String> {
+        let value = json::parse(bytes).map_err(|e| e.to_string())?;
+        if !matches!(value, Value::Object(_)) {
+            return Err("not a JSON object".into());
+        }
+        let text = |k: &str| value.get(k).and_then(Value::as_str).map(str::to_string);
+        let number = |k: &str| value.get(k).and_then(Value::as_u64);
+        let pending = match value.get("pending") {
+            None | Some(Value::Null) => None,
+            Some(p) => Some(Pending {
+                request_id: p.get("request_id").and_then(Value::as_str).map(str::to_string),
+                slot: p.get("slot").and_then(Value::as_str).ok_or("pending.slot is missing")?.to_string(),
+                since: p.get("since").and_then(Value::as_u64).ok_or("pending.since is missing")?,
+                purpose: match p.get("purpose").and_then(Value::as_str) {
+                    Some("renew") => Purpose::Renew,
+                    _ => Purpose::Enroll,
+                },
+            }),
+        };
+        Ok(State {
+            pending,
+            renew_at: number("renew_at"),
+            ca_ref: text("ca_ref"),
+            last_success: number("last_success"),
+            last_install: number("last_install"),
+            last_error: text("last_error"),
+            last_error_at: number("last_error_at"),
+            hook_error: text("hook_error"),
+            renewals: number("renewals").unwrap_or(0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_ignores_unknown_fields() {
+        let state = State {
+            pending: Some(Pending { request_id: Some("r-1".into()), slot: "4".into(), since: 10, purpose: Purpose::Renew }),
+            renew_at: Some(99),
+            ca_ref: Some("9223372036854775807".into()),
+            renewals: 3,
+            ..State::default()
+        };
+        assert_eq!(State::from_json(state.to_json().as_bytes()).unwrap(), state);
+        assert_eq!(State::from_json(br#"{"future_field":1}"#).unwrap(), State::default());
+        assert!(State::from_json(b"{\"pending\":{}}").is_err());
+        assert!(State::from_json(b"[]").is_err());
+    }
+}
