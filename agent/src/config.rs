@@ -55,7 +55,15 @@ pub enum SubjectAttribute {
 }
 
 impl SubjectAttribute {
-    const ALL: [SubjectAttribute; 7] = [Self::C, Self::ST, Self::L, Self::O, Self::OU, Self::CN, Self::SerialNumber];
+    const ALL: [SubjectAttribute; 7] = [
+        Self::C,
+        Self::ST,
+        Self::L,
+        Self::O,
+        Self::OU,
+        Self::CN,
+        Self::SerialNumber,
+    ];
 
     pub fn key(self) -> &'static str {
         match self {
@@ -85,7 +93,10 @@ impl SubjectAttribute {
 
 impl Subject {
     pub fn common_name(&self) -> &str {
-        self.attributes.iter().find(|(a, _)| *a == SubjectAttribute::CN).map_or("", |(_, v)| v)
+        self.attributes
+            .iter()
+            .find(|(a, _)| *a == SubjectAttribute::CN)
+            .map_or("", |(_, v)| v)
     }
 
     /// RFC 4514 string, least significant first (`CN=x,O=y,C=z`).
@@ -93,7 +104,8 @@ impl Subject {
         let escape = |v: &str| {
             let mut out = String::new();
             for (i, c) in v.chars().enumerate() {
-                let edge = (i == 0 && (c == ' ' || c == '#')) || (i + 1 == v.chars().count() && c == ' ');
+                let edge =
+                    (i == 0 && (c == ' ' || c == '#')) || (i + 1 == v.chars().count() && c == ' ');
                 if edge || matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=') {
                     out.push('\\');
                 }
@@ -101,8 +113,12 @@ impl Subject {
             }
             out
         };
-        let parts: Vec<String> =
-            self.attributes.iter().rev().map(|(a, v)| format!("{}={}", a.key(), escape(v))).collect();
+        let parts: Vec<String> = self
+            .attributes
+            .iter()
+            .rev()
+            .map(|(a, v)| format!("{}={}", a.key(), escape(v)))
+            .collect();
         parts.join(",")
     }
 }
@@ -161,7 +177,10 @@ pub struct EnosSettings {
 #[derive(Debug, Clone)]
 pub enum EnosDevice {
     Asset(String),
-    Product { product_key: String, device_key: String },
+    Product {
+        product_key: String,
+        device_key: String,
+    },
 }
 
 #[derive(Debug)]
@@ -179,7 +198,12 @@ pub enum EzcaBootstrap {
     /// A static bearer token installed at the factory.
     Token(Secret),
     /// Entra ID client credentials (protocols.md §2.2).
-    Entra { tenant_id: String, client_id: String, client_secret: Secret, authority: String },
+    Entra {
+        tenant_id: String,
+        client_id: String,
+        client_secret: Secret,
+        authority: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,7 +229,12 @@ pub struct RenewalPolicy {
 
 impl Default for RenewalPolicy {
     fn default() -> Self {
-        RenewalPolicy { at_fraction: 0.66, jitter_fraction: 0.05, retry_initial_s: 30, retry_max_s: 21_600 }
+        RenewalPolicy {
+            at_fraction: 0.66,
+            jitter_fraction: 0.05,
+            retry_initial_s: 30,
+            retry_max_s: 21_600,
+        }
     }
 }
 
@@ -227,7 +256,9 @@ impl Settings {
         let mut root = Fields::new(value, "")?;
         let tls = parse_tls(&mut root)?;
         let settings = Settings {
-            state_dir: root.string("state_dir")?.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
+            state_dir: root
+                .string("state_dir")?
+                .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
             subject: parse_subject(&mut root)?,
             san: parse_sans(&mut root)?,
             key: parse_key(&mut root)?,
@@ -244,7 +275,8 @@ impl Settings {
     /// Rules that involve more than one section.
     fn cross_check(&self) -> Result<()> {
         if let Backend::Ezca(ezca) = &self.ca {
-            if ezca.renew_auth == RenewAuth::Certificate && self.key.algorithm != Algorithm::Rsa2048 {
+            if ezca.renew_auth == RenewAuth::Certificate && self.key.algorithm != Algorithm::Rsa2048
+            {
                 return Err(Error::config(
                     "ca.renew_auth: EZCA certificate renewal signs an RS256 token and needs an RSA key: \
                      set key.algorithm to \"rsa2048\", or set ca.renew_auth to \"bootstrap\"",
@@ -259,10 +291,14 @@ impl Settings {
 }
 
 fn read_config(path: &Path) -> Result<Vec<u8>> {
-    let describe = |e: std::io::Error| Error::config(format!("config file {}: {e}", path.display()));
+    let describe =
+        |e: std::io::Error| Error::config(format!("config file {}: {e}", path.display()));
     let meta = std::fs::metadata(path).map_err(describe)?;
     if meta.len() > MAX_CONFIG_BYTES {
-        return Err(Error::config(format!("config file {}: larger than {MAX_CONFIG_BYTES} bytes", path.display())));
+        return Err(Error::config(format!(
+            "config file {}: larger than {MAX_CONFIG_BYTES} bytes",
+            path.display()
+        )));
     }
     std::fs::read(path).map_err(describe)
 }
@@ -275,10 +311,17 @@ fn parse_subject(root: &mut Fields) -> Result<Subject> {
     for attribute in SubjectAttribute::ALL {
         if let Some(value) = fields.string(attribute.key())? {
             if value.is_empty() {
-                return Err(Error::config(format!("{}: must not be empty", fields.path_of(attribute.key()))));
+                return Err(Error::config(format!(
+                    "{}: must not be empty",
+                    fields.path_of(attribute.key())
+                )));
             }
-            if attribute == SubjectAttribute::C && (value.len() != 2 || !value.chars().all(|c| c.is_ascii_alphabetic())) {
-                return Err(Error::config("subject.C: must be a two-letter country code"));
+            if attribute == SubjectAttribute::C
+                && (value.len() != 2 || !value.chars().all(|c| c.is_ascii_alphabetic()))
+            {
+                return Err(Error::config(
+                    "subject.C: must be a two-letter country code",
+                ));
             }
             attributes.push((attribute, value));
         }
@@ -291,41 +334,77 @@ fn parse_subject(root: &mut Fields) -> Result<Subject> {
 }
 
 fn parse_sans(root: &mut Fields) -> Result<Sans> {
-    let Some(mut fields) = root.object("san")? else { return Ok(Sans::default()) };
+    let Some(mut fields) = root.object("san")? else {
+        return Ok(Sans::default());
+    };
     let dns = fields.string_list("dns")?.unwrap_or_default();
     let ip_text = fields.string_list("ip")?.unwrap_or_default();
     let uri = fields.string_list("uri")?.unwrap_or_default();
     let email = fields.string_list("email")?.unwrap_or_default();
     fields.finish()?;
-    let check = |list: &[String], field: &str, ok: &dyn Fn(&str) -> bool, what: &str| {
-        match list.iter().find(|v| !ok(v)) {
-            Some(bad) => Err(Error::config(format!("san.{field}: {bad:?} is not {what}"))),
-            None => Ok(()),
-        }
+    let check = |list: &[String], field: &str, ok: &dyn Fn(&str) -> bool, what: &str| match list
+        .iter()
+        .find(|v| !ok(v))
+    {
+        Some(bad) => Err(Error::config(format!("san.{field}: {bad:?} is not {what}"))),
+        None => Ok(()),
     };
-    check(&dns, "dns", &|v| !v.is_empty() && v.is_ascii() && !v.contains(char::is_whitespace), "a DNS name")?;
-    check(&uri, "uri", &|v| v.is_ascii() && v.contains(':'), "an absolute URI")?;
-    check(&email, "email", &|v| v.is_ascii() && v.contains('@'), "an email address")?;
-    check(&ip_text, "ip", &|v| v.parse::<IpAddr>().is_ok(), "an IP address")?;
+    check(
+        &dns,
+        "dns",
+        &|v| !v.is_empty() && v.is_ascii() && !v.contains(char::is_whitespace),
+        "a DNS name",
+    )?;
+    check(
+        &uri,
+        "uri",
+        &|v| v.is_ascii() && v.contains(':'),
+        "an absolute URI",
+    )?;
+    check(
+        &email,
+        "email",
+        &|v| v.is_ascii() && v.contains('@'),
+        "an email address",
+    )?;
+    check(
+        &ip_text,
+        "ip",
+        &|v| v.parse::<IpAddr>().is_ok(),
+        "an IP address",
+    )?;
     let ip = ip_text.iter().filter_map(|v| v.parse().ok()).collect();
-    Ok(Sans { dns, ip, uri, email })
+    Ok(Sans {
+        dns,
+        ip,
+        uri,
+        email,
+    })
 }
 
 fn parse_key(root: &mut Fields) -> Result<KeySettings> {
-    let Some(mut fields) = root.object("key")? else { return Err(Error::config("key: missing")) };
+    let Some(mut fields) = root.object("key")? else {
+        return Err(Error::config("key: missing"));
+    };
     let algorithm = match fields.required_string("algorithm")?.as_str() {
         "p256" => Algorithm::P256,
         "rsa2048" => Algorithm::Rsa2048,
-        other => return Err(Error::config(format!("key.algorithm: {other:?} is not one of \"p256\", \"rsa2048\""))),
+        other => {
+            return Err(Error::config(format!(
+                "key.algorithm: {other:?} is not one of \"p256\", \"rsa2048\""
+            )))
+        }
     };
     let provider = match fields.required_string("provider")?.as_str() {
         "file" => Provider::File,
-        name @ ("pkcs11" | "tpm") => {
-            return Err(Error::config(format!(
-                "key.provider: provider {name} is not compiled into this build (cargo feature {name})"
-            )))
+        name @ ("pkcs11" | "tpm") => return Err(Error::config(format!(
+            "key.provider: provider {name} is not compiled into this build (cargo feature {name})"
+        ))),
+        "redtrust" => {
+            return Err(Error::config(
+                "key.provider: provider redtrust is not implemented in this version",
+            ))
         }
-        "redtrust" => return Err(Error::config("key.provider: provider redtrust is not implemented in this version")),
         other => {
             return Err(Error::config(format!(
                 "key.provider: {other:?} is not one of \"file\", \"pkcs11\", \"tpm\", \"redtrust\""
@@ -334,19 +413,29 @@ fn parse_key(root: &mut Fields) -> Result<KeySettings> {
     };
     let rotate_on_renew = fields.boolean("rotate_on_renew")?.unwrap_or(true);
     fields.finish()?;
-    Ok(KeySettings { algorithm, provider, rotate_on_renew })
+    Ok(KeySettings {
+        algorithm,
+        provider,
+        rotate_on_renew,
+    })
 }
 
 fn parse_backend(root: &mut Fields, allow_http: bool) -> Result<Backend> {
-    let Some(mut fields) = root.object("ca")? else { return Err(Error::config("ca: missing")) };
+    let Some(mut fields) = root.object("ca")? else {
+        return Err(Error::config("ca: missing"));
+    };
     let backend = match fields.required_string("backend")?.as_str() {
         "enos" => Backend::Enos(parse_enos(&mut fields, allow_http)?),
         "ezca" => Backend::Ezca(parse_ezca(&mut fields, allow_http)?),
         name @ ("sectigo" | "securosys" | "est" | "scep" | "acme") => {
-            return Err(Error::config(format!("ca.backend: backend {name} is not implemented in this version")))
+            return Err(Error::config(format!(
+                "ca.backend: backend {name} is not implemented in this version"
+            )))
         }
         other => {
-            return Err(Error::config(format!("ca.backend: {other:?} is not one of \"enos\", \"ezca\"")))
+            return Err(Error::config(format!(
+                "ca.backend: {other:?} is not one of \"enos\", \"ezca\""
+            )))
         }
     };
     fields.finish()?;
@@ -361,14 +450,29 @@ fn parse_enos(fields: &mut Fields, allow_http: bool) -> Result<EnosSettings> {
     let device_key = fields.string("device_key")?;
     let device = match (asset_id, product_key, device_key) {
         (Some(asset), None, None) => EnosDevice::Asset(asset),
-        (None, Some(product_key), Some(device_key)) => EnosDevice::Product { product_key, device_key },
+        (None, Some(product_key), Some(device_key)) => EnosDevice::Product {
+            product_key,
+            device_key,
+        },
         (Some(_), _, _) => {
-            return Err(Error::config("ca.asset_id: give either asset_id or product_key + device_key, not both"))
+            return Err(Error::config(
+                "ca.asset_id: give either asset_id or product_key + device_key, not both",
+            ))
         }
-        (None, Some(_), None) => return Err(Error::config("ca.device_key: missing (product_key needs device_key)")),
-        (None, None, Some(_)) => return Err(Error::config("ca.product_key: missing (device_key needs product_key)")),
+        (None, Some(_), None) => {
+            return Err(Error::config(
+                "ca.device_key: missing (product_key needs device_key)",
+            ))
+        }
+        (None, None, Some(_)) => {
+            return Err(Error::config(
+                "ca.product_key: missing (device_key needs product_key)",
+            ))
+        }
         (None, None, None) => {
-            return Err(Error::config("ca.asset_id: missing (give asset_id, or product_key + device_key)"))
+            return Err(Error::config(
+                "ca.asset_id: missing (give asset_id, or product_key + device_key)",
+            ))
         }
     };
     Ok(EnosSettings {
@@ -395,7 +499,9 @@ fn parse_ezca(fields: &mut Fields, allow_http: bool) -> Result<EzcaSettings> {
             )))
         }
     };
-    let Some(mut boot) = fields.object("bootstrap")? else { return Err(Error::config("ca.bootstrap: missing")) };
+    let Some(mut boot) = fields.object("bootstrap")? else {
+        return Err(Error::config("ca.bootstrap: missing"));
+    };
     let bootstrap = if boot.has("token_file") {
         EzcaBootstrap::Token(boot.secret_file("token_file")?)
     } else if boot.has("client_id") || boot.has("tenant_id") {
@@ -403,7 +509,11 @@ fn parse_ezca(fields: &mut Fields, allow_http: bool) -> Result<EzcaSettings> {
             tenant_id: boot.required_string("tenant_id")?,
             client_id: boot.required_string("client_id")?,
             client_secret: boot.secret_file("client_secret_file")?,
-            authority: boot.url("authority", Some("https://login.microsoftonline.com"), allow_http)?,
+            authority: boot.url(
+                "authority",
+                Some("https://login.microsoftonline.com"),
+                allow_http,
+            )?,
         }
     } else {
         return Err(Error::config(
@@ -411,12 +521,23 @@ fn parse_ezca(fields: &mut Fields, allow_http: bool) -> Result<EzcaSettings> {
         ));
     };
     boot.finish()?;
-    Ok(EzcaSettings { url, ca_id, template_id, valid_days, bootstrap, renew_auth })
+    Ok(EzcaSettings {
+        url,
+        ca_id,
+        template_id,
+        valid_days,
+        bootstrap,
+        renew_auth,
+    })
 }
 
 fn parse_tls(root: &mut Fields) -> Result<TlsSettings> {
     let Some(mut fields) = root.object("tls")? else {
-        return Ok(TlsSettings { trust_bundle: None, timeout_s: 30, danger_allow_http: false });
+        return Ok(TlsSettings {
+            trust_bundle: None,
+            timeout_s: 30,
+            danger_allow_http: false,
+        });
     };
     let trust_bundle = fields.string("trust_bundle")?.map(PathBuf::from);
     let timeout_s = fields.positive("timeout_s")?.unwrap_or(30);
@@ -425,41 +546,66 @@ fn parse_tls(root: &mut Fields) -> Result<TlsSettings> {
     }
     let danger_allow_http = fields.boolean("danger_allow_http")?.unwrap_or(false);
     fields.finish()?;
-    Ok(TlsSettings { trust_bundle, timeout_s, danger_allow_http })
+    Ok(TlsSettings {
+        trust_bundle,
+        timeout_s,
+        danger_allow_http,
+    })
 }
 
 fn parse_renewal(root: &mut Fields) -> Result<RenewalPolicy> {
     let defaults = RenewalPolicy::default();
-    let Some(mut fields) = root.object("renewal")? else { return Ok(defaults) };
+    let Some(mut fields) = root.object("renewal")? else {
+        return Ok(defaults);
+    };
     let policy = RenewalPolicy {
-        at_fraction: fields.number("at_fraction")?.unwrap_or(defaults.at_fraction),
-        jitter_fraction: fields.number("jitter_fraction")?.unwrap_or(defaults.jitter_fraction),
-        retry_initial_s: fields.positive("retry_initial_s")?.unwrap_or(defaults.retry_initial_s),
-        retry_max_s: fields.positive("retry_max_s")?.unwrap_or(defaults.retry_max_s),
+        at_fraction: fields
+            .number("at_fraction")?
+            .unwrap_or(defaults.at_fraction),
+        jitter_fraction: fields
+            .number("jitter_fraction")?
+            .unwrap_or(defaults.jitter_fraction),
+        retry_initial_s: fields
+            .positive("retry_initial_s")?
+            .unwrap_or(defaults.retry_initial_s),
+        retry_max_s: fields
+            .positive("retry_max_s")?
+            .unwrap_or(defaults.retry_max_s),
     };
     fields.finish()?;
     if !(policy.at_fraction > 0.0 && policy.at_fraction < 1.0) {
-        return Err(Error::config("renewal.at_fraction: must be between 0 and 1 (exclusive)"));
+        return Err(Error::config(
+            "renewal.at_fraction: must be between 0 and 1 (exclusive)",
+        ));
     }
-    let (low, high) = (policy.at_fraction - policy.jitter_fraction, policy.at_fraction + policy.jitter_fraction);
+    let (low, high) = (
+        policy.at_fraction - policy.jitter_fraction,
+        policy.at_fraction + policy.jitter_fraction,
+    );
     if policy.jitter_fraction < 0.0 || low <= 0.0 || high >= 1.0 {
         return Err(Error::config(
             "renewal.jitter_fraction: at_fraction ± jitter_fraction must stay between 0 and 1",
         ));
     }
     if policy.retry_max_s < policy.retry_initial_s {
-        return Err(Error::config("renewal.retry_max_s: must not be smaller than retry_initial_s"));
+        return Err(Error::config(
+            "renewal.retry_max_s: must not be smaller than retry_initial_s",
+        ));
     }
     Ok(policy)
 }
 
 fn parse_hooks(root: &mut Fields) -> Result<Hooks> {
-    let Some(mut fields) = root.object("hooks")? else { return Ok(Hooks::default()) };
+    let Some(mut fields) = root.object("hooks")? else {
+        return Ok(Hooks::default());
+    };
     let after_install = fields.string_list("after_install")?.unwrap_or_default();
     fields.finish()?;
     if let Some(program) = after_install.first() {
         if !Path::new(program).is_absolute() {
-            return Err(Error::config("hooks.after_install: the program (first element) must be an absolute path"));
+            return Err(Error::config(
+                "hooks.after_install: the program (first element) must be an absolute path",
+            ));
         }
     }
     Ok(Hooks { after_install })
@@ -476,8 +622,16 @@ struct Fields<'a> {
 impl<'a> Fields<'a> {
     fn new(value: &'a Value, path: &str) -> Result<Fields<'a>> {
         match value {
-            Value::Object(members) => Ok(Fields { path: path.to_string(), members, used: vec![false; members.len()] }),
-            other => Err(Error::config(format!("{}: expected an object, found {}", display_path(path), other.type_name()))),
+            Value::Object(members) => Ok(Fields {
+                path: path.to_string(),
+                members,
+                used: vec![false; members.len()],
+            }),
+            other => Err(Error::config(format!(
+                "{}: expected an object, found {}",
+                display_path(path),
+                other.type_name()
+            ))),
         }
     }
 
@@ -502,7 +656,11 @@ impl<'a> Fields<'a> {
     }
 
     fn wrong_type(&self, key: &str, expected: &str, found: &Value) -> Error {
-        Error::config(format!("{}: expected {expected}, found {}", self.path_of(key), found.type_name()))
+        Error::config(format!(
+            "{}: expected {expected}, found {}",
+            self.path_of(key),
+            found.type_name()
+        ))
     }
 
     fn string(&mut self, key: &str) -> Result<Option<String>> {
@@ -516,7 +674,10 @@ impl<'a> Fields<'a> {
     fn required_string(&mut self, key: &str) -> Result<String> {
         match self.string(key)? {
             Some(s) if !s.is_empty() => Ok(s),
-            Some(_) => Err(Error::config(format!("{}: must not be empty", self.path_of(key)))),
+            Some(_) => Err(Error::config(format!(
+                "{}: must not be empty",
+                self.path_of(key)
+            ))),
             None => Err(Error::config(format!("{}: missing", self.path_of(key)))),
         }
     }
@@ -535,7 +696,10 @@ impl<'a> Fields<'a> {
             None => Ok(None),
             Some(v @ Value::Number(_)) => match v.as_u64() {
                 Some(n) if n >= 1 => Ok(Some(n)),
-                _ => Err(Error::config(format!("{}: must be a whole number of at least 1", self.path_of(key)))),
+                _ => Err(Error::config(format!(
+                    "{}: must be a whole number of at least 1",
+                    self.path_of(key)
+                ))),
             },
             Some(other) => Err(self.wrong_type(key, "a number", other)),
         }
@@ -592,23 +756,37 @@ impl<'a> Fields<'a> {
             }
             rest
         } else {
-            return Err(Error::config(format!("{}: {url:?} is not an https:// URL", self.path_of(key))));
+            return Err(Error::config(format!(
+                "{}: {url:?} is not an https:// URL",
+                self.path_of(key)
+            )));
         };
-        if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) || rest.contains(['?', '#']) {
-            return Err(Error::config(format!("{}: {url:?} has no host or has a query", self.path_of(key))));
+        if rest.is_empty()
+            || rest.starts_with('/')
+            || rest.contains(char::is_whitespace)
+            || rest.contains(['?', '#'])
+        {
+            return Err(Error::config(format!(
+                "{}: {url:?} has no host or has a query",
+                self.path_of(key)
+            )));
         }
         Ok(url.trim_end_matches('/').to_string())
     }
 
     fn secret_file(&mut self, key: &str) -> Result<Secret> {
         let path = self.required_string(key)?;
-        Secret::from_file(Path::new(&path)).map_err(|e| Error::config(format!("{}: {e}", self.path_of(key))))
+        Secret::from_file(Path::new(&path))
+            .map_err(|e| Error::config(format!("{}: {e}", self.path_of(key))))
     }
 
     /// Every member must have been read: a typo must not be silently ignored.
     fn finish(self) -> Result<()> {
         match self.used.iter().position(|used| !used) {
-            Some(i) => Err(Error::config(format!("{}: unknown field", self.path_of(&self.members[i].0)))),
+            Some(i) => Err(Error::config(format!(
+                "{}: unknown field",
+                self.path_of(&self.members[i].0)
+            ))),
             None => Ok(()),
         }
     }
@@ -628,7 +806,8 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn secret_file(name: &str, mode: u32) -> PathBuf {
-        let path = std::env::temp_dir().join(format!("enroll-config-{name}-{}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("enroll-config-{name}-{}", std::process::id()));
         std::fs::write(&path, "s3cret\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         path
@@ -657,10 +836,14 @@ mod tests {
         assert_eq!(settings.state_dir, PathBuf::from("/var/lib/enroll-agent"));
         assert_eq!(settings.renewal, RenewalPolicy::default());
         assert_eq!(settings.tls.timeout_s, 30);
-        let Backend::Ezca(ezca) = settings.ca else { panic!("not ezca") };
+        let Backend::Ezca(ezca) = settings.ca else {
+            panic!("not ezca")
+        };
         assert_eq!(ezca.url, "https://portal.ezca.io");
         assert_eq!(ezca.renew_auth, RenewAuth::Certificate);
-        let EzcaBootstrap::Token(token) = ezca.bootstrap else { panic!("not a token") };
+        let EzcaBootstrap::Token(token) = ezca.bootstrap else {
+            panic!("not a token")
+        };
         assert_eq!(token.expose(), "s3cret", "one trailing newline is trimmed");
         assert_eq!(settings.subject.rfc4514(), "CN=dev-1,C=NL");
     }
@@ -669,7 +852,10 @@ mod tests {
     fn errors_name_the_full_path_of_the_field() {
         let secret = secret_file("paths", 0o600);
         let base = ezca("", &secret);
-        assert_eq!(message(&ezca(r#","rotate_on_reneww":true"#, &secret)), "key.rotate_on_reneww: unknown field");
+        assert_eq!(
+            message(&ezca(r#","rotate_on_reneww":true"#, &secret)),
+            "key.rotate_on_reneww: unknown field"
+        );
         assert_eq!(
             message(&base.replacen(r#""template_id":"t","#, "", 1)),
             "ca.template_id: missing"
@@ -689,7 +875,10 @@ mod tests {
         let secret = secret_file("p256", 0o600);
         let text = ezca("", &secret).replace("rsa2048", "p256");
         let err = message(&text);
-        assert!(err.contains("key.algorithm") && err.contains("\"bootstrap\""), "{err}");
+        assert!(
+            err.contains("key.algorithm") && err.contains("\"bootstrap\""),
+            "{err}"
+        );
         let fixed = text.replacen(r#""ca_id""#, r#""renew_auth":"bootstrap","ca_id""#, 1);
         assert!(load(&fixed).is_ok());
     }
@@ -699,7 +888,10 @@ mod tests {
         let secret = secret_file("loose", 0o644);
         let err = message(&ezca("", &secret));
         assert!(err.starts_with("ca.bootstrap.token_file: "), "{err}");
-        assert!(err.contains(&secret.display().to_string()) && err.contains("0644"), "{err}");
+        assert!(
+            err.contains(&secret.display().to_string()) && err.contains("0644"),
+            "{err}"
+        );
         assert!(!err.contains("s3cret"));
     }
 }

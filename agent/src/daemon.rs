@@ -37,7 +37,12 @@ impl Signals {
         }
         // Blocked here, before the thread exists, so every thread inherits the mask and only
         // sigwait sees these signals.
-        set.thread_block().map_err(|e| Error::new(crate::error::Kind::Internal, format!("blocking signals: {e}")))?;
+        set.thread_block().map_err(|e| {
+            Error::new(
+                crate::error::Kind::Internal,
+                format!("blocking signals: {e}"),
+            )
+        })?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             while let Ok(signal) = set.wait() {
@@ -62,7 +67,11 @@ pub fn run(config_path: &Path) -> Result<()> {
     let signals = Signals::install()?;
     let mut settings = Settings::load(config_path)?;
     let mut failures: u32 = 0;
-    log::info!("running: backend {}, state in {}", settings.ca.name(), settings.state_dir.display());
+    log::info!(
+        "running: backend {}, state in {}",
+        settings.ca.name(),
+        settings.state_dir.display()
+    );
     loop {
         let pause = match cycle(&settings) {
             Ok(next) => {
@@ -70,7 +79,8 @@ pub fn run(config_path: &Path) -> Result<()> {
                 next
             }
             Err(error) => {
-                let pause = lifecycle::backoff(failures, &settings.renewal, lifecycle::random_unit());
+                let pause =
+                    lifecycle::backoff(failures, &settings.renewal, lifecycle::random_unit());
                 failures = failures.saturating_add(1);
                 log::error!("{} (retrying in {} s)", error.chain_line(), pause.as_secs());
                 pause
@@ -88,7 +98,10 @@ pub fn run(config_path: &Path) -> Result<()> {
                     settings = new;
                     failures = 0;
                 }
-                Err(e) => log::error!("reload failed, keeping the previous config: {}", e.chain_line()),
+                Err(e) => log::error!(
+                    "reload failed, keeping the previous config: {}",
+                    e.chain_line()
+                ),
             },
         }
     }
@@ -106,7 +119,9 @@ fn cycle(settings: &Settings) -> Result<Duration> {
             if let Done::Installed { serial, purpose } = &done {
                 log::info!("{} done: serial {serial}", purpose.name());
             }
-            let installed = agent.installed().ok_or_else(|| Error::storage("the identity vanished right after install"))?;
+            let installed = agent
+                .installed()
+                .ok_or_else(|| Error::storage("the identity vanished right after install"))?;
             let renew_at = agent.renew_at(&installed);
             let wait = renew_at.saturating_sub(time::now()).max(1);
             log::info!("next renewal at {}", time::rfc3339(renew_at));

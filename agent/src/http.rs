@@ -57,7 +57,14 @@ impl Http {
     }
 
     /// Sends one request and reads the whole bounded body. `what` names the step for errors.
-    pub fn send(&self, what: &str, method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Result<Response> {
+    pub fn send(
+        &self,
+        what: &str,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Response> {
         let mut request = self.agent.request(method, url);
         for (name, value) in headers {
             request = request.set(name, value);
@@ -70,14 +77,20 @@ impl Http {
             Ok(response) => response,
             Err(ureq::Error::Status(_, response)) => response,
             Err(ureq::Error::Transport(transport)) => {
-                return Err(Error::temporary(format!("{what}: {method} {url}: could not reach the CA")).with_source(transport));
+                return Err(Error::temporary(format!(
+                    "{what}: {method} {url}: could not reach the CA"
+                ))
+                .with_source(transport));
             }
         };
         self.read(what, response)
     }
 
     fn read(&self, what: &str, response: ureq::Response) -> Result<Response> {
-        if let Some(date) = response.header("date").and_then(crate::time::parse_http_date) {
+        if let Some(date) = response
+            .header("date")
+            .and_then(crate::time::parse_http_date)
+        {
             crate::time::observe_server_date(date);
         }
         let status = response.status();
@@ -88,11 +101,23 @@ impl Http {
             .into_reader()
             .take(MAX_BODY_BYTES + 1)
             .read_to_end(&mut body)
-            .map_err(|e| Error::temporary(format!("{what}: the connection closed before the body was complete")).with_source(e))?;
+            .map_err(|e| {
+                Error::temporary(format!(
+                    "{what}: the connection closed before the body was complete"
+                ))
+                .with_source(e)
+            })?;
         if body.len() as u64 > MAX_BODY_BYTES {
-            return Err(Error::protocol(format!("{what}: the response body is larger than {MAX_BODY_BYTES} bytes")));
+            return Err(Error::protocol(format!(
+                "{what}: the response body is larger than {MAX_BODY_BYTES} bytes"
+            )));
         }
-        Ok(Response { status, body, content_type, location })
+        Ok(Response {
+            status,
+            body,
+            content_type,
+            location,
+        })
     }
 }
 
@@ -117,7 +142,9 @@ pub fn query_escape(value: &str) -> String {
     let mut out = String::new();
     for byte in value.bytes() {
         match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(byte as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(byte as char)
+            }
             _ => out.push_str(&format!("%{byte:02X}")),
         }
     }
@@ -126,5 +153,9 @@ pub fn query_escape(value: &str) -> String {
 
 /// `application/x-www-form-urlencoded` body.
 pub fn form_encode(pairs: &[(&str, &str)]) -> String {
-    pairs.iter().map(|(k, v)| format!("{}={}", query_escape(k), query_escape(v))).collect::<Vec<_>>().join("&")
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", query_escape(k), query_escape(v)))
+        .collect::<Vec<_>>()
+        .join("&")
 }

@@ -28,8 +28,12 @@ impl std::fmt::Debug for Cert {
 
 impl Cert {
     pub fn from_der(der: &[u8]) -> Result<Cert> {
-        let parsed = Certificate::from_der(der).map_err(|e| Error::protocol(format!("not an X.509 certificate: {e}")))?;
-        Ok(Cert { der: der.to_vec(), parsed })
+        let parsed = Certificate::from_der(der)
+            .map_err(|e| Error::protocol(format!("not an X.509 certificate: {e}")))?;
+        Ok(Cert {
+            der: der.to_vec(),
+            parsed,
+        })
     }
 
     pub fn subject(&self) -> String {
@@ -56,20 +60,39 @@ impl Cert {
         if bytes.len() > 17 {
             return None;
         }
-        Some(bytes.iter().fold(0u128, |acc, b| (acc << 8) | u128::from(*b)).to_string())
+        Some(
+            bytes
+                .iter()
+                .fold(0u128, |acc, b| (acc << 8) | u128::from(*b))
+                .to_string(),
+        )
     }
 
     pub fn not_before(&self) -> u64 {
-        self.parsed.tbs_certificate.validity.not_before.to_unix_duration().as_secs()
+        self.parsed
+            .tbs_certificate
+            .validity
+            .not_before
+            .to_unix_duration()
+            .as_secs()
     }
 
     pub fn not_after(&self) -> u64 {
-        self.parsed.tbs_certificate.validity.not_after.to_unix_duration().as_secs()
+        self.parsed
+            .tbs_certificate
+            .validity
+            .not_after
+            .to_unix_duration()
+            .as_secs()
     }
 
     /// The DER SubjectPublicKeyInfo.
     pub fn spki_der(&self) -> Vec<u8> {
-        self.parsed.tbs_certificate.subject_public_key_info.to_der().unwrap_or_default()
+        self.parsed
+            .tbs_certificate
+            .subject_public_key_info
+            .to_der()
+            .unwrap_or_default()
     }
 
     pub fn sans(&self) -> Vec<GeneralName> {
@@ -81,7 +104,10 @@ impl Cert {
 
     /// Human-readable SANs (`DNS:x`, `IP:1.2.3.4`, `URI:…`, `email:…`).
     pub fn san_strings(&self) -> Vec<String> {
-        self.sans().iter().filter_map(describe_general_name).collect()
+        self.sans()
+            .iter()
+            .filter_map(describe_general_name)
+            .collect()
     }
 
     pub fn pem(&self) -> String {
@@ -103,15 +129,29 @@ impl Cert {
         if self.parsed.tbs_certificate.issuer != issuer.parsed.tbs_certificate.subject {
             return false;
         }
-        let Some(tbs) = first_element(&self.der) else { return false };
-        let spki = &issuer.parsed.tbs_certificate.subject_public_key_info;
-        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.decode_as::<der::asn1::ObjectIdentifier>().ok());
-        let Some(algorithm) = verification_algorithm(&self.parsed.signature_algorithm.oid.to_string(), curve) else {
+        let Some(tbs) = first_element(&self.der) else {
             return false;
         };
-        let Some(signature) = self.parsed.signature.as_bytes() else { return false };
-        let Some(public_key) = spki.subject_public_key.as_bytes() else { return false };
-        UnparsedPublicKey::new(algorithm, public_key).verify(tbs, signature).is_ok()
+        let spki = &issuer.parsed.tbs_certificate.subject_public_key_info;
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.decode_as::<der::asn1::ObjectIdentifier>().ok());
+        let Some(algorithm) =
+            verification_algorithm(&self.parsed.signature_algorithm.oid.to_string(), curve)
+        else {
+            return false;
+        };
+        let Some(signature) = self.parsed.signature.as_bytes() else {
+            return false;
+        };
+        let Some(public_key) = spki.subject_public_key.as_bytes() else {
+            return false;
+        };
+        UnparsedPublicKey::new(algorithm, public_key)
+            .verify(tbs, signature)
+            .is_ok()
     }
 }
 
@@ -125,7 +165,11 @@ pub fn to_pem(der: &[u8]) -> String {
 /// Every CERTIFICATE block in a PEM text, parsed. Other blocks are ignored.
 pub fn parse_pem_certs(text: &str) -> Result<Vec<Cert>> {
     let blocks = pem::parse_many(text).map_err(|e| Error::protocol(format!("bad PEM: {e}")))?;
-    blocks.iter().filter(|b| b.tag() == "CERTIFICATE").map(|b| Cert::from_der(b.contents())).collect()
+    blocks
+        .iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| Cert::from_der(b.contents()))
+        .collect()
 }
 
 fn describe_general_name(name: &GeneralName) -> Option<String> {
@@ -185,7 +229,10 @@ fn read_header(der: &[u8]) -> Option<(u8, usize, usize)> {
     if count == 0 || count > 4 {
         return None;
     }
-    let len = der.get(2..2 + count)?.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+    let len = der
+        .get(2..2 + count)?
+        .iter()
+        .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
     Some((tag, len, 2 + count))
 }
 
@@ -231,7 +278,8 @@ pub fn verify_issued(issued: &Issued, expect: &Expectation) -> Result<Verified> 
     check_validity(&leaf, expect.now)?;
     let mut ca: Vec<Cert> = Vec::new();
     for der in issued.intermediates.iter().chain(&issued.roots) {
-        let cert = Cert::from_der(der).map_err(|e| e.context("a CA certificate returned with the leaf"))?;
+        let cert = Cert::from_der(der)
+            .map_err(|e| e.context("a CA certificate returned with the leaf"))?;
         if !ca.iter().any(|c| c.der == cert.der) {
             ca.push(cert);
         }
@@ -242,7 +290,12 @@ pub fn verify_issued(issued: &Issued, expect: &Expectation) -> Result<Verified> 
         }
     }
     let chain = build_chain(&leaf, &ca)?;
-    Ok(Verified { leaf, chain, ca, warnings })
+    Ok(Verified {
+        leaf,
+        chain,
+        ca,
+        warnings,
+    })
 }
 
 fn check_public_key(leaf: &Cert, spki: &[u8]) -> Result<()> {
@@ -262,13 +315,22 @@ fn check_subject(leaf: &Cert, subject: &Subject, warnings: &mut Vec<String>) -> 
     }
     // CAs may rewrite or drop O/OU/C by policy; the common name is the identity and must match.
     let cn = subject.common_name();
-    let has_cn = leaf.parsed.tbs_certificate.subject.0.iter().flat_map(|rdn| rdn.0.iter()).any(|atv| {
-        atv.oid.to_string() == "2.5.4.3" && atv_text(atv).as_deref() == Some(cn)
-    });
+    let has_cn = leaf
+        .parsed
+        .tbs_certificate
+        .subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .any(|atv| atv.oid.to_string() == "2.5.4.3" && atv_text(atv).as_deref() == Some(cn));
     if !has_cn {
-        return Err(Error::protocol(format!("the issued certificate's subject {got:?} lacks our CN {cn:?}")));
+        return Err(Error::protocol(format!(
+            "the issued certificate's subject {got:?} lacks our CN {cn:?}"
+        )));
     }
-    warnings.push(format!("the CA changed the subject from {wanted:?} to {got:?}"));
+    warnings.push(format!(
+        "the CA changed the subject from {wanted:?} to {got:?}"
+    ));
     Ok(())
 }
 
@@ -278,10 +340,15 @@ fn atv_text(atv: &x509_cert::attr::AttributeTypeAndValue) -> Option<String> {
 }
 
 fn check_sans(leaf: &Cert, sans: &Sans, warnings: &mut Vec<String>) -> Result<()> {
-    let wanted: Vec<String> = crate::csr::general_names(sans)?.iter().filter_map(describe_general_name).collect();
+    let wanted: Vec<String> = crate::csr::general_names(sans)?
+        .iter()
+        .filter_map(describe_general_name)
+        .collect();
     let got = leaf.san_strings();
     if let Some(missing) = wanted.iter().find(|w| !got.contains(w)) {
-        return Err(Error::protocol(format!("the issued certificate lacks the requested SAN {missing}")));
+        return Err(Error::protocol(format!(
+            "the issued certificate lacks the requested SAN {missing}"
+        )));
     }
     let extra: Vec<&String> = got.iter().filter(|g| !wanted.contains(g)).collect();
     if !extra.is_empty() {

@@ -24,7 +24,13 @@ fn snapshot(settings: &Settings) -> Result<Snapshot> {
     let current = settings.state_dir.join("current");
     if !settings.state_dir.exists() {
         let state = State::default();
-        return Ok(Snapshot { condition: Condition::None, cert: None, renew_at: None, state, current });
+        return Ok(Snapshot {
+            condition: Condition::None,
+            cert: None,
+            renew_at: None,
+            state,
+            current,
+        });
     }
     // Opening never creates anything here: status is read-only.
     Store::existing(&settings.state_dir).context("opening the state directory")?;
@@ -35,15 +41,31 @@ fn snapshot(settings: &Settings) -> Result<Snapshot> {
     let condition = lifecycle::condition(
         cert.as_ref().map(|c| (c.not_before(), c.not_after())),
         renew_at.unwrap_or(0),
-        agent.state.pending.is_some(),
+        // Outstanding at the CA: a request it accepted and will answer. A slot kept only so a
+        // retry reuses its key is not a pending request.
+        agent
+            .state
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.request_id.is_some()),
         time::now(),
     );
-    Ok(Snapshot { condition, cert, renew_at, state: agent.state, current })
+    Ok(Snapshot {
+        condition,
+        cert,
+        renew_at,
+        state: agent.state,
+        current,
+    })
 }
 
 pub fn status(settings: &Settings, as_json: bool) -> Result<String> {
     let snap = snapshot(settings)?;
-    Ok(if as_json { status_json(settings, &snap).to_json_pretty() + "\n" } else { status_text(settings, &snap) })
+    Ok(if as_json {
+        status_json(settings, &snap).to_json_pretty() + "\n"
+    } else {
+        status_text(settings, &snap)
+    })
 }
 
 fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
@@ -61,7 +83,16 @@ fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
     json::object([
         ("state", snap.condition.name().into()),
         ("subject", cert.map(Cert::subject).into()),
-        ("san", Value::Array(cert.map(Cert::san_strings).unwrap_or_default().into_iter().map(Value::from).collect())),
+        (
+            "san",
+            Value::Array(
+                cert.map(Cert::san_strings)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(Value::from)
+                    .collect(),
+            ),
+        ),
         ("issuer", cert.map(Cert::issuer).into()),
         ("serial", cert.map(Cert::serial_hex).into()),
         ("not_before", rfc(cert.map(Cert::not_before)).into()),
@@ -78,7 +109,10 @@ fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
         ("backend", settings.ca.name().into()),
         (
             "credentials",
-            json::object([("enroll", credentials.enroll.into()), ("renew", credentials.renew.into())]),
+            json::object([
+                ("enroll", credentials.enroll.into()),
+                ("renew", credentials.renew.into()),
+            ]),
         ),
         ("pending", pending),
         ("last_error", snap.state.last_error.clone().into()),
@@ -107,12 +141,24 @@ fn status_text(settings: &Settings, snap: &Snapshot) -> String {
         lines.push(format!("issuer:      {}", cert.issuer()));
         lines.push(format!("serial:      {}", cert.serial_hex()));
         lines.push(format!("not before:  {}", time::rfc3339(cert.not_before())));
-        lines.push(format!("not after:   {} ({} left)", time::rfc3339(cert.not_after()), time::human_duration(left)));
+        lines.push(format!(
+            "not after:   {} ({} left)",
+            time::rfc3339(cert.not_after()),
+            time::human_duration(left)
+        ));
         if let Some(at) = snap.renew_at {
-            lines.push(format!("renew at:    {} (in {})", time::rfc3339(at), time::human_duration(at as i64 - now)));
+            lines.push(format!(
+                "renew at:    {} (in {})",
+                time::rfc3339(at),
+                time::human_duration(at as i64 - now)
+            ));
         }
     }
-    lines.push(format!("key:         {} ({} provider)", settings.key.algorithm.name(), lifecycle::provider_for(settings).name()));
+    lines.push(format!(
+        "key:         {} ({} provider)",
+        settings.key.algorithm.name(),
+        lifecycle::provider_for(settings).name()
+    ));
     lines.push(format!("backend:     {}", settings.ca.name()));
     lines.push(format!("enrolls with {}", credentials.enroll));
     lines.push(format!("renews with  {}", credentials.renew));
@@ -120,17 +166,25 @@ fn status_text(settings: &Settings, snap: &Snapshot) -> String {
         Some(p) => format!(
             "pending:     {} request {} since {}",
             p.purpose.name(),
-            p.request_id.as_deref().unwrap_or("(not yet accepted by the CA)"),
+            p.request_id
+                .as_deref()
+                .unwrap_or("(not yet accepted by the CA)"),
             time::rfc3339(p.since)
         ),
         None => "pending:     none".into(),
     });
-    lines.push(format!("last error:  {}", snap.state.last_error.as_deref().unwrap_or("none")));
+    lines.push(format!(
+        "last error:  {}",
+        snap.state.last_error.as_deref().unwrap_or("none")
+    ));
     if let Some(hook) = &snap.state.hook_error {
         lines.push(format!("hook error:  {hook}"));
     }
     if snap.cert.is_some() {
-        lines.push(format!("identity:    {}/{{cert,chain,key}}.pem", snap.current.display()));
+        lines.push(format!(
+            "identity:    {}/{{cert,chain,key}}.pem",
+            snap.current.display()
+        ));
     }
     lines.join("\n") + "\n"
 }
@@ -151,25 +205,43 @@ pub fn check(settings: &Settings, online: bool) -> Result<String> {
             let provider = lifecycle::provider_for(settings);
             let key = provider.load(&slot).context("checking the installed key")?;
             let agent = lifecycle::Agent::open(settings)?;
-            let installed = agent.installed().ok_or_else(|| Error::storage("current/cert.pem is unreadable"))?;
+            let installed = agent
+                .installed()
+                .ok_or_else(|| Error::storage("current/cert.pem is unreadable"))?;
             if key.public_key_spki() != installed.cert.spki_der() {
-                return Err(Error::storage(format!("{}: the key does not match cert.pem", slot.display())));
+                return Err(Error::storage(format!(
+                    "{}: the key does not match cert.pem",
+                    slot.display()
+                )));
             }
-            lines.push(format!("ok: installed key matches the certificate ({} provider)", provider.name()));
+            lines.push(format!(
+                "ok: installed key matches the certificate ({} provider)",
+                provider.name()
+            ));
         } else {
             lines.push("ok: no identity installed yet".into());
         }
     } else {
-        lines.push(format!("ok: state directory {} will be created on enroll", settings.state_dir.display()));
+        lines.push(format!(
+            "ok: state directory {} will be created on enroll",
+            settings.state_dir.display()
+        ));
     }
     let roots = crate::tls::load_roots(settings.tls.trust_bundle.as_deref())?;
     lines.push(format!("ok: trust bundle ({} roots)", roots.len()));
     if online {
-        let http = crate::http::Http::new(crate::tls::client_config(roots, None)?, settings.tls.timeout_s);
+        let http = crate::http::Http::new(
+            crate::tls::client_config(roots, None)?,
+            settings.tls.timeout_s,
+        );
         let backend = backend::from_settings(settings, http.clone());
         let url = backend.probe_url();
         let response = http.send("reaching the CA", "GET", &url, &[], None)?;
-        lines.push(format!("ok: {} reachable over verified TLS (HTTP {} from {url})", backend.name(), response.status));
+        lines.push(format!(
+            "ok: {} reachable over verified TLS (HTTP {} from {url})",
+            backend.name(),
+            response.status
+        ));
     }
     Ok(lines.join("\n") + "\n")
 }

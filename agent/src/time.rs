@@ -1,7 +1,7 @@
 //! Time as the agent reasons about it: Unix seconds, RFC 3339 output, HTTP `Date` input, and the
 //! clock rule of design.md §5 rule 7.
 
-use std::sync::atomic::{AtomicI64, AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// When this binary was built (from build.rs); a clock earlier than this is known to be wrong.
@@ -10,7 +10,10 @@ pub fn build_time() -> u64 {
 }
 
 fn system_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Offset (server − system) learnt from a CA's `Date` header while the system clock is untrusted.
@@ -19,7 +22,9 @@ static HAVE_SERVER_TIME: AtomicBool = AtomicBool::new(false);
 
 /// The time used for every validity judgement.
 pub fn now() -> u64 {
-    let offset = HAVE_SERVER_TIME.load(Ordering::Relaxed).then(|| SERVER_OFFSET.load(Ordering::Relaxed));
+    let offset = HAVE_SERVER_TIME
+        .load(Ordering::Relaxed)
+        .then(|| SERVER_OFFSET.load(Ordering::Relaxed));
     effective_now(system_now(), build_time(), offset)
 }
 
@@ -47,7 +52,11 @@ pub fn observe_server_date(server: u64) {
         return;
     }
     if !HAVE_SERVER_TIME.swap(true, Ordering::Relaxed) {
-        log::warn!("system clock is before this build ({}); using the CA's Date header ({})", rfc3339(system), rfc3339(server));
+        log::warn!(
+            "system clock is before this build ({}); using the CA's Date header ({})",
+            rfc3339(system),
+            rfc3339(server)
+        );
     }
     SERVER_OFFSET.store(server as i64 - system as i64, Ordering::Relaxed);
 }
@@ -80,7 +89,12 @@ pub fn rfc3339(unix: u64) -> String {
     let days = (unix / 86_400) as i64;
     let secs = unix % 86_400;
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Parses an HTTP IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`, RFC 9110 §5.6.7).
@@ -88,7 +102,9 @@ pub fn parse_http_date(text: &str) -> Option<u64> {
     let mut parts = text.split_whitespace();
     let _weekday = parts.next()?;
     let day: u32 = parts.next()?.parse().ok()?;
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     let month_name = parts.next()?;
     let month = MONTHS.iter().position(|m| *m == month_name)? as u32 + 1;
     let year: i64 = parts.next()?.parse().ok()?;
@@ -98,7 +114,9 @@ pub fn parse_http_date(text: &str) -> Option<u64> {
         return None;
     }
     let days = days_from_civil(year, month, day);
-    u64::try_from(days).ok().map(|d| d * 86_400 + h * 3600 + mi * 60 + s)
+    u64::try_from(days)
+        .ok()
+        .map(|d| d * 86_400 + h * 3600 + mi * 60 + s)
 }
 
 /// `3d 4h`, `5h 12m`, `40s`: for humans reading `status`.
@@ -123,8 +141,14 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(784_111_777), "1994-11-06T08:49:37Z");
         assert_eq!(rfc3339(1_709_164_800), "2024-02-29T00:00:00Z");
-        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
-        assert_eq!(parse_http_date("Thu, 29 Feb 2024 00:00:00 GMT"), Some(1_709_164_800));
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777)
+        );
+        assert_eq!(
+            parse_http_date("Thu, 29 Feb 2024 00:00:00 GMT"),
+            Some(1_709_164_800)
+        );
         assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 PST"), None);
         assert_eq!(parse_http_date("garbage"), None);
     }
@@ -132,8 +156,19 @@ mod tests {
     #[test]
     fn the_clock_rule_prefers_the_ca_date_when_the_system_clock_is_before_the_build() {
         let build = 1_800_000_000;
-        assert_eq!(effective_now(build + 5, build, Some(99)), build + 5, "a sane clock is believed");
-        assert_eq!(effective_now(10, build, None), build, "no clock, no CA time: the build time");
-        assert_eq!(effective_now(10, build, Some(1_900_000_000 - 10)), 1_900_000_000);
+        assert_eq!(
+            effective_now(build + 5, build, Some(99)),
+            build + 5,
+            "a sane clock is believed"
+        );
+        assert_eq!(
+            effective_now(10, build, None),
+            build,
+            "no clock, no CA time: the build time"
+        );
+        assert_eq!(
+            effective_now(10, build, Some(1_900_000_000 - 10)),
+            1_900_000_000
+        );
     }
 }

@@ -31,14 +31,23 @@ const EKUS: [&str; 2] = ["1.3.6.1.5.5.7.3.2", "1.3.6.1.5.5.7.3.1"];
 pub fn credentials(settings: &EzcaSettings) -> Credentials {
     let bootstrap = match settings.bootstrap {
         EzcaBootstrap::Token(_) => "EZCA bootstrap bearer token (ca.bootstrap.token_file)",
-        EzcaBootstrap::Entra { .. } => "Entra ID client credentials (ca.bootstrap.client_secret_file)",
+        EzcaBootstrap::Entra { .. } => {
+            "Entra ID client credentials (ca.bootstrap.client_secret_file)"
+        }
     };
     let renew = match (settings.renew_auth, &settings.bootstrap) {
         (RenewAuth::Certificate, _) => "the device certificate: RS256 JWT signed by the device key",
-        (RenewAuth::Bootstrap, EzcaBootstrap::Token(_)) => "EZCA bootstrap bearer token (ca.renew_auth = bootstrap)",
-        (RenewAuth::Bootstrap, EzcaBootstrap::Entra { .. }) => "Entra ID client credentials (ca.renew_auth = bootstrap)",
+        (RenewAuth::Bootstrap, EzcaBootstrap::Token(_)) => {
+            "EZCA bootstrap bearer token (ca.renew_auth = bootstrap)"
+        }
+        (RenewAuth::Bootstrap, EzcaBootstrap::Entra { .. }) => {
+            "Entra ID client credentials (ca.renew_auth = bootstrap)"
+        }
     };
-    Credentials { enroll: bootstrap, renew }
+    Credentials {
+        enroll: bootstrap,
+        renew,
+    }
 }
 
 pub struct Ezca<'a> {
@@ -49,38 +58,66 @@ pub struct Ezca<'a> {
 
 impl<'a> Ezca<'a> {
     pub fn new(settings: &'a EzcaSettings, _all: &'a Settings, http: Http) -> Self {
-        Ezca { settings, valid_days: settings.valid_days, http }
+        Ezca {
+            settings,
+            valid_days: settings.valid_days,
+            http,
+        }
     }
 
     /// The bearer token for issuance calls.
     fn bootstrap_token(&self) -> Result<Zeroizing<String>> {
         match &self.settings.bootstrap {
             EzcaBootstrap::Token(token) => Ok(Zeroizing::new(token.expose().to_string())),
-            EzcaBootstrap::Entra { tenant_id, client_id, client_secret, authority } => {
-                self.entra_token(authority, tenant_id, client_id, client_secret.expose())
-            }
+            EzcaBootstrap::Entra {
+                tenant_id,
+                client_id,
+                client_secret,
+                authority,
+            } => self.entra_token(authority, tenant_id, client_id, client_secret.expose()),
         }
     }
 
     /// OAuth 2.0 client-credentials grant against Entra ID (§2.2).
-    fn entra_token(&self, authority: &str, tenant: &str, client_id: &str, secret: &str) -> Result<Zeroizing<String>> {
+    fn entra_token(
+        &self,
+        authority: &str,
+        tenant: &str,
+        client_id: &str,
+        secret: &str,
+    ) -> Result<Zeroizing<String>> {
         const STEP: &str = "getting an Entra ID token for EZCA";
-        let url = http::join(authority, &format!("/{}/oauth2/v2.0/token", http::query_escape(tenant)));
+        let url = http::join(
+            authority,
+            &format!("/{}/oauth2/v2.0/token", http::query_escape(tenant)),
+        );
         let form = Zeroizing::new(http::form_encode(&[
             ("client_id", client_id),
             ("scope", ENTRA_SCOPE),
             ("grant_type", "client_credentials"),
             ("client_secret", secret),
         ]));
-        let response = self.http.send(STEP, "POST", &url, &[("Content-Type", "application/x-www-form-urlencoded")], Some(form.as_bytes()))?;
+        let response = self.http.send(
+            STEP,
+            "POST",
+            &url,
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            Some(form.as_bytes()),
+        )?;
         let answer = super::parse_json(STEP, &response);
         if !response.is_success() {
             let detail = answer.ok().map(|a| {
                 let field = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                format!("{}: {}", field("error"), http::excerpt(&field("error_description")))
+                format!(
+                    "{}: {}",
+                    field("error"),
+                    http::excerpt(&field("error_description"))
+                )
             });
             return Err(match (response.status, detail) {
-                (400 | 401, Some(detail)) => Error::refused(format!("{STEP}: Entra ID refused the client credentials: {detail}")),
+                (400 | 401, Some(detail)) => Error::refused(format!(
+                    "{STEP}: Entra ID refused the client credentials: {detail}"
+                )),
                 _ => http::status_error(STEP, &response),
             });
         }
@@ -102,22 +139,37 @@ impl<'a> Ezca<'a> {
             ("TemplateID", self.settings.template_id.as_str().into()),
             ("CSR", request.csr.pem.as_str().into()),
             ("ValidityInDays", self.valid_days.into()),
-            ("EKUs", Value::Array(EKUS.iter().map(|e| (*e).into()).collect())),
-            ("KeyUsages", Value::Array(vec!["Key Encipherment".into(), "Digital Signature".into()])),
+            (
+                "EKUs",
+                Value::Array(EKUS.iter().map(|e| (*e).into()).collect()),
+            ),
+            (
+                "KeyUsages",
+                Value::Array(vec!["Key Encipherment".into(), "Digital Signature".into()]),
+            ),
             ("SelectedLocation", "IoT Device".into()),
         ])
         .to_json();
         let token = self.bootstrap_token()?;
         let auth = Zeroizing::new(format!("Bearer {}", token.as_str()));
         let url = http::join(&self.settings.url, REQUEST_V2);
-        let headers = [("Content-Type", "application/json"), ("Authorization", auth.as_str())];
-        let response = self.http.send(STEP, "POST", &url, &headers, Some(body.as_bytes()))?;
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Authorization", auth.as_str()),
+        ];
+        let response = self
+            .http
+            .send(STEP, "POST", &url, &headers, Some(body.as_bytes()))?;
         if matches!(response.status, 401 | 403) {
             let whose = match self.settings.bootstrap {
                 EzcaBootstrap::Token(_) => "the bootstrap token was refused",
                 EzcaBootstrap::Entra { .. } => "the Entra ID token was refused",
             };
-            return Err(Error::refused(format!("{STEP}: {whose} (HTTP {}): {}", response.status, response.excerpt())));
+            return Err(Error::refused(format!(
+                "{STEP}: {whose} (HTTP {}): {}",
+                response.status,
+                response.excerpt()
+            )));
         }
         if !response.is_success() {
             return Err(http::status_error(STEP, &response));
@@ -130,20 +182,38 @@ impl<'a> Ezca<'a> {
             ("Certificate", current.cert.pem().into()),
             (
                 "Payload",
-                json::object([("CSR", request.csr.pem.as_str().into()), ("ValidityInDays", self.valid_days.into())]),
+                json::object([
+                    ("CSR", request.csr.pem.as_str().into()),
+                    ("ValidityInDays", self.valid_days.into()),
+                ]),
             ),
         ])
         .to_json();
         let jwt = certificate_jwt(current)?;
         let auth = Zeroizing::new(format!("Bearer {jwt}"));
-        let headers = [("Content-Type", "application/json"), ("Authorization", auth.as_str())];
-        let v3 = self.http.send("EZCA RenewCertificateV3", "POST", &http::join(&self.settings.url, RENEW_V3), &headers, Some(body.as_bytes()))?;
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Authorization", auth.as_str()),
+        ];
+        let v3 = self.http.send(
+            "EZCA RenewCertificateV3",
+            "POST",
+            &http::join(&self.settings.url, RENEW_V3),
+            &headers,
+            Some(body.as_bytes()),
+        )?;
         if v3.status != 404 {
             check_renew_status("EZCA RenewCertificateV3", &v3)?;
             return issued_from_json("EZCA RenewCertificateV3", &v3);
         }
         log::info!("EZCA has no RenewCertificateV3 (HTTP 404); using RenewCertificateV2");
-        let v2 = self.http.send("EZCA RenewCertificateV2", "POST", &http::join(&self.settings.url, RENEW_V2), &headers, Some(body.as_bytes()))?;
+        let v2 = self.http.send(
+            "EZCA RenewCertificateV2",
+            "POST",
+            &http::join(&self.settings.url, RENEW_V2),
+            &headers,
+            Some(body.as_bytes()),
+        )?;
         check_renew_status("EZCA RenewCertificateV2", &v2)?;
         issued_from_pem_text("EZCA RenewCertificateV2", &v2)
     }
@@ -177,7 +247,9 @@ impl CaBackend for Ezca<'_> {
 
 /// §2.4: `[{ValueSTR, SubjectAltType}]` with 1 email, 2 DNS, 6 URI, 7 IP.
 fn subject_alt_names(request: &Request) -> Value {
-    let entry = |value: String, kind: u64| json::object([("ValueSTR", value.into()), ("SubjectAltType", kind.into())]);
+    let entry = |value: String, kind: u64| {
+        json::object([("ValueSTR", value.into()), ("SubjectAltType", kind.into())])
+    };
     let sans = request.sans;
     let mut list: Vec<Value> = Vec::new();
     list.extend(sans.dns.iter().map(|d| entry(d.clone(), 2)));
@@ -201,22 +273,45 @@ fn certificate_jwt(current: &Current) -> Result<String> {
         ("nbf", now.into()),
         ("exp", (now + JWT_LIFETIME_S).into()),
     ]);
-    let signing_input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_json()), URL_SAFE_NO_PAD.encode(claims.to_json()));
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_json()),
+        URL_SAFE_NO_PAD.encode(claims.to_json())
+    );
     let signature = current
         .key
-        .sign(enroll_hal::SignatureScheme::RsaPkcs1Sha256, signing_input.as_bytes())
-        .map_err(|e| Error::from(e).context("signing the EZCA renewal token with the device key"))?;
-    Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature)))
+        .sign(
+            enroll_hal::SignatureScheme::RsaPkcs1Sha256,
+            signing_input.as_bytes(),
+        )
+        .map_err(|e| {
+            Error::from(e).context("signing the EZCA renewal token with the device key")
+        })?;
+    Ok(format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(signature)
+    ))
 }
 
 fn uuid_v4() -> Result<String> {
     let mut bytes = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| Error::new(crate::error::Kind::Internal, "the system random generator failed"))?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| {
+        Error::new(
+            crate::error::Kind::Internal,
+            "the system random generator failed",
+        )
+    })?;
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]))
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
 }
 
 /// Renewal rejections are plain text (§2.4, e.g. "CSR does not match certificate").
@@ -237,13 +332,25 @@ fn check_renew_status(step: &str, response: &Response) -> Result<()> {
 fn issued_from_json(step: &str, response: &Response) -> Result<Issued> {
     let mut answer = super::parse_json(step, response)?;
     if let Value::String(inner) = &answer {
-        answer = json::parse(inner.as_bytes())
-            .map_err(|e| Error::protocol(format!("{step}: the JSON-string-wrapped answer is not JSON")).with_source(e))?;
+        answer = json::parse(inner.as_bytes()).map_err(|e| {
+            Error::protocol(format!(
+                "{step}: the JSON-string-wrapped answer is not JSON"
+            ))
+            .with_source(e)
+        })?;
     }
     let Value::Object(members) = answer else {
-        return Err(Error::protocol(format!("{step}: expected a JSON object, found {}", answer.type_name())));
+        return Err(Error::protocol(format!(
+            "{step}: expected a JSON object, found {}",
+            answer.type_name()
+        )));
     };
-    let trimmed = Value::Object(members.into_iter().map(|(k, v)| (k.trim().to_string(), v)).collect());
+    let trimmed = Value::Object(
+        members
+            .into_iter()
+            .map(|(k, v)| (k.trim().to_string(), v))
+            .collect(),
+    );
     let leaf = super::pem_field(step, &trimmed, "CertificatePEM")?
         .into_iter()
         .next()
@@ -252,13 +359,27 @@ fn issued_from_json(step: &str, response: &Response) -> Result<Issued> {
         Some(Value::String(_)) => super::pem_field(step, &trimmed, field),
         _ => Ok(Vec::new()),
     };
-    Ok(Issued { leaf, intermediates: optional("IssuingCACertificate")?, roots: optional("RootCertificate")?, ca_ref: None })
+    Ok(Issued {
+        leaf,
+        intermediates: optional("IssuingCACertificate")?,
+        roots: optional("RootCertificate")?,
+        ca_ref: None,
+    })
 }
 
 /// V2 renewals answer with PEM text: the leaf first, then whatever CA certificates follow.
 fn issued_from_pem_text(step: &str, response: &Response) -> Result<Issued> {
     let text = String::from_utf8_lossy(&response.body);
-    let mut certs = crate::pki::parse_pem_certs(&text).map_err(|e| e.context(step.to_string()))?.into_iter();
-    let leaf = certs.next().ok_or_else(|| Error::protocol(format!("{step}: the answer holds no certificate")))?;
-    Ok(Issued { leaf: leaf.der, intermediates: certs.map(|c| c.der).collect(), roots: Vec::new(), ca_ref: None })
+    let mut certs = crate::pki::parse_pem_certs(&text)
+        .map_err(|e| e.context(step.to_string()))?
+        .into_iter();
+    let leaf = certs
+        .next()
+        .ok_or_else(|| Error::protocol(format!("{step}: the answer holds no certificate")))?;
+    Ok(Issued {
+        leaf: leaf.der,
+        intermediates: certs.map(|c| c.der).collect(),
+        roots: Vec::new(),
+        ca_ref: None,
+    })
 }

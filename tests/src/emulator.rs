@@ -1,0 +1,450 @@
+//! The in-process emulator: EnOS and EZCA on ONE HTTPS server (their paths do not collide),
+//! plus a control API (`/_emulator/…`) and a request log.
+//!
+//! ```no_run
+//! use enroll_tests::{Emulator, Fault, Options};
+//! let emu = Emulator::start(Options::default()).unwrap();
+//! emu.set_fault(Fault::Http500, Some(1));
+//! println!("{} trusts {}", emu.url(), emu.tls_root_pem());
+//! ```
+
+use crate::enos::{EnosConfig, EnosState};
+use crate::ezca::{EzcaConfig, EzcaState};
+use crate::fault::{Endpoint, Fault, FaultState, Phase};
+use crate::pki::Pki;
+use crate::server::{self, HttpsServer, Request, Response};
+use serde_json::{json, Value};
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+/// Header naming the fault that shaped a response (also recorded in the log).
+pub const FAULT_HEADER: &str = "X-Emulator-Fault";
+
+/// Start-up options. `Default` gives random secrets, fixed readable identifiers, any free port.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// TCP port on 127.0.0.1; 0 picks a free one.
+    pub port: u16,
+    /// How long the `timeout` fault holds a response (default 5 s).
+    pub fault_delay: Duration,
+    /// Ask clients for a TLS certificate (optional; verified against the EnOS and EZCA CAs).
+    pub request_client_cert: bool,
+    /// A fault armed from the start, and for how many calls (`None` = until cleared).
+    pub fault: Option<(Fault, Option<u32>)>,
+    /// EnOS identifiers and credentials.
+    pub enos: EnosConfig,
+    /// EZCA identifiers and credentials.
+    pub ezca: EzcaConfig,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            port: 0,
+            fault_delay: Duration::from_secs(5),
+            request_client_cert: false,
+            fault: None,
+            enos: EnosConfig::generate(),
+            ezca: EzcaConfig::generate(),
+        }
+    }
+}
+
+/// One request as seen by the emulator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Path without query.
+    pub path: String,
+    /// Decoded query parameters.
+    pub query: Vec<(String, String)>,
+    /// Selected headers: Content-Type, Authorization, apim-accesstoken, apim-timestamp, apim-signature.
+    pub headers: Vec<(String, String)>,
+    /// Status code answered.
+    pub status: u16,
+    /// Fault that shaped the answer, if any.
+    pub fault: Option<String>,
+    /// Whether the client presented a TLS certificate.
+    pub client_cert: bool,
+}
+
+const LOGGED_HEADERS: &[&str] = &[
+    "content-type",
+    "authorization",
+    "apim-accesstoken",
+    "apim-timestamp",
+    "apim-signature",
+];
+
+impl LoggedRequest {
+    fn new(req: &Request, resp: &Response) -> Self {
+        let headers = req
+            .headers
+            .iter()
+            .filter(|(k, _)| LOGGED_HEADERS.contains(&k.to_ascii_lowercase().as_str()))
+            .cloned()
+            .collect();
+        let fault = resp
+            .headers
+            .iter()
+            .find(|(k, _)| k == FAULT_HEADER)
+            .map(|(_, v)| v.clone());
+        Self {
+            method: req.method.clone(),
+            path: req.path.clone(),
+            query: req.query.clone(),
+            headers,
+            status: resp.status,
+            fault,
+            client_cert: req.peer_cert.is_some(),
+        }
+    }
+
+    /// One JSON object (a line of `GET /_emulator/log`).
+    pub fn to_json(&self) -> Value {
+        let pairs =
+            |v: &[(String, String)]| v.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>();
+        json!({
+            "method": self.method, "path": self.path, "query": pairs(&self.query),
+            "headers": pairs(&self.headers), "status": self.status, "fault": self.fault,
+            "client_cert": self.client_cert,
+        })
+    }
+}
+
+/// State shared by all connection threads.
+pub(crate) struct Shared {
+    pub(crate) pki: Pki,
+    pub(crate) url: OnceLock<String>,
+    pub(crate) enos_cfg: EnosConfig,
+    pub(crate) ezca_cfg: EzcaConfig,
+    pub(crate) enos: Mutex<EnosState>,
+    pub(crate) ezca: Mutex<EzcaState>,
+    faults: Mutex<FaultState>,
+    fault_delay: Mutex<Duration>,
+    log: Mutex<Vec<LoggedRequest>>,
+    issued: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Locks a mutex even if a handler thread panicked while holding it (tests keep going).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn new(opts: &Options) -> io::Result<Self> {
+        let pki = Pki::generate().map_err(io::Error::other)?;
+        let mut faults = FaultState::default();
+        if let Some((f, n)) = opts.fault {
+            faults.set(f, n);
+        }
+        Ok(Self {
+            pki,
+            url: OnceLock::new(),
+            enos_cfg: opts.enos.clone(),
+            ezca_cfg: opts.ezca.clone(),
+            enos: Mutex::new(EnosState::default()),
+            ezca: Mutex::new(EzcaState::default()),
+            faults: Mutex::new(faults),
+            fault_delay: Mutex::new(opts.fault_delay),
+            log: Mutex::new(Vec::new()),
+            issued: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Base URL, e.g. `https://127.0.0.1:4433`.
+    pub(crate) fn url(&self) -> &str {
+        self.url
+            .get()
+            .map(String::as_str)
+            .unwrap_or("https://127.0.0.1")
+    }
+
+    /// Serves one request and records it.
+    pub(crate) fn handle(&self, req: &Request) -> Response {
+        let resp = self.route(req);
+        lock(&self.log).push(LoggedRequest::new(req, &resp));
+        resp
+    }
+
+    fn route(&self, req: &Request) -> Response {
+        let post = req.method == "POST";
+        match (req.method.as_str(), req.path.as_str()) {
+            (_, "/apim-token-service/v2.0/token/get") if post => self.enos_token(req, false),
+            (_, "/apim-token-service/v2.0/token/refresh") if post => self.enos_token(req, true),
+            (_, "/connect-service/v2.0/certificates") if post => self.enos_certificates(req),
+            ("GET", p) if p.starts_with("/enos/CA/cacert") => Response::new(200)
+                .header("Content-Type", "application/x-pem-file")
+                .body(self.pki.enos_root.pem().into_bytes()),
+            (_, "/api/CA/RequestSSLCertificateV2") if post => self.ezca_request_v2(req),
+            (_, "/api/Certificates/RenewCertificateV3") if post => self.ezca_renew(req, true),
+            (_, "/api/Certificates/RenewCertificateV2") if post => self.ezca_renew(req, false),
+            (_, p) if post && is_entra_token_path(p) => self.entra_token(req),
+            (_, "/_emulator/fault") => self.control_fault(req),
+            ("GET", "/_emulator/log") => self.control_log(),
+            _ => Response::text(404, "Not Found"),
+        }
+    }
+
+    /// Fires the armed fault for `ep` in `phase`, if it applies.
+    pub(crate) fn take_fault(&self, ep: Endpoint, phase: Phase) -> Option<Fault> {
+        lock(&self.faults).take(ep, phase)
+    }
+
+    /// The generic early-phase answers (shared by EnOS and EZCA); vendor-specific faults
+    /// return `None` here and are handled by the vendor module.
+    pub(crate) fn generic_fault(&self, f: Fault, json_body: bool) -> Option<Response> {
+        let r = match f {
+            Fault::Http500 => Response::text(500, "Internal Server Error (emulated)"),
+            Fault::Http503 => Response::text(503, "Service Unavailable (emulated)"),
+            Fault::Http429 => {
+                Response::text(429, "Too Many Requests (emulated)").header("Retry-After", "1")
+            }
+            Fault::Timeout => {
+                let mut r = Response::text(504, "emulated timeout: request not processed");
+                r.delay = Some(*lock(&self.fault_delay));
+                r
+            }
+            Fault::Oversized => oversized(json_body),
+            _ => return None,
+        };
+        Some(tag(r, f))
+    }
+
+    /// Records a genuinely issued leaf for [`crate::Emulator::issued`].
+    pub(crate) fn record_issued(&self, der: &[u8]) {
+        lock(&self.issued).push(der.to_vec());
+    }
+
+    fn control_fault(&self, req: &Request) -> Response {
+        match req.method.as_str() {
+            "GET" => {
+                let cur = lock(&self.faults).current();
+                let name = cur.map(|(f, _)| f.name()).unwrap_or("none");
+                Response::text(200, &format!("{name}\n"))
+            }
+            "DELETE" => {
+                lock(&self.faults).set(Fault::None, None);
+                Response::text(200, "none\n")
+            }
+            "POST" => self.arm_from_text(req),
+            _ => Response::text(405, "use GET, POST or DELETE"),
+        }
+    }
+
+    /// Body `NAME` or `NAME COUNT`; `?count=N` also works.
+    fn arm_from_text(&self, req: &Request) -> Response {
+        let text = String::from_utf8_lossy(&req.body).to_string();
+        let mut words = text.split_whitespace();
+        let name = words.next().unwrap_or("none");
+        let count = words.next().or(req.query_param("count"));
+        let fault: Fault = match name.parse() {
+            Ok(f) => f,
+            Err(e) => return Response::text(400, &e),
+        };
+        let count = match count.map(str::parse::<u32>) {
+            None => None,
+            Some(Ok(n)) => Some(n),
+            Some(Err(_)) => return Response::text(400, "count must be a non-negative integer"),
+        };
+        lock(&self.faults).set(fault, count);
+        Response::text(200, &format!("{fault}\n"))
+    }
+
+    fn control_log(&self) -> Response {
+        let lines: String = lock(&self.log)
+            .iter()
+            .map(|l| format!("{}\n", l.to_json()))
+            .collect();
+        Response::new(200)
+            .header("Content-Type", "application/x-ndjson")
+            .body(lines.into_bytes())
+    }
+}
+
+fn is_entra_token_path(p: &str) -> bool {
+    p.strip_suffix("/oauth2/v2.0/token")
+        .and_then(|t| t.strip_prefix('/'))
+        .is_some_and(|tenant| !tenant.is_empty() && !tenant.contains('/'))
+}
+
+/// Marks a response as shaped by `f` (header + log).
+pub(crate) fn tag(r: Response, f: Fault) -> Response {
+    r.header(FAULT_HEADER, f.name())
+}
+
+fn oversized(json_body: bool) -> Response {
+    const SIZE: usize = 2 * 1024 * 1024;
+    if json_body {
+        let mut body = b"{\"padding\":\"".to_vec();
+        body.resize(SIZE - 2, b'A');
+        body.extend_from_slice(b"\"}");
+        Response::raw_json(200, body)
+    } else {
+        Response::text(200, &"A".repeat(SIZE))
+    }
+}
+
+/// Applies an answer-phase fault to a successful response (malformed, truncated, wrapped).
+pub(crate) fn answer_fault(f: Option<Fault>, mut r: Response) -> Response {
+    let Some(f) = f else { return r };
+    let is_json = r
+        .headers
+        .iter()
+        .any(|(k, v)| k == "Content-Type" && v.contains("json"));
+    match f {
+        Fault::MalformedJson if is_json => {
+            // Same shape, single quotes: looks like JSON, is not.
+            r.body = String::from_utf8_lossy(&r.body)
+                .replace('"', "'")
+                .into_bytes();
+        }
+        Fault::MalformedJson => {
+            r.body = b"-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n"
+                .to_vec();
+        }
+        Fault::TruncatedJson => {
+            let half = r.body.len() / 2;
+            r.body.truncate(half);
+        }
+        Fault::TruncatedBody => r.truncate_body_at = Some(r.body.len() / 2),
+        Fault::EzcaWrapped => {
+            let inner = String::from_utf8_lossy(&r.body).into_owned();
+            r.body = Value::String(inner).to_string().into_bytes();
+        }
+        _ => {}
+    }
+    tag(r, f)
+}
+
+/// A running emulator. Dropping it stops the server.
+pub struct Emulator {
+    shared: Arc<Shared>,
+    server: HttpsServer,
+    /// EnOS identifiers and credentials (app_key, app_secret, org_id, asset_id, product_key, device_key).
+    pub enos: EnosConfig,
+    /// EZCA identifiers and credentials (ca_id, template_id, bootstrap_token, tenant_id, client_id, client_secret).
+    pub ezca: EzcaConfig,
+}
+
+impl Emulator {
+    /// Generates the test PKI and starts the HTTPS server on 127.0.0.1.
+    pub fn start(opts: Options) -> io::Result<Self> {
+        let shared = Arc::new(Shared::new(&opts)?);
+        let client_roots = opts.request_client_cert.then(|| client_roots(&shared.pki));
+        let tls = server::tls_config(
+            shared.pki.tls_server_chain(),
+            shared.pki.tls_server_key(),
+            client_roots,
+        )
+        .map_err(io::Error::other)?;
+        let handler_state = shared.clone();
+        let handler: server::Handler = Arc::new(move |req: &Request| handler_state.handle(req));
+        let server = HttpsServer::start(opts.port, tls, handler)?;
+        let _ = shared.url.set(format!("https://{}", server.addr()));
+        Ok(Self {
+            shared,
+            server,
+            enos: opts.enos,
+            ezca: opts.ezca,
+        })
+    }
+
+    /// Base URL, `https://127.0.0.1:PORT` (the agent's `url` / `api_gateway` / EZCA `authority`).
+    pub fn url(&self) -> String {
+        self.shared.url().to_string()
+    }
+
+    /// The bound socket address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.addr()
+    }
+
+    /// PEM of the root that signs the HTTPS server certificate (the client's trust bundle).
+    pub fn tls_root_pem(&self) -> String {
+        self.shared.pki.tls_root.pem()
+    }
+
+    /// PEM of the EnOS root CA (what `caCert` carries).
+    pub fn enos_root_pem(&self) -> String {
+        self.shared.pki.enos_root.pem()
+    }
+
+    /// PEM of the EZCA root CA (`RootCertificate`).
+    pub fn ezca_root_pem(&self) -> String {
+        self.shared.pki.ezca_root.pem()
+    }
+
+    /// PEM of the EZCA issuing CA (`IssuingCACertificate`).
+    pub fn ezca_issuing_pem(&self) -> String {
+        self.shared.pki.ezca_issuing.pem()
+    }
+
+    /// Arms `fault` for the next `count` matching calls (`None` = until cleared).
+    pub fn set_fault(&self, fault: Fault, count: Option<u32>) {
+        lock(&self.shared.faults).set(fault, count);
+    }
+
+    /// Disarms any fault.
+    pub fn clear_fault(&self) {
+        self.set_fault(Fault::None, None);
+    }
+
+    /// The armed fault and its remaining count, if any.
+    pub fn current_fault(&self) -> Option<(Fault, Option<u32>)> {
+        lock(&self.shared.faults).current()
+    }
+
+    /// Sets how long the `timeout` fault holds its response.
+    pub fn set_fault_delay(&self, d: Duration) {
+        *lock(&self.shared.fault_delay) = d;
+    }
+
+    /// Every request served so far, oldest first.
+    pub fn log(&self) -> Vec<LoggedRequest> {
+        lock(&self.shared.log).clone()
+    }
+
+    /// Forgets the request log.
+    pub fn clear_log(&self) {
+        lock(&self.shared.log).clear();
+    }
+
+    /// DER of every leaf issued so far by either CA (faulty deliveries excluded), oldest first.
+    pub fn issued(&self) -> Vec<Vec<u8>> {
+        lock(&self.shared.issued).clone()
+    }
+
+    /// Serial of the EnOS device's current (renewable) certificate, if any.
+    pub fn enos_current_serial(&self) -> Option<u64> {
+        lock(&self.shared.enos).current_serial()
+    }
+
+    /// Serves `req` without the network (for unit tests of the handlers).
+    pub fn handle(&self, req: &Request) -> Response {
+        self.shared.handle(req)
+    }
+}
+
+fn client_roots(pki: &Pki) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in [&pki.enos_root, &pki.ezca_root, &pki.ezca_issuing] {
+        // Our own freshly generated CA certificates always parse.
+        let _ = roots.add(ca.der().to_vec().into());
+    }
+    roots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entra_path() {
+        assert!(is_entra_token_path("/abc/oauth2/v2.0/token"));
+        assert!(!is_entra_token_path("/oauth2/v2.0/token"));
+        assert!(!is_entra_token_path("/a/b/oauth2/v2.0/token"));
+    }
+}

@@ -1,0 +1,223 @@
+//! Fault injection (design.md §6: "misbehave on demand").
+//!
+//! A fault is armed for the next N matching calls or until cleared. It only fires on the
+//! endpoints it applies to ([`Fault::applies_to`]); other calls neither trigger nor consume it.
+//! Faulty answers never change the emulated CA's state: a certificate that was not delivered
+//! properly is not recorded as the device's current certificate, so a client may retry.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Which emulated call is being served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// EnOS `apim-token-service/v2.0/token/get` and `token/refresh`.
+    EnosToken,
+    /// EnOS `connect-service/v2.0/certificates` (apply, renew).
+    EnosCert,
+    /// EZCA `RequestSSLCertificateV2`.
+    EzcaIssue,
+    /// EZCA `RenewCertificateV3`.
+    EzcaRenewV3,
+    /// EZCA `RenewCertificateV2`.
+    EzcaRenewV2,
+}
+
+impl Endpoint {
+    fn is_issuing(self) -> bool {
+        self != Endpoint::EnosToken
+    }
+}
+
+/// When in the handling of a request a fault takes effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Before anything is checked (the gateway or server fails).
+    Early,
+    /// After authentication succeeded (EnOS token expiry).
+    Authenticated,
+    /// In place of the successful answer (bad body, bad certificate).
+    Answer,
+}
+
+macro_rules! faults {
+    ($($variant:ident = $name:literal, $doc:literal;)*) => {
+        /// A misbehaviour, by its command-line / control-endpoint name.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Fault { $(#[doc = $doc] $variant,)* }
+
+        impl Fault {
+            /// Every fault, in documentation order.
+            pub const ALL: &'static [Fault] = &[$(Fault::$variant,)*];
+
+            /// The name used by `--fault` and `POST /_emulator/fault`.
+            pub fn name(self) -> &'static str {
+                match self { $(Fault::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+faults! {
+    None = "none", "No fault (clears any armed fault).";
+    Http500 = "http500", "HTTP 500 with a short text body.";
+    Http503 = "http503", "HTTP 503 with a short text body.";
+    Http429 = "http429", "HTTP 429 with `Retry-After: 1`.";
+    Timeout = "timeout", "Hold the response for the configured delay (default 5 s), then answer 504 without processing.";
+    MalformedJson = "malformed-json", "200 with a body that is not JSON (EZCA V2: not PEM).";
+    TruncatedJson = "truncated-json", "200, complete HTTP message, JSON (or PEM) body cut in half.";
+    TruncatedBody = "truncated-body", "Content-Length larger than what is sent, then the connection closes.";
+    WrongKeyCert = "wrong-key-cert", "A certificate for another key (same subject and SANs).";
+    ExpiredCert = "expired-cert", "A certificate for the right key whose notAfter has passed.";
+    RejectAuth = "reject-auth", "EnOS: token/get answers status 1003 and API calls 401; EZCA: 401 text.";
+    Enos99400 = "enos-99400", "EnOS body code 99400 (invalid argument).";
+    Enos11404 = "enos-11404", "EnOS body code 11404 (device cannot be found).";
+    Enos11833 = "enos-11833", "EnOS body code 11833 (certificate bound to another device).";
+    Enos99500 = "enos-99500", "EnOS body code 99500 (internal error).";
+    EnosTokenExpired = "enos-token-expired", "The next authenticated EnOS API call answers code 1203 and its token is expired for good.";
+    Gateway401 = "gateway-401", "EnOS gateway HTTP 401 before the service is reached.";
+    Gateway429 = "gateway-429", "EnOS gateway HTTP 429 with `Retry-After: 1`.";
+    EzcaV3404 = "ezca-v3-404", "RenewCertificateV3 answers 404 (clients fall back to V2).";
+    EzcaWrapped = "ezca-wrapped", "RenewCertificateV3 body JSON-string-wrapped.";
+    Oversized = "oversized", "200 with a 2 MiB body.";
+}
+
+impl Fault {
+    /// Whether the fault fires on `ep` (everything "certificate-issuing" unless noted).
+    pub fn applies_to(self, ep: Endpoint) -> bool {
+        use Fault::*;
+        match self {
+            None => false,
+            RejectAuth => true,
+            Enos99400 | Enos11404 | Enos11833 | Enos99500 | EnosTokenExpired | Gateway401
+            | Gateway429 => ep == Endpoint::EnosCert,
+            EzcaV3404 | EzcaWrapped => ep == Endpoint::EzcaRenewV3,
+            _ => ep.is_issuing(),
+        }
+    }
+
+    /// When the fault takes effect while handling a request.
+    pub fn phase(self) -> Phase {
+        use Fault::*;
+        match self {
+            // Service-level answers come after the gateway accepted the signature.
+            EnosTokenExpired | Enos99400 | Enos11404 | Enos11833 | Enos99500 => {
+                Phase::Authenticated
+            }
+            MalformedJson | TruncatedJson | TruncatedBody | WrongKeyCert | ExpiredCert
+            | EzcaWrapped => Phase::Answer,
+            _ => Phase::Early,
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Fault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        Fault::ALL
+            .iter()
+            .copied()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| format!("unknown fault {s:?}; known: {}", names()))
+    }
+}
+
+/// All fault names, comma-separated (for usage and error messages).
+pub fn names() -> String {
+    Fault::ALL
+        .iter()
+        .map(|f| f.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The armed fault and how many more calls it applies to (`None` = until cleared).
+#[derive(Clone, Copy, Debug)]
+pub struct FaultState {
+    fault: Fault,
+    remaining: Option<u32>,
+}
+
+impl Default for FaultState {
+    fn default() -> Self {
+        Self {
+            fault: Fault::None,
+            remaining: None,
+        }
+    }
+}
+
+impl FaultState {
+    /// Arms `fault` for the next `count` matching calls (`None` = until cleared).
+    pub fn set(&mut self, fault: Fault, count: Option<u32>) {
+        *self = Self {
+            fault,
+            remaining: count,
+        };
+        if count == Some(0) {
+            self.fault = Fault::None;
+        }
+    }
+
+    /// The armed fault, if any.
+    pub fn current(&self) -> Option<(Fault, Option<u32>)> {
+        (self.fault != Fault::None).then_some((self.fault, self.remaining))
+    }
+
+    /// Fires (and counts down) the armed fault if it applies to `ep` in `phase`.
+    pub fn take(&mut self, ep: Endpoint, phase: Phase) -> Option<Fault> {
+        let f = self.fault;
+        if f == Fault::None || !f.applies_to(ep) || f.phase() != phase {
+            return None;
+        }
+        if let Some(n) = self.remaining.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.fault = Fault::None;
+            }
+        }
+        Some(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for f in Fault::ALL {
+            assert_eq!(f.name().parse::<Fault>().ok(), Some(*f));
+        }
+        assert!("nope".parse::<Fault>().is_err());
+    }
+
+    #[test]
+    fn counts_down_only_on_matching_calls() {
+        let mut s = FaultState::default();
+        s.set(Fault::EzcaV3404, Some(1));
+        assert_eq!(s.take(Endpoint::EnosCert, Phase::Early), None);
+        assert_eq!(s.take(Endpoint::EzcaRenewV3, Phase::Answer), None);
+        assert_eq!(
+            s.take(Endpoint::EzcaRenewV3, Phase::Early),
+            Some(Fault::EzcaV3404)
+        );
+        assert_eq!(s.take(Endpoint::EzcaRenewV3, Phase::Early), None);
+        s.set(Fault::Http500, None);
+        for _ in 0..3 {
+            assert_eq!(
+                s.take(Endpoint::EzcaIssue, Phase::Early),
+                Some(Fault::Http500)
+            );
+        }
+        assert_eq!(s.take(Endpoint::EnosToken, Phase::Early), None);
+    }
+}

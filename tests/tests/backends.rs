@@ -1,0 +1,313 @@
+//! The end-to-end suite every CA backend passes, written once and instantiated per backend and
+//! key algorithm. Each test runs the real `enroll-agent` binary against the emulator.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::{mode, openssl, serial_of, Ca, Env};
+use enroll_tests::Fault;
+
+/// Generates the suite for one (CA, algorithm, config tweak).
+macro_rules! backend_suite {
+    ($name:ident, $ca:expr, $algorithm:expr, $tweak:expr) => {
+        mod $name {
+            use super::*;
+
+            fn env() -> Env {
+                Env::with_config($ca, $algorithm, $tweak)
+            }
+
+            #[test]
+            fn first_enroll_installs_a_verified_identity() {
+                suite_first_enroll(&env());
+            }
+
+            #[test]
+            fn second_enroll_is_a_no_op() {
+                suite_second_enroll(&env());
+            }
+
+            #[test]
+            fn forced_renewal_installs_a_new_serial_and_keeps_previous() {
+                suite_forced_renewal(&env());
+            }
+
+            #[test]
+            fn every_fault_leaves_the_identity_untouched_with_the_documented_exit_code() {
+                suite_faults(&env());
+            }
+
+            #[test]
+            fn a_failed_first_enrollment_resumes_with_the_same_key() {
+                suite_resume_same_key(&env());
+            }
+        }
+    };
+}
+
+fn no_tweak(_: &mut serde_json::Value) {}
+
+backend_suite!(enos_p256, Ca::Enos, "p256", no_tweak);
+backend_suite!(enos_rsa2048, Ca::Enos, "rsa2048", no_tweak);
+backend_suite!(ezca_rsa2048, Ca::Ezca, "rsa2048", no_tweak);
+backend_suite!(
+    ezca_p256_bootstrap_renewal,
+    Ca::Ezca,
+    "p256",
+    |c: &mut serde_json::Value| {
+        c["ca"]["renew_auth"] = "bootstrap".into();
+    }
+);
+
+fn suite_first_enroll(env: &Env) {
+    let run = env.expect(&["enroll"], 0);
+    assert!(
+        run.stdout.contains("installed certificate serial"),
+        "{run:?}"
+    );
+    let current = env.current();
+    assert_eq!(mode(&env.state_dir()), 0o700);
+    assert_eq!(mode(&current.join("key.pem")), 0o600);
+    assert_eq!(mode(&env.state_dir().join("state.json")), 0o600);
+
+    // openssl, not our parser, checks the chain and that the key belongs to the certificate.
+    let root = env.dir().join("ca-root.pem");
+    fs::write(&root, env.ca_root_pem()).unwrap();
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        root.to_str().unwrap(),
+        "-untrusted",
+        current.join("chain.pem").to_str().unwrap(),
+        current.join("cert.pem").to_str().unwrap(),
+    ]);
+    assert!(ok, "openssl verify: {text}");
+    let (_, cert_key) = openssl(&[
+        "x509",
+        "-in",
+        current.join("cert.pem").to_str().unwrap(),
+        "-noout",
+        "-pubkey",
+    ]);
+    let (_, file_key) = openssl(&[
+        "pkey",
+        "-in",
+        current.join("key.pem").to_str().unwrap(),
+        "-pubout",
+    ]);
+    assert_eq!(cert_key, file_key, "key.pem is the certificate's key");
+    let (_, text) = openssl(&[
+        "x509",
+        "-in",
+        current.join("cert.pem").to_str().unwrap(),
+        "-noout",
+        "-text",
+    ]);
+    assert!(
+        text.contains("DNS:sensor-0042.devices.acme.example")
+            && text.contains("IP Address:10.0.0.42"),
+        "{text}"
+    );
+
+    let status = env.status_json();
+    assert_eq!(status["state"], "valid");
+    assert!(
+        status["subject"]
+            .as_str()
+            .unwrap()
+            .contains("CN=sensor-0042"),
+        "{status}"
+    );
+    assert_eq!(
+        status["backend"],
+        match env.ca {
+            Ca::Enos => "enos",
+            Ca::Ezca => "ezca",
+        }
+    );
+    assert_eq!(status["key"]["algorithm"], env_algorithm(env));
+    assert_eq!(status["pending"], serde_json::Value::Null);
+    assert_eq!(status["last_error"], serde_json::Value::Null);
+    assert_eq!(
+        status["paths"]["chain"],
+        current.join("chain.pem").to_str().unwrap()
+    );
+    let text_status = env.expect(&["status"], 0).stdout;
+    assert!(
+        text_status.contains("state:       valid") && text_status.contains("identity:"),
+        "{text_status}"
+    );
+    env.assert_no_secret_in_outputs();
+}
+
+fn env_algorithm(env: &Env) -> String {
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(&env.config).unwrap()).unwrap();
+    config["key"]["algorithm"].as_str().unwrap().to_string()
+}
+
+fn suite_second_enroll(env: &Env) {
+    env.expect(&["enroll"], 0);
+    let before = env.identity();
+    let calls = env.issuing_calls().len();
+    let run = env.expect(&["enroll"], 0);
+    assert!(run.stdout.contains("already installed"), "{run:?}");
+    assert_eq!(env.identity(), before);
+    assert_eq!(
+        env.issuing_calls().len(),
+        calls,
+        "no request reached the CA"
+    );
+}
+
+fn suite_forced_renewal(env: &Env) {
+    env.expect(&["enroll"], 0);
+    let first = env.identity();
+    let first_serial = serial_of(env);
+    let run = env.expect(&["renew"], 0);
+    assert!(
+        run.stdout.contains("not due until"),
+        "a fresh certificate is not due: {run:?}"
+    );
+
+    let run = env.expect(&["renew", "--force"], 0);
+    assert!(
+        run.stdout
+            .starts_with("renew: installed certificate serial"),
+        "{run:?}"
+    );
+    let second = env.identity();
+    assert_ne!(serial_of(env), first_serial);
+    assert_ne!(second.target, first.target);
+    assert_eq!(
+        fs::read_link(env.state_dir().join("previous")).unwrap(),
+        first.target,
+        "previous keeps the old slot"
+    );
+    let key = |id: &common::Identity| {
+        id.files
+            .iter()
+            .find(|(n, _)| n == "key.pem")
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_ne!(key(&first), key(&second), "rotate_on_renew makes a new key");
+    let last = env.issuing_calls().pop().unwrap();
+    let expected = match (env.ca, env_algorithm(env).as_str()) {
+        (Ca::Enos, _) => "?action=renew",
+        (Ca::Ezca, "rsa2048") => "/api/Certificates/RenewCertificateV3",
+        (Ca::Ezca, _) => "/api/CA/RequestSSLCertificateV2",
+    };
+    assert!(
+        last.contains(expected) && last.ends_with("-> 200"),
+        "{last}"
+    );
+    assert_eq!(env.status_json()["renewals"], 1);
+    env.assert_no_secret_in_outputs();
+}
+
+/// (fault, exit code, words the error must carry).
+fn fault_table(ca: Ca) -> Vec<(Fault, i32, &'static str)> {
+    let mut table = vec![
+        (Fault::Http500, 75, "HTTP 500"),
+        (Fault::Http503, 75, "HTTP 503"),
+        (Fault::Http429, 75, "HTTP 429"),
+        (Fault::Timeout, 75, "could not reach the CA"),
+        (Fault::MalformedJson, 76, "not valid JSON"),
+        (Fault::TruncatedJson, 76, "not valid JSON"),
+        (
+            Fault::TruncatedBody,
+            75,
+            "closed before the body was complete",
+        ),
+        (Fault::WrongKeyCert, 76, "does not carry our public key"),
+        (Fault::ExpiredCert, 76, "expired"),
+        (Fault::RejectAuth, 77, "refused"),
+        (Fault::Oversized, 76, "larger than"),
+    ];
+    if ca == Ca::Enos {
+        table.extend([
+            (Fault::Enos99400, 77, "EnOS code 99400"),
+            (
+                Fault::Enos11404,
+                77,
+                "EnOS code 11404: Device cannot be found",
+            ),
+            (Fault::Enos11833, 77, "EnOS code 11833"),
+            (Fault::Enos99500, 75, "EnOS code 99500"),
+            (Fault::Gateway401, 77, "HTTP 401"),
+            (Fault::Gateway429, 75, "HTTP 429"),
+        ]);
+    }
+    table
+}
+
+fn suite_faults(env: &Env) {
+    env.expect(&["enroll"], 0);
+    let before = env.identity();
+    env.emu.set_fault_delay(Duration::from_secs(4));
+    for (fault, code, words) in fault_table(env.ca) {
+        env.emu.set_fault(fault, None);
+        let run = env.agent(&["renew", "--force"]);
+        env.emu.clear_fault();
+        assert_eq!(run.code, code, "{fault:?}: {run:?}");
+        assert!(
+            run.stderr.lines().any(|l| l.starts_with("error: ")),
+            "{fault:?}: {run:?}"
+        );
+        assert!(
+            run.stderr.contains(words),
+            "{fault:?} should mention {words:?}: {run:?}"
+        );
+        assert_eq!(
+            env.identity(),
+            before,
+            "{fault:?} changed the installed identity"
+        );
+        let status = env.status_json();
+        assert_eq!(
+            status["state"], "valid",
+            "{fault:?}: the old identity is still in force"
+        );
+        assert!(
+            status["last_error"].as_str().unwrap_or("").contains(words),
+            "{fault:?}: {status}"
+        );
+    }
+    // And the CA recovering is enough: the next run succeeds and clears the error.
+    env.expect(&["renew", "--force"], 0);
+    let status = env.status_json();
+    assert_eq!(status["state"], "valid");
+    assert_eq!(status["last_error"], serde_json::Value::Null);
+    env.assert_no_secret_in_outputs();
+    let state = fs::read_to_string(env.state_dir().join("state.json")).unwrap();
+    for secret in env.secrets() {
+        assert!(!state.contains(&secret), "state.json holds a secret");
+    }
+}
+
+fn suite_resume_same_key(env: &Env) {
+    env.emu.set_fault(Fault::Http500, Some(1));
+    env.expect(&["enroll"], 75);
+    let slots: Vec<_> = fs::read_dir(env.state_dir().join("slots"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(slots.len(), 1, "one pending slot");
+    let pending_key = fs::read(slots[0].join("key.pem")).unwrap();
+    assert_eq!(env.status_json()["state"], "none");
+    env.expect(&["enroll"], 0);
+    assert_eq!(
+        fs::read(env.current().join("key.pem")).unwrap(),
+        pending_key,
+        "the retry used the pending key"
+    );
+    assert_eq!(
+        fs::read_dir(env.state_dir().join("slots")).unwrap().count(),
+        1,
+        "no second key was made"
+    );
+}

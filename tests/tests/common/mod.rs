@@ -1,0 +1,293 @@
+//! Harness for the end-to-end suites: an emulator, a scratch directory with a config for the
+//! real `enroll-agent` binary, and helpers to run it and look at what it installed.
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use enroll_tests::{Emulator, Options};
+use serde_json::{json, Value};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ca {
+    Enos,
+    Ezca,
+}
+
+/// The agent binary built by `cargo build --workspace --bins` (scripts/test.sh does that).
+pub fn agent_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("ENROLL_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let debug_dir = exe.parent().and_then(Path::parent).expect("target/debug");
+    let bin = debug_dir.join("enroll-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("enroll-e2e-{name}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+pub struct Env {
+    pub ca: Ca,
+    pub emu: Emulator,
+    pub scratch: Scratch,
+    pub config: PathBuf,
+    /// Every output the agent printed, to search for secrets.
+    pub outputs: Mutex<Vec<String>>,
+}
+
+/// What `current` looks like on disk, to prove a failure changed nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub target: PathBuf,
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+pub fn write_secret(path: &Path, text: &str) {
+    fs::write(path, format!("{text}\n")).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+impl Env {
+    pub fn new(ca: Ca, algorithm: &str) -> Env {
+        Env::with_config(ca, algorithm, |_| {})
+    }
+
+    /// An emulator plus a config; `tweak` edits the config JSON before it is written.
+    pub fn with_config(ca: Ca, algorithm: &str, tweak: impl FnOnce(&mut Value)) -> Env {
+        Env::with_options(ca, algorithm, Options::default(), tweak)
+    }
+
+    pub fn with_options(
+        ca: Ca,
+        algorithm: &str,
+        options: Options,
+        tweak: impl FnOnce(&mut Value),
+    ) -> Env {
+        let emu = Emulator::start(options).expect("start emulator");
+        let scratch = Scratch::new(match ca {
+            Ca::Enos => "enos",
+            Ca::Ezca => "ezca",
+        });
+        let dir = &scratch.0;
+        fs::write(dir.join("tls-root.pem"), emu.tls_root_pem()).unwrap();
+        let ca_block = match ca {
+            Ca::Enos => {
+                write_secret(&dir.join("app-secret"), &emu.enos.app_secret);
+                json!({
+                    "backend": "enos",
+                    "api_gateway": emu.url(),
+                    "org_id": emu.enos.org_id,
+                    "asset_id": emu.enos.asset_id,
+                    "app_key": emu.enos.app_key,
+                    "app_secret_file": dir.join("app-secret"),
+                    "valid_days": 30
+                })
+            }
+            Ca::Ezca => {
+                write_secret(&dir.join("bootstrap.token"), &emu.ezca.bootstrap_token);
+                json!({
+                    "backend": "ezca",
+                    "url": emu.url(),
+                    "ca_id": emu.ezca.ca_id,
+                    "template_id": emu.ezca.template_id,
+                    "valid_days": 30,
+                    "bootstrap": { "token_file": dir.join("bootstrap.token") }
+                })
+            }
+        };
+        let mut config = json!({
+            "state_dir": dir.join("state"),
+            "subject": { "CN": "sensor-0042", "O": "Acme", "C": "NL" },
+            "san": { "dns": ["sensor-0042.devices.acme.example"], "ip": ["10.0.0.42"] },
+            "key": { "algorithm": algorithm, "provider": "file", "rotate_on_renew": true },
+            "ca": ca_block,
+            "tls": { "trust_bundle": dir.join("tls-root.pem"), "timeout_s": 2 },
+            "renewal": { "retry_initial_s": 1, "retry_max_s": 4 }
+        });
+        tweak(&mut config);
+        let path = dir.join("config.json");
+        fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+        Env {
+            ca,
+            emu,
+            scratch,
+            config: path,
+            outputs: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.scratch.0
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
+    pub fn current(&self) -> PathBuf {
+        self.state_dir().join("current")
+    }
+
+    /// Runs `enroll-agent -c CONFIG args…`.
+    pub fn agent(&self, args: &[&str]) -> Run {
+        let output = Command::new(agent_binary())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("ENROLL_AGENT_CONFIG")
+            .output()
+            .expect("run enroll-agent");
+        let run = Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        let mut outputs = self.outputs.lock().unwrap();
+        outputs.push(run.stdout.clone());
+        outputs.push(run.stderr.clone());
+        run
+    }
+
+    /// Runs the agent and insists on exit code `code`.
+    pub fn expect(&self, args: &[&str], code: i32) -> Run {
+        let run = self.agent(args);
+        assert_eq!(run.code, code, "enroll-agent {args:?}: {run:?}");
+        run
+    }
+
+    pub fn identity(&self) -> Identity {
+        let target = fs::read_link(self.current()).expect("current symlink");
+        let mut files = Vec::new();
+        for name in ["cert.pem", "chain.pem", "ca.pem", "key.pem", "key.uri"] {
+            if let Ok(bytes) = fs::read(self.current().join(name)) {
+                files.push((name.to_string(), bytes));
+            }
+        }
+        Identity { target, files }
+    }
+
+    pub fn status_json(&self) -> Value {
+        let run = self.expect(&["status", "--json"], 0);
+        serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {run:?}"))
+    }
+
+    /// The root the issued chain must verify against.
+    pub fn ca_root_pem(&self) -> String {
+        match self.ca {
+            Ca::Enos => self.emu.enos_root_pem(),
+            Ca::Ezca => self.emu.ezca_root_pem(),
+        }
+    }
+
+    /// Requests that issued or renewed a certificate (the emulator's log).
+    pub fn issuing_calls(&self) -> Vec<String> {
+        self.emu
+            .log()
+            .into_iter()
+            .filter(|r| {
+                r.path.starts_with("/connect-service/")
+                    || r.path.starts_with("/api/CA/Request")
+                    || r.path.starts_with("/api/Certificates/Renew")
+            })
+            .map(|r| {
+                let action = r
+                    .query
+                    .iter()
+                    .find(|(k, _)| k == "action")
+                    .map(|(_, v)| format!("?action={v}"))
+                    .unwrap_or_default();
+                format!("{} {}{} -> {}", r.method, r.path, action, r.status)
+            })
+            .collect()
+    }
+
+    /// Secrets that must never appear in any output or world-readable file.
+    pub fn secrets(&self) -> Vec<String> {
+        vec![
+            self.emu.enos.app_secret.clone(),
+            self.emu.ezca.bootstrap_token.clone(),
+            self.emu.ezca.client_secret.clone(),
+        ]
+    }
+
+    pub fn assert_no_secret_in_outputs(&self) {
+        let outputs = self.outputs.lock().unwrap();
+        for secret in self.secrets() {
+            for output in outputs.iter() {
+                assert!(
+                    !output.contains(&secret),
+                    "a secret leaked into agent output:\n{output}"
+                );
+            }
+        }
+    }
+}
+
+/// `openssl` run with arguments; returns (success, combined output).
+pub fn openssl(args: &[&str]) -> (bool, String) {
+    let output = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+pub fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+pub fn serial_of(env: &Env) -> String {
+    env.status_json()["serial"].as_str().unwrap().to_string()
+}

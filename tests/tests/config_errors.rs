@@ -1,0 +1,242 @@
+//! Bad config, bad command lines and bad files on disk: each is a one-line error naming the field
+//! or path, with its own exit code, and creates nothing.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use common::{Ca, Env};
+use serde_json::Value;
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+/// Runs `enroll` with a config edited by `tweak`; expects 78 and `message` on the first line.
+fn config_error(ca: Ca, algorithm: &str, tweak: impl FnOnce(&mut Value), message: &str) {
+    let env = Env::with_config(ca, algorithm, tweak);
+    let run = env.expect(&["enroll"], 78);
+    assert_eq!(
+        first_line(&run.stderr),
+        format!("error: {message}"),
+        "{run:?}"
+    );
+    assert!(
+        !env.state_dir().exists(),
+        "a config error must create nothing"
+    );
+    assert!(env.issuing_calls().is_empty());
+    env.assert_no_secret_in_outputs();
+}
+
+#[test]
+fn unknown_keys_are_named_by_their_full_path() {
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["renewal"]["at_fracton"] = 0.5.into(),
+        "renewal.at_fracton: unknown field",
+    );
+    config_error(
+        Ca::Ezca,
+        "rsa2048",
+        |c| c["ca"]["bootstrap"]["tokenfile"] = "x".into(),
+        "ca.bootstrap.tokenfile: unknown field",
+    );
+}
+
+#[test]
+fn missing_fields_and_wrong_types_are_named() {
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| {
+            c["ca"].as_object_mut().unwrap().remove("org_id");
+        },
+        "ca.org_id: missing",
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["ca"]["valid_days"] = "30".into(),
+        "ca.valid_days: expected a number, found a string",
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["subject"] = serde_json::json!({"O": "Acme"}),
+        "subject.CN: missing",
+    );
+    config_error(
+        Ca::Enos,
+        "ed25519",
+        |_| {},
+        r#"key.algorithm: "ed25519" is not one of "p256", "rsa2048""#,
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["san"]["ip"] = serde_json::json!(["10.0.0.300"]),
+        r#"san.ip: "10.0.0.300" is not an IP address"#,
+    );
+}
+
+#[test]
+fn plain_http_is_refused_unless_explicitly_allowed() {
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["ca"]["api_gateway"] = "http://127.0.0.1:1".into(),
+        "ca.api_gateway: plain http:// is refused; use https:// (or set tls.danger_allow_http for a lab)",
+    );
+}
+
+#[test]
+fn ezca_certificate_renewal_with_a_p256_key_names_both_ways_out() {
+    let env = Env::new(Ca::Ezca, "p256");
+    let run = env.expect(&["enroll"], 78);
+    assert!(
+        run.stderr
+            .contains("set key.algorithm to \"rsa2048\", or set ca.renew_auth to \"bootstrap\""),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn providers_and_backends_not_in_this_build_say_so() {
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["key"]["provider"] = "pkcs11".into(),
+        "key.provider: provider pkcs11 is not compiled into this build (cargo feature pkcs11)",
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["ca"]["backend"] = "sectigo".into(),
+        "ca.backend: backend sectigo is not implemented in this version",
+    );
+}
+
+#[test]
+fn a_secret_file_readable_by_others_is_refused_naming_field_and_file() {
+    let env = Env::new(Ca::Enos, "p256");
+    let secret = env.dir().join("app-secret");
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o644)).unwrap();
+    let run = env.expect(&["enroll"], 78);
+    let line = first_line(&run.stderr);
+    assert!(
+        line.starts_with("error: ca.app_secret_file: ")
+            && line.contains(secret.to_str().unwrap())
+            && line.contains("0644"),
+        "{run:?}"
+    );
+    assert!(!env.state_dir().exists());
+    env.assert_no_secret_in_outputs();
+}
+
+#[test]
+fn a_missing_or_unparsable_config_file_is_a_config_error() {
+    let env = Env::new(Ca::Enos, "p256");
+    fs::write(&env.config, "{ not json").unwrap();
+    let run = env.expect(&["status"], 78);
+    assert!(
+        first_line(&run.stderr).contains("invalid JSON at byte 2"),
+        "{run:?}"
+    );
+    fs::remove_file(&env.config).unwrap();
+    let run = env.expect(&["enroll"], 78);
+    assert!(
+        first_line(&run.stderr).contains(env.config.to_str().unwrap()),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn command_line_mistakes_are_usage_errors() {
+    let env = Env::new(Ca::Enos, "p256");
+    for args in [&["frobnicate"][..], &["enroll", "--forc"], &[]] {
+        let run = env.expect(args, 64);
+        assert!(run.stderr.contains("see enroll-agent --help"), "{run:?}");
+    }
+    assert!(env.expect(&["--help"], 0).stdout.contains("needs-renewal"));
+    assert!(env
+        .expect(&["--version"], 0)
+        .stdout
+        .starts_with("enroll-agent "));
+    let renew_before_enroll = env.expect(&["renew"], 64);
+    assert!(renew_before_enroll
+        .stderr
+        .contains("run `enroll-agent enroll` first"));
+}
+
+#[test]
+fn a_state_directory_open_to_others_is_refused_naming_it() {
+    let env = Env::new(Ca::Enos, "p256");
+    fs::create_dir(env.state_dir()).unwrap();
+    fs::set_permissions(env.state_dir(), fs::Permissions::from_mode(0o755)).unwrap();
+    let run = env.expect(&["enroll"], 74);
+    assert!(
+        run.stderr.contains(env.state_dir().to_str().unwrap()) && run.stderr.contains("0755"),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn a_loose_key_file_stops_renewal_but_the_identity_stays() {
+    let env = Env::new(Ca::Enos, "p256");
+    env.expect(&["enroll"], 0);
+    let key = env.current().join("key.pem");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let run = env.expect(&["check"], 74);
+    assert!(
+        run.stderr.contains(
+            key.to_str()
+                .unwrap()
+                .trim_start_matches(env.state_dir().to_str().unwrap())
+        ) || run.stderr.contains("key.pem"),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("0644"), "{run:?}");
+}
+
+#[test]
+fn a_corrupt_state_file_is_set_aside_and_the_agent_carries_on() {
+    let env = Env::new(Ca::Enos, "p256");
+    env.expect(&["enroll"], 0);
+    fs::write(env.state_dir().join("state.json"), "{\"pending\": tru").unwrap();
+    let run = env.expect(&["renew", "--force"], 0);
+    assert!(run.stderr.contains("state.json is unreadable"), "{run:?}");
+    assert!(env.state_dir().join("state.json.corrupt").exists());
+    assert_eq!(env.status_json()["state"], "valid");
+}
+
+#[test]
+fn needs_renewal_answers_for_exec_condition() {
+    let env = Env::new(Ca::Enos, "p256");
+    env.expect(&["needs-renewal"], 0);
+    env.expect(&["enroll"], 0);
+    env.expect(&["needs-renewal"], 1);
+}
+
+#[test]
+fn check_validates_offline_and_online() {
+    let env = Env::new(Ca::Ezca, "rsa2048");
+    let run = env.expect(&["check"], 0);
+    assert!(run.stdout.contains("ok: trust bundle (1 roots)"), "{run:?}");
+    assert!(!env.state_dir().exists(), "check creates nothing");
+    let run = env.expect(&["check", "--online"], 0);
+    assert!(
+        run.stdout.contains("reachable over verified TLS"),
+        "{run:?}"
+    );
+    // A trust bundle that does not hold the CA's root: TLS verification fails, nothing is sent.
+    let env = Env::with_config(Ca::Ezca, "rsa2048", |c| {
+        c["tls"]["trust_bundle"] = "/etc/ssl/certs/ca-certificates.crt".into()
+    });
+    let run = env.expect(&["enroll"], 75);
+    assert!(run.stderr.contains("could not reach the CA"), "{run:?}");
+    assert!(run.stderr.to_lowercase().contains("certificate"), "{run:?}");
+    assert!(env.issuing_calls().is_empty());
+}

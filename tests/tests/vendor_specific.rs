@@ -1,0 +1,166 @@
+//! Behaviour specific to one CA: EnOS token expiry, EZCA V2 fallback, wrapped answers, Entra ID
+//! bootstrap, refused bootstrap credentials.
+
+mod common;
+
+use common::{write_secret, Ca, Env};
+use enroll_tests::Fault;
+
+#[test]
+fn enos_refetches_an_expired_token_once_and_succeeds() {
+    let env = Env::new(Ca::Enos, "p256");
+    env.expect(&["enroll"], 0);
+    env.emu.clear_log();
+    env.emu.set_fault(Fault::EnosTokenExpired, Some(1));
+    env.expect(&["renew", "--force"], 0);
+    let token_calls = env
+        .emu
+        .log()
+        .iter()
+        .filter(|r| r.path.ends_with("/token/get"))
+        .count();
+    assert_eq!(
+        token_calls, 2,
+        "one token, expired by the CA (code 1203), then a fresh one"
+    );
+}
+
+#[test]
+fn enos_product_key_and_device_key_select_the_device() {
+    let env = Env::with_config(Ca::Enos, "rsa2048", |c| {
+        let ca = c["ca"].as_object_mut().unwrap();
+        ca.remove("asset_id");
+        ca.insert("product_key".into(), env_value("product"));
+        ca.insert("device_key".into(), env_value("device"));
+    });
+    // The placeholders are replaced with the emulator's identifiers below.
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
+    config["ca"]["product_key"] = env.emu.enos.product_key.clone().into();
+    config["ca"]["device_key"] = env.emu.enos.device_key.clone().into();
+    std::fs::write(&env.config, config.to_string()).unwrap();
+    env.expect(&["enroll"], 0);
+    let apply = env
+        .emu
+        .log()
+        .into_iter()
+        .find(|r| r.path.starts_with("/connect-service/"))
+        .unwrap();
+    assert!(
+        apply
+            .query
+            .iter()
+            .any(|(k, v)| k == "deviceKey" && *v == env.emu.enos.device_key),
+        "{:?}",
+        apply.query
+    );
+}
+
+fn env_value(s: &str) -> serde_json::Value {
+    s.into()
+}
+
+#[test]
+fn ezca_falls_back_to_renew_v2_when_v3_is_missing() {
+    let env = Env::new(Ca::Ezca, "rsa2048");
+    env.expect(&["enroll"], 0);
+    env.emu.set_fault(Fault::EzcaV3404, Some(1));
+    env.expect(&["renew", "--force"], 0);
+    let calls = env.issuing_calls();
+    let tail: Vec<_> = calls.iter().rev().take(2).rev().collect();
+    assert!(
+        tail[0].contains("RenewCertificateV3") && tail[0].ends_with("-> 404"),
+        "{calls:?}"
+    );
+    assert!(
+        tail[1].contains("RenewCertificateV2") && tail[1].ends_with("-> 200"),
+        "{calls:?}"
+    );
+    assert_eq!(env.status_json()["state"], "valid");
+}
+
+#[test]
+fn ezca_unwraps_a_json_string_wrapped_answer() {
+    let env = Env::new(Ca::Ezca, "rsa2048");
+    env.expect(&["enroll"], 0);
+    env.emu.set_fault(Fault::EzcaWrapped, Some(1));
+    env.expect(&["renew", "--force"], 0);
+}
+
+#[test]
+fn ezca_enrolls_with_entra_client_credentials() {
+    let env = entra_env(false);
+    env.expect(&["enroll"], 0);
+    let token_call = env
+        .emu
+        .log()
+        .into_iter()
+        .find(|r| r.path.ends_with("/oauth2/v2.0/token"))
+        .expect("Entra token call");
+    assert!(token_call.path.contains(&env.emu.ezca.tenant_id) && token_call.status == 200);
+    env.assert_no_secret_in_outputs();
+}
+
+#[test]
+fn ezca_reports_entra_refusing_the_client_secret() {
+    let env = entra_env(true);
+    let run = env.expect(&["enroll"], 77);
+    assert!(
+        run.stderr
+            .contains("Entra ID refused the client credentials: invalid_client: AADSTS7000215"),
+        "{run:?}"
+    );
+    env.assert_no_secret_in_outputs();
+    assert!(!run.stderr.contains("not-the-secret"));
+}
+
+fn entra_env(wrong_secret: bool) -> Env {
+    let env = Env::new(Ca::Ezca, "rsa2048");
+    let secret_path = env.dir().join("client-secret");
+    let secret = if wrong_secret {
+        "not-the-secret".to_string()
+    } else {
+        env.emu.ezca.client_secret.clone()
+    };
+    write_secret(&secret_path, &secret);
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
+    config["ca"]["bootstrap"] = serde_json::json!({
+        "tenant_id": env.emu.ezca.tenant_id,
+        "client_id": env.emu.ezca.client_id,
+        "client_secret_file": secret_path,
+        "authority": env.emu.url(),
+    });
+    std::fs::write(&env.config, config.to_string()).unwrap();
+    env
+}
+
+#[test]
+fn ezca_says_when_the_bootstrap_token_is_refused() {
+    let env = Env::new(Ca::Ezca, "rsa2048");
+    write_secret(&env.dir().join("bootstrap.token"), "expired-factory-token");
+    let run = env.expect(&["enroll"], 77);
+    assert!(
+        run.stderr
+            .contains("the bootstrap token was refused (HTTP 401)"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("expired-factory-token"));
+}
+
+#[test]
+fn ezca_certificate_renewal_does_not_need_the_bootstrap_token() {
+    let env = Env::new(Ca::Ezca, "rsa2048");
+    env.expect(&["enroll"], 0);
+    // The factory token is gone (or revoked): the device renews with its certificate alone.
+    write_secret(&env.dir().join("bootstrap.token"), "revoked");
+    env.expect(&["renew", "--force"], 0);
+    let renew = env
+        .emu
+        .log()
+        .into_iter()
+        .rev()
+        .find(|r| r.path.contains("RenewCertificateV3"))
+        .unwrap();
+    assert_eq!(renew.status, 200);
+}
