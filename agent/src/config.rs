@@ -397,9 +397,11 @@ fn parse_key(root: &mut Fields) -> Result<KeySettings> {
     };
     let provider = match fields.required_string("provider")?.as_str() {
         "file" => Provider::File,
-        name @ ("pkcs11" | "tpm") => return Err(Error::config(format!(
+        name @ ("pkcs11" | "tpm") => {
+            return Err(Error::config(format!(
             "key.provider: provider {name} is not compiled into this build (cargo feature {name})"
-        ))),
+        )))
+        }
         "redtrust" => {
             return Err(Error::config(
                 "key.provider: provider redtrust is not implemented in this version",

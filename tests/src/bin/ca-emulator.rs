@@ -3,7 +3,8 @@
 //! Starts the EnOS + EZCA emulator (see the `enroll_tests` crate docs), writes what a client
 //! needs into DIR (0700): `tls-root.pem`, `enos-app-secret`, `ezca-bootstrap.token`,
 //! `entra-client-secret` (secrets 0600, one trailing newline), `emulator.json` (URL and
-//! identifiers, no secrets), prints `ca-emulator ready <url>` and serves until killed.
+//! identifiers, no secrets), `agent-enos.json` and `agent-ezca.json` (enroll-agent configs for
+//! this emulator), prints `ca-emulator ready <url>` and serves until killed.
 
 use enroll_tests::{Emulator, Fault, Options};
 use serde_json::json;
@@ -121,7 +122,45 @@ fn write_dir(dir: &Path, emu: &Emulator) -> io::Result<()> {
             "ezca_issuing_pem": emu.ezca_issuing_pem(),
         },
     });
-    write_file(dir, "emulator.json", &format!("{info:#}\n"), 0o644)
+    write_file(dir, "emulator.json", &format!("{info:#}\n"), 0o644)?;
+    write_agent_configs(dir, emu)
+}
+
+/// Ready-to-use enroll-agent configs for this emulator (`agent-enos.json`: P-256 key;
+/// `agent-ezca.json`: RSA-2048 key with certificate renewal), so a demo or a person can run the
+/// real agent against it without editing anything.
+fn write_agent_configs(dir: &Path, emu: &Emulator) -> io::Result<()> {
+    let dir = fs::canonicalize(dir)?;
+    let common = |backend: &str, algorithm: &str, ca: serde_json::Value| {
+        json!({
+            "state_dir": dir.join(format!("state-{backend}")),
+            "subject": { "CN": "sensor-0042", "O": "Acme", "OU": "Meters", "C": "NL" },
+            "san": { "dns": ["sensor-0042.devices.acme.example"], "ip": ["10.0.0.42"] },
+            "key": { "algorithm": algorithm, "provider": "file", "rotate_on_renew": true },
+            "ca": ca,
+            "tls": { "trust_bundle": dir.join("tls-root.pem"), "timeout_s": 10 },
+        })
+    };
+    let enos = common(
+        "enos",
+        "p256",
+        json!({
+            "backend": "enos", "api_gateway": emu.url(), "org_id": emu.enos.org_id,
+            "asset_id": emu.enos.asset_id, "app_key": emu.enos.app_key,
+            "app_secret_file": dir.join("enos-app-secret"), "valid_days": 365,
+        }),
+    );
+    let ezca = common(
+        "ezca",
+        "rsa2048",
+        json!({
+            "backend": "ezca", "url": emu.url(), "ca_id": emu.ezca.ca_id,
+            "template_id": emu.ezca.template_id, "valid_days": 90,
+            "bootstrap": { "token_file": dir.join("ezca-bootstrap.token") },
+        }),
+    );
+    write_file(&dir, "agent-enos.json", &format!("{enos:#}\n"), 0o644)?;
+    write_file(&dir, "agent-ezca.json", &format!("{ezca:#}\n"), 0o644)
 }
 
 fn main() -> ExitCode {
