@@ -86,7 +86,7 @@ pub fn encode_name(subject: &Subject) -> Result<Name> {
             .map_err(|e| Error::new(crate::error::Kind::Internal, e.to_string()))?;
         let encoded = match attribute {
             SubjectAttribute::C | SubjectAttribute::SerialNumber => PrintableStringRef::new(value)
-                .map(|s| Any::from(s))
+                .map(Any::from)
                 .map_err(|_| {
                     Error::config(format!(
                         "subject.{}: only letters, digits and ' ()+,-./:=? are allowed",

@@ -217,7 +217,7 @@ impl<'a> Enos<'a> {
             });
         if ca_ref
             .as_deref()
-            .map_or(true, |s| s.parse::<i64>().is_err())
+            .is_none_or(|s| s.parse::<i64>().is_err())
         {
             return Err(Error::protocol(format!(
                 "{STEP}: certSN is missing or not a number"
