@@ -85,14 +85,14 @@ pub fn encode_name(subject: &Subject) -> Result<Name> {
         let oid = ObjectIdentifier::new(attribute.oid())
             .map_err(|e| Error::new(crate::error::Kind::Internal, e.to_string()))?;
         let encoded = match attribute {
-            SubjectAttribute::C | SubjectAttribute::SerialNumber => PrintableStringRef::new(value)
-                .map(Any::from)
-                .map_err(|_| {
+            SubjectAttribute::C | SubjectAttribute::SerialNumber => {
+                PrintableStringRef::new(value).map(Any::from).map_err(|_| {
                     Error::config(format!(
                         "subject.{}: only letters, digits and ' ()+,-./:=? are allowed",
                         attribute.key()
                     ))
-                })?,
+                })?
+            }
             _ => Any::from(Utf8StringRef::new(value).map_err(der_error)?),
         };
         let set = SetOfVec::try_from(vec![AttributeTypeAndValue {

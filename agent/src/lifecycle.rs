@@ -138,12 +138,37 @@ impl<'a> Agent<'a> {
     pub fn open(settings: &'a Settings) -> Result<Agent<'a>> {
         let store = Store::open(&settings.state_dir).context("opening the state directory")?;
         let state = load_state(&store)?;
-        Ok(Agent {
+        let mut agent = Agent {
             settings,
             store,
             provider: provider_for(settings),
             state,
-        })
+        };
+        agent.forget_installed_pending()?;
+        Ok(agent)
+    }
+
+    /// A power cut between the `current` swap and the state.json write leaves `pending` naming
+    /// the slot that is now installed. That request is finished: forget it, so the next request
+    /// never writes into an installed slot.
+    fn forget_installed_pending(&mut self) -> Result<()> {
+        let Some(pending) = &self.state.pending else {
+            return Ok(());
+        };
+        let slot = self.slot_path(&pending.slot);
+        let installed = [self.store.current(), self.store.previous()]
+            .into_iter()
+            .flatten()
+            .any(|s| s == slot);
+        if installed {
+            log::warn!(
+                "state.json still listed slot {} as pending although it is installed; clearing it",
+                pending.slot
+            );
+            self.state.pending = None;
+            self.save()?;
+        }
+        Ok(())
     }
 
     pub fn store(&self) -> &Store {

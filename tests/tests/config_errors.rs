@@ -240,3 +240,36 @@ fn check_validates_offline_and_online() {
     assert!(run.stderr.to_lowercase().contains("certificate"), "{run:?}");
     assert!(env.issuing_calls().is_empty());
 }
+
+#[test]
+fn a_crash_between_install_and_state_write_is_reconciled() {
+    // Simulate the power cut: state.json says the installed slot is still pending.
+    let env = Env::new(Ca::Enos, "p256");
+    env.expect(&["enroll"], 0);
+    let before = env.identity();
+    let slot = before
+        .target
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let state_path = env.state_dir().join("state.json");
+    let mut state: Value = serde_json::from_slice(&fs::read(&state_path).unwrap()).unwrap();
+    state["pending"] =
+        serde_json::json!({"request_id": null, "slot": slot, "since": 1, "purpose": "enroll"});
+    fs::write(&state_path, state.to_string()).unwrap();
+    let run = env.expect(&["renew", "--force"], 0);
+    assert!(run.stderr.contains("clearing it"), "{run:?}");
+    let after = env.identity();
+    assert_ne!(after.target, before.target, "the renewal used a new slot");
+    assert_eq!(
+        fs::read_link(env.state_dir().join("previous")).unwrap(),
+        before.target
+    );
+    let old_cert = fs::read(env.state_dir().join(&before.target).join("cert.pem")).unwrap();
+    assert_eq!(
+        old_cert, before.files[0].1,
+        "the installed slot was not written into"
+    );
+}

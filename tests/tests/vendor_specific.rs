@@ -7,21 +7,35 @@ use common::{write_secret, Ca, Env};
 use enroll_tests::Fault;
 
 #[test]
-fn enos_refetches_an_expired_token_once_and_succeeds() {
+fn enos_refreshes_an_expired_token_once_and_succeeds() {
     let env = Env::new(Ca::Enos, "p256");
     env.expect(&["enroll"], 0);
     env.emu.clear_log();
     env.emu.set_fault(Fault::EnosTokenExpired, Some(1));
     env.expect(&["renew", "--force"], 0);
-    let token_calls = env
+    let token_calls: Vec<String> = env
         .emu
         .log()
         .iter()
-        .filter(|r| r.path.ends_with("/token/get"))
-        .count();
+        .filter(|r| r.path.contains("/token/"))
+        .map(|r| format!("{} {}", r.path, r.status))
+        .collect();
     assert_eq!(
-        token_calls, 2,
-        "one token, expired by the CA (code 1203), then a fresh one"
+        token_calls,
+        [
+            "/apim-token-service/v2.0/token/get 200",
+            "/apim-token-service/v2.0/token/refresh 200"
+        ],
+        "one token, expired by the CA (code 1203), then refreshed"
+    );
+    let calls = env.issuing_calls();
+    assert!(
+        calls
+            .iter()
+            .rev()
+            .take(2)
+            .all(|c| c.contains("action=renew")),
+        "{calls:?}"
     );
 }
 

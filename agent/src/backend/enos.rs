@@ -22,6 +22,7 @@ pub const CREDENTIALS: Credentials = Credentials {
 };
 
 const TOKEN_PATH: &str = "/apim-token-service/v2.0/token/get";
+const REFRESH_PATH: &str = "/apim-token-service/v2.0/token/refresh";
 const CERTIFICATES_PATH: &str = "/connect-service/v2.0/certificates";
 /// §1.2: the token service's "token expired" code.
 const TOKEN_EXPIRED: i64 = 1203;
@@ -53,30 +54,48 @@ impl<'a> Enos<'a> {
         }
     }
 
-    /// A valid access token, fetched when missing or about to expire.
+    /// A valid access token: the cached one, a refreshed one when it is about to expire, or a
+    /// new one.
     fn access_token(&mut self) -> Result<Zeroizing<String>> {
         let now = crate::time::now();
-        if let Some(token) = self.token.as_ref().filter(|t| t.expires_at > now + 60) {
-            return Ok(token.value.clone());
-        }
-        let token = self.fetch_token()?;
+        let token = match self.token.take() {
+            Some(token) if token.expires_at > now + 60 => token,
+            Some(stale) => self.refresh_token(&stale)?,
+            None => self.fetch_token(TOKEN_PATH, None)?,
+        };
         let value = token.value.clone();
         self.token = Some(token);
         Ok(value)
     }
 
-    fn fetch_token(&self) -> Result<Token> {
+    /// §1.2 step A': exchange an expired token; if the service will not, get a new one.
+    fn refresh_token(&self, stale: &Token) -> Result<Token> {
+        self.fetch_token(REFRESH_PATH, Some(&stale.value))
+            .or_else(|e| {
+                log::info!("EnOS token refresh failed ({e}); getting a new token");
+                self.fetch_token(TOKEN_PATH, None)
+            })
+    }
+
+    /// `token/get` (no `previous`) or `token/refresh` (with the token being replaced).
+    fn fetch_token(&self, path: &str, previous: Option<&str>) -> Result<Token> {
         const STEP: &str = "getting an EnOS access token";
         let timestamp = now_ms().to_string();
         let secret = self.settings.app_secret.expose();
         let encryption = sha256_hex(&[&self.settings.app_key, &timestamp, secret]);
-        let body = json::object([
-            ("appKey", self.settings.app_key.as_str().into()),
-            ("encryption", encryption.into()),
-            ("timestamp", Value::Number(timestamp)),
-        ])
-        .to_json();
-        let url = http::join(&self.settings.api_gateway, TOKEN_PATH);
+        let mut members = vec![
+            (
+                "appKey".to_string(),
+                Value::from(self.settings.app_key.as_str()),
+            ),
+            ("encryption".to_string(), encryption.into()),
+            ("timestamp".to_string(), Value::Number(timestamp)),
+        ];
+        if let Some(previous) = previous {
+            members.push(("accessToken".to_string(), previous.into()));
+        }
+        let body = Zeroizing::new(Value::Object(members).to_json());
+        let url = http::join(&self.settings.api_gateway, path);
         let response = self.http.send(
             STEP,
             "POST",
@@ -185,8 +204,10 @@ impl<'a> Enos<'a> {
                     .ok_or_else(|| Error::protocol(format!("{step}: the answer has no data")));
             }
             if code == Some(TOKEN_EXPIRED) && attempt == 0 {
-                log::info!("EnOS access token expired (code 1203); fetching a new one");
-                self.token = None;
+                log::info!("EnOS access token expired (code 1203); refreshing it");
+                if let Some(token) = self.token.as_mut() {
+                    token.expires_at = 0;
+                }
                 continue;
             }
             return Err(service_error(&step, &answer));
@@ -215,10 +236,7 @@ impl<'a> Enos<'a> {
                 Value::Number(n) => Some(n.clone()),
                 _ => None,
             });
-        if ca_ref
-            .as_deref()
-            .is_none_or(|s| s.parse::<i64>().is_err())
-        {
+        if ca_ref.as_deref().is_none_or(|s| s.parse::<i64>().is_err()) {
             return Err(Error::protocol(format!(
                 "{STEP}: certSN is missing or not a number"
             )));

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Footprint figures of the static release binary (printed, never asserted): size, and wall time,
+# CPU time and peak RSS of one enroll and one forced renewal per backend against the bundled
+# emulator, measured with /usr/bin/time -v.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+target=x86_64-unknown-linux-musl
+cargo build --locked --quiet --release --target "$target" -p enroll-agent
+cargo build --locked --quiet --workspace --bins
+agent=target/$target/release/enroll-agent
+work=$(mktemp -d /tmp/enroll-bench.XXXXXX)
+chmod 700 "$work"
+target/debug/ca-emulator --dir "$work/emu" > "$work/emu.out" &
+emulator=$!
+trap 'kill "$emulator" 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 100); do grep -q '^ca-emulator ready' "$work/emu.out" 2>/dev/null && break; sleep 0.1; done
+
+measure() {  # label, agent args...
+  local label=$1; shift
+  /usr/bin/time -v "$agent" -q "$@" > /dev/null 2> "$work/time.txt"
+  awk -v label="$label" -F': ' '
+    /Maximum resident set size/ { rss = $2 }
+    /Elapsed \(wall clock\)/    { wall = $2 }
+    /User time/                 { user = $2 }
+    /System time/               { sys = $2 }
+    END { printf "  %-22s peak RSS %6d KiB  wall %s  cpu %.2f s\n", label, rss, wall, user + sys }' "$work/time.txt"
+}
+
+printf 'enroll-agent %s static binary: %d bytes (%s)\n' "$target" "$(stat -c %s "$agent")" "$(file -b "$agent" | cut -d, -f1-2)"
+for ca in enos ezca; do
+  config=$work/emu/agent-$ca.json
+  measure "$ca enroll" -c "$config" enroll
+  measure "$ca renew --force" -c "$config" renew --force
+  measure "$ca status" -c "$config" status
+done
