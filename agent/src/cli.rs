@@ -62,14 +62,10 @@ pub fn parse(args: &[String], env_config: Option<String>) -> Result<Cli> {
         };
         match arg.as_str() {
             "-c" | "--config" => {
-                let path = rest
-                    .next()
-                    .ok_or_else(|| usage(format!("{arg} needs a path")))?;
+                let path = rest.next().ok_or_else(|| usage(format!("{arg} needs a path")))?;
                 config = Some(PathBuf::from(path));
             }
-            a if a.starts_with("--config=") => {
-                config = Some(PathBuf::from(&a["--config=".len()..]))
-            }
+            a if a.starts_with("--config=") => config = Some(PathBuf::from(&a["--config=".len()..])),
             "-v" | "--verbose" => verbosity = verbosity.saturating_add(1),
             "-q" | "--quiet" => verbosity = -1,
             "-h" | "--help" | "help" => break "help",
@@ -83,10 +79,7 @@ pub fn parse(args: &[String], env_config: Option<String>) -> Result<Cli> {
         match options.as_slice() {
             [] => Ok(false),
             [only] if *only == name => Ok(true),
-            _ => Err(usage(format!(
-                "{command_name} takes only {name}, not {}",
-                options.join(" ")
-            ))),
+            _ => Err(usage(format!("{command_name} takes only {name}, not {}", options.join(" ")))),
         }
     };
     let none = || -> Result<()> {
@@ -96,29 +89,17 @@ pub fn parse(args: &[String], env_config: Option<String>) -> Result<Cli> {
         }
     };
     let command = match command_name {
-        "enroll" => Command::Enroll {
-            force: flag("--force")?,
-        },
-        "renew" => Command::Renew {
-            force: flag("--force")?,
-        },
+        "enroll" => Command::Enroll { force: flag("--force")? },
+        "renew" => Command::Renew { force: flag("--force")? },
         "run" => none().map(|_| Command::Run)?,
-        "status" => Command::Status {
-            json: flag("--json")?,
-        },
-        "check" => Command::Check {
-            online: flag("--online")?,
-        },
+        "status" => Command::Status { json: flag("--json")? },
+        "check" => Command::Check { online: flag("--online")? },
         "needs-renewal" => none().map(|_| Command::NeedsRenewal)?,
         "help" => Command::Help,
         "version" => Command::Version,
         other => return Err(usage(format!("unknown command {other:?}"))),
     };
-    Ok(Cli {
-        config: config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
-        verbosity,
-        command,
-    })
+    Ok(Cli { config: config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)), verbosity, command })
 }
 
 #[cfg(test)]
@@ -134,30 +115,16 @@ mod tests {
         let cli = parse(&args("-c /x.json -v renew --force"), None).unwrap();
         assert_eq!(
             cli,
-            Cli {
-                config: "/x.json".into(),
-                verbosity: 1,
-                command: Command::Renew { force: true }
-            }
+            Cli { config: "/x.json".into(), verbosity: 1, command: Command::Renew { force: true } }
         );
         let cli = parse(&args("status --json"), Some("/env.json".into())).unwrap();
         assert_eq!(cli.config, PathBuf::from("/env.json"));
-        assert_eq!(
-            parse(&args("--config=/y run"), None).unwrap().config,
-            PathBuf::from("/y")
-        );
+        assert_eq!(parse(&args("--config=/y run"), None).unwrap().config, PathBuf::from("/y"));
     }
 
     #[test]
     fn mistakes_are_usage_errors() {
-        for bad in [
-            "",
-            "frobnicate",
-            "enroll --forc",
-            "run --force",
-            "-c",
-            "--nope status",
-        ] {
+        for bad in ["", "frobnicate", "enroll --forc", "run --force", "-c", "--nope status"] {
             let err = parse(&args(bad), None).unwrap_err();
             assert_eq!(err.kind(), Kind::Usage, "{bad}");
         }

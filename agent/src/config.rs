@@ -55,15 +55,8 @@ pub enum SubjectAttribute {
 }
 
 impl SubjectAttribute {
-    const ALL: [SubjectAttribute; 7] = [
-        Self::C,
-        Self::ST,
-        Self::L,
-        Self::O,
-        Self::OU,
-        Self::CN,
-        Self::SerialNumber,
-    ];
+    const ALL: [SubjectAttribute; 7] =
+        [Self::C, Self::ST, Self::L, Self::O, Self::OU, Self::CN, Self::SerialNumber];
 
     pub fn key(self) -> &'static str {
         match self {
@@ -93,10 +86,7 @@ impl SubjectAttribute {
 
 impl Subject {
     pub fn common_name(&self) -> &str {
-        self.attributes
-            .iter()
-            .find(|(a, _)| *a == SubjectAttribute::CN)
-            .map_or("", |(_, v)| v)
+        self.attributes.iter().find(|(a, _)| *a == SubjectAttribute::CN).map_or("", |(_, v)| v)
     }
 
     /// RFC 4514 string, least significant first (`CN=x,O=y,C=z`).
@@ -104,8 +94,7 @@ impl Subject {
         let escape = |v: &str| {
             let mut out = String::new();
             for (i, c) in v.chars().enumerate() {
-                let edge =
-                    (i == 0 && (c == ' ' || c == '#')) || (i + 1 == v.chars().count() && c == ' ');
+                let edge = (i == 0 && (c == ' ' || c == '#')) || (i + 1 == v.chars().count() && c == ' ');
                 if edge || matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=') {
                     out.push('\\');
                 }
@@ -113,12 +102,8 @@ impl Subject {
             }
             out
         };
-        let parts: Vec<String> = self
-            .attributes
-            .iter()
-            .rev()
-            .map(|(a, v)| format!("{}={}", a.key(), escape(v)))
-            .collect();
+        let parts: Vec<String> =
+            self.attributes.iter().rev().map(|(a, v)| format!("{}={}", a.key(), escape(v))).collect();
         parts.join(",")
     }
 }
@@ -177,10 +162,7 @@ pub struct EnosSettings {
 #[derive(Debug, Clone)]
 pub enum EnosDevice {
     Asset(String),
-    Product {
-        product_key: String,
-        device_key: String,
-    },
+    Product { product_key: String, device_key: String },
 }
 
 #[derive(Debug)]
@@ -198,12 +180,7 @@ pub enum EzcaBootstrap {
     /// A static bearer token installed at the factory.
     Token(Secret),
     /// Entra ID client credentials (protocols.md §2.2).
-    Entra {
-        tenant_id: String,
-        client_id: String,
-        client_secret: Secret,
-        authority: String,
-    },
+    Entra { tenant_id: String, client_id: String, client_secret: Secret, authority: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,12 +206,7 @@ pub struct RenewalPolicy {
 
 impl Default for RenewalPolicy {
     fn default() -> Self {
-        RenewalPolicy {
-            at_fraction: 0.66,
-            jitter_fraction: 0.05,
-            retry_initial_s: 30,
-            retry_max_s: 21_600,
-        }
+        RenewalPolicy { at_fraction: 0.66, jitter_fraction: 0.05, retry_initial_s: 30, retry_max_s: 21_600 }
     }
 }
 
@@ -247,8 +219,8 @@ impl Settings {
     /// Reads and validates the config file.
     pub fn load(path: &Path) -> Result<Settings> {
         let bytes = read_config(path)?;
-        let value = json::parse(&bytes)
-            .map_err(|e| Error::config(format!("config file {}: {e}", path.display())))?;
+        let value =
+            json::parse(&bytes).map_err(|e| Error::config(format!("config file {}: {e}", path.display())))?;
         Settings::from_value(&value)
     }
 
@@ -275,8 +247,7 @@ impl Settings {
     /// Rules that involve more than one section.
     fn cross_check(&self) -> Result<()> {
         if let Backend::Ezca(ezca) = &self.ca {
-            if ezca.renew_auth == RenewAuth::Certificate && self.key.algorithm != Algorithm::Rsa2048
-            {
+            if ezca.renew_auth == RenewAuth::Certificate && self.key.algorithm != Algorithm::Rsa2048 {
                 return Err(Error::config(
                     "ca.renew_auth: EZCA certificate renewal signs an RS256 token and needs an RSA key: \
                      set key.algorithm to \"rsa2048\", or set ca.renew_auth to \"bootstrap\"",
@@ -291,8 +262,7 @@ impl Settings {
 }
 
 fn read_config(path: &Path) -> Result<Vec<u8>> {
-    let describe =
-        |e: std::io::Error| Error::config(format!("config file {}: {e}", path.display()));
+    let describe = |e: std::io::Error| Error::config(format!("config file {}: {e}", path.display()));
     let meta = std::fs::metadata(path).map_err(describe)?;
     if meta.len() > MAX_CONFIG_BYTES {
         return Err(Error::config(format!(
@@ -311,17 +281,12 @@ fn parse_subject(root: &mut Fields) -> Result<Subject> {
     for attribute in SubjectAttribute::ALL {
         if let Some(value) = fields.string(attribute.key())? {
             if value.is_empty() {
-                return Err(Error::config(format!(
-                    "{}: must not be empty",
-                    fields.path_of(attribute.key())
-                )));
+                return Err(Error::config(format!("{}: must not be empty", fields.path_of(attribute.key()))));
             }
             if attribute == SubjectAttribute::C
                 && (value.len() != 2 || !value.chars().all(|c| c.is_ascii_alphabetic()))
             {
-                return Err(Error::config(
-                    "subject.C: must be a two-letter country code",
-                ));
+                return Err(Error::config("subject.C: must be a two-letter country code"));
             }
             attributes.push((attribute, value));
         }
@@ -349,37 +314,12 @@ fn parse_sans(root: &mut Fields) -> Result<Sans> {
         Some(bad) => Err(Error::config(format!("san.{field}: {bad:?} is not {what}"))),
         None => Ok(()),
     };
-    check(
-        &dns,
-        "dns",
-        &|v| !v.is_empty() && v.is_ascii() && !v.contains(char::is_whitespace),
-        "a DNS name",
-    )?;
-    check(
-        &uri,
-        "uri",
-        &|v| v.is_ascii() && v.contains(':'),
-        "an absolute URI",
-    )?;
-    check(
-        &email,
-        "email",
-        &|v| v.is_ascii() && v.contains('@'),
-        "an email address",
-    )?;
-    check(
-        &ip_text,
-        "ip",
-        &|v| v.parse::<IpAddr>().is_ok(),
-        "an IP address",
-    )?;
+    check(&dns, "dns", &|v| !v.is_empty() && v.is_ascii() && !v.contains(char::is_whitespace), "a DNS name")?;
+    check(&uri, "uri", &|v| v.is_ascii() && v.contains(':'), "an absolute URI")?;
+    check(&email, "email", &|v| v.is_ascii() && v.contains('@'), "an email address")?;
+    check(&ip_text, "ip", &|v| v.parse::<IpAddr>().is_ok(), "an IP address")?;
     let ip = ip_text.iter().filter_map(|v| v.parse().ok()).collect();
-    Ok(Sans {
-        dns,
-        ip,
-        uri,
-        email,
-    })
+    Ok(Sans { dns, ip, uri, email })
 }
 
 fn parse_key(root: &mut Fields) -> Result<KeySettings> {
@@ -399,13 +339,11 @@ fn parse_key(root: &mut Fields) -> Result<KeySettings> {
         "file" => Provider::File,
         name @ ("pkcs11" | "tpm") => {
             return Err(Error::config(format!(
-            "key.provider: provider {name} is not compiled into this build (cargo feature {name})"
-        )))
+                "key.provider: provider {name} is not compiled into this build (cargo feature {name})"
+            )))
         }
         "redtrust" => {
-            return Err(Error::config(
-                "key.provider: provider redtrust is not implemented in this version",
-            ))
+            return Err(Error::config("key.provider: provider redtrust is not implemented in this version"))
         }
         other => {
             return Err(Error::config(format!(
@@ -415,11 +353,7 @@ fn parse_key(root: &mut Fields) -> Result<KeySettings> {
     };
     let rotate_on_renew = fields.boolean("rotate_on_renew")?.unwrap_or(true);
     fields.finish()?;
-    Ok(KeySettings {
-        algorithm,
-        provider,
-        rotate_on_renew,
-    })
+    Ok(KeySettings { algorithm, provider, rotate_on_renew })
 }
 
 fn parse_backend(root: &mut Fields, allow_http: bool) -> Result<Backend> {
@@ -435,9 +369,7 @@ fn parse_backend(root: &mut Fields, allow_http: bool) -> Result<Backend> {
             )))
         }
         other => {
-            return Err(Error::config(format!(
-                "ca.backend: {other:?} is not one of \"enos\", \"ezca\""
-            )))
+            return Err(Error::config(format!("ca.backend: {other:?} is not one of \"enos\", \"ezca\"")))
         }
     };
     fields.finish()?;
@@ -452,29 +384,20 @@ fn parse_enos(fields: &mut Fields, allow_http: bool) -> Result<EnosSettings> {
     let device_key = fields.string("device_key")?;
     let device = match (asset_id, product_key, device_key) {
         (Some(asset), None, None) => EnosDevice::Asset(asset),
-        (None, Some(product_key), Some(device_key)) => EnosDevice::Product {
-            product_key,
-            device_key,
-        },
+        (None, Some(product_key), Some(device_key)) => EnosDevice::Product { product_key, device_key },
         (Some(_), _, _) => {
             return Err(Error::config(
                 "ca.asset_id: give either asset_id or product_key + device_key, not both",
             ))
         }
         (None, Some(_), None) => {
-            return Err(Error::config(
-                "ca.device_key: missing (product_key needs device_key)",
-            ))
+            return Err(Error::config("ca.device_key: missing (product_key needs device_key)"))
         }
         (None, None, Some(_)) => {
-            return Err(Error::config(
-                "ca.product_key: missing (device_key needs product_key)",
-            ))
+            return Err(Error::config("ca.product_key: missing (device_key needs product_key)"))
         }
         (None, None, None) => {
-            return Err(Error::config(
-                "ca.asset_id: missing (give asset_id, or product_key + device_key)",
-            ))
+            return Err(Error::config("ca.asset_id: missing (give asset_id, or product_key + device_key)"))
         }
     };
     Ok(EnosSettings {
@@ -511,11 +434,7 @@ fn parse_ezca(fields: &mut Fields, allow_http: bool) -> Result<EzcaSettings> {
             tenant_id: boot.required_string("tenant_id")?,
             client_id: boot.required_string("client_id")?,
             client_secret: boot.secret_file("client_secret_file")?,
-            authority: boot.url(
-                "authority",
-                Some("https://login.microsoftonline.com"),
-                allow_http,
-            )?,
+            authority: boot.url("authority", Some("https://login.microsoftonline.com"), allow_http)?,
         }
     } else {
         return Err(Error::config(
@@ -523,23 +442,12 @@ fn parse_ezca(fields: &mut Fields, allow_http: bool) -> Result<EzcaSettings> {
         ));
     };
     boot.finish()?;
-    Ok(EzcaSettings {
-        url,
-        ca_id,
-        template_id,
-        valid_days,
-        bootstrap,
-        renew_auth,
-    })
+    Ok(EzcaSettings { url, ca_id, template_id, valid_days, bootstrap, renew_auth })
 }
 
 fn parse_tls(root: &mut Fields) -> Result<TlsSettings> {
     let Some(mut fields) = root.object("tls")? else {
-        return Ok(TlsSettings {
-            trust_bundle: None,
-            timeout_s: 30,
-            danger_allow_http: false,
-        });
+        return Ok(TlsSettings { trust_bundle: None, timeout_s: 30, danger_allow_http: false });
     };
     let trust_bundle = fields.string("trust_bundle")?.map(PathBuf::from);
     let timeout_s = fields.positive("timeout_s")?.unwrap_or(30);
@@ -548,11 +456,7 @@ fn parse_tls(root: &mut Fields) -> Result<TlsSettings> {
     }
     let danger_allow_http = fields.boolean("danger_allow_http")?.unwrap_or(false);
     fields.finish()?;
-    Ok(TlsSettings {
-        trust_bundle,
-        timeout_s,
-        danger_allow_http,
-    })
+    Ok(TlsSettings { trust_bundle, timeout_s, danger_allow_http })
 }
 
 fn parse_renewal(root: &mut Fields) -> Result<RenewalPolicy> {
@@ -561,38 +465,24 @@ fn parse_renewal(root: &mut Fields) -> Result<RenewalPolicy> {
         return Ok(defaults);
     };
     let policy = RenewalPolicy {
-        at_fraction: fields
-            .number("at_fraction")?
-            .unwrap_or(defaults.at_fraction),
-        jitter_fraction: fields
-            .number("jitter_fraction")?
-            .unwrap_or(defaults.jitter_fraction),
-        retry_initial_s: fields
-            .positive("retry_initial_s")?
-            .unwrap_or(defaults.retry_initial_s),
-        retry_max_s: fields
-            .positive("retry_max_s")?
-            .unwrap_or(defaults.retry_max_s),
+        at_fraction: fields.number("at_fraction")?.unwrap_or(defaults.at_fraction),
+        jitter_fraction: fields.number("jitter_fraction")?.unwrap_or(defaults.jitter_fraction),
+        retry_initial_s: fields.positive("retry_initial_s")?.unwrap_or(defaults.retry_initial_s),
+        retry_max_s: fields.positive("retry_max_s")?.unwrap_or(defaults.retry_max_s),
     };
     fields.finish()?;
     if !(policy.at_fraction > 0.0 && policy.at_fraction < 1.0) {
-        return Err(Error::config(
-            "renewal.at_fraction: must be between 0 and 1 (exclusive)",
-        ));
+        return Err(Error::config("renewal.at_fraction: must be between 0 and 1 (exclusive)"));
     }
-    let (low, high) = (
-        policy.at_fraction - policy.jitter_fraction,
-        policy.at_fraction + policy.jitter_fraction,
-    );
+    let (low, high) =
+        (policy.at_fraction - policy.jitter_fraction, policy.at_fraction + policy.jitter_fraction);
     if policy.jitter_fraction < 0.0 || low <= 0.0 || high >= 1.0 {
         return Err(Error::config(
             "renewal.jitter_fraction: at_fraction ± jitter_fraction must stay between 0 and 1",
         ));
     }
     if policy.retry_max_s < policy.retry_initial_s {
-        return Err(Error::config(
-            "renewal.retry_max_s: must not be smaller than retry_initial_s",
-        ));
+        return Err(Error::config("renewal.retry_max_s: must not be smaller than retry_initial_s"));
     }
     Ok(policy)
 }
@@ -624,11 +514,9 @@ struct Fields<'a> {
 impl<'a> Fields<'a> {
     fn new(value: &'a Value, path: &str) -> Result<Fields<'a>> {
         match value {
-            Value::Object(members) => Ok(Fields {
-                path: path.to_string(),
-                members,
-                used: vec![false; members.len()],
-            }),
+            Value::Object(members) => {
+                Ok(Fields { path: path.to_string(), members, used: vec![false; members.len()] })
+            }
             other => Err(Error::config(format!(
                 "{}: expected an object, found {}",
                 display_path(path),
@@ -658,11 +546,7 @@ impl<'a> Fields<'a> {
     }
 
     fn wrong_type(&self, key: &str, expected: &str, found: &Value) -> Error {
-        Error::config(format!(
-            "{}: expected {expected}, found {}",
-            self.path_of(key),
-            found.type_name()
-        ))
+        Error::config(format!("{}: expected {expected}, found {}", self.path_of(key), found.type_name()))
     }
 
     fn string(&mut self, key: &str) -> Result<Option<String>> {
@@ -676,10 +560,7 @@ impl<'a> Fields<'a> {
     fn required_string(&mut self, key: &str) -> Result<String> {
         match self.string(key)? {
             Some(s) if !s.is_empty() => Ok(s),
-            Some(_) => Err(Error::config(format!(
-                "{}: must not be empty",
-                self.path_of(key)
-            ))),
+            Some(_) => Err(Error::config(format!("{}: must not be empty", self.path_of(key)))),
             None => Err(Error::config(format!("{}: missing", self.path_of(key)))),
         }
     }
@@ -698,10 +579,9 @@ impl<'a> Fields<'a> {
             None => Ok(None),
             Some(v @ Value::Number(_)) => match v.as_u64() {
                 Some(n) if n >= 1 => Ok(Some(n)),
-                _ => Err(Error::config(format!(
-                    "{}: must be a whole number of at least 1",
-                    self.path_of(key)
-                ))),
+                _ => {
+                    Err(Error::config(format!("{}: must be a whole number of at least 1", self.path_of(key))))
+                }
             },
             Some(other) => Err(self.wrong_type(key, "a number", other)),
         }
@@ -758,37 +638,27 @@ impl<'a> Fields<'a> {
             }
             rest
         } else {
-            return Err(Error::config(format!(
-                "{}: {url:?} is not an https:// URL",
-                self.path_of(key)
-            )));
+            return Err(Error::config(format!("{}: {url:?} is not an https:// URL", self.path_of(key))));
         };
         if rest.is_empty()
             || rest.starts_with('/')
             || rest.contains(char::is_whitespace)
             || rest.contains(['?', '#'])
         {
-            return Err(Error::config(format!(
-                "{}: {url:?} has no host or has a query",
-                self.path_of(key)
-            )));
+            return Err(Error::config(format!("{}: {url:?} has no host or has a query", self.path_of(key))));
         }
         Ok(url.trim_end_matches('/').to_string())
     }
 
     fn secret_file(&mut self, key: &str) -> Result<Secret> {
         let path = self.required_string(key)?;
-        Secret::from_file(Path::new(&path))
-            .map_err(|e| Error::config(format!("{}: {e}", self.path_of(key))))
+        Secret::from_file(Path::new(&path)).map_err(|e| Error::config(format!("{}: {e}", self.path_of(key))))
     }
 
     /// Every member must have been read: a typo must not be silently ignored.
     fn finish(self) -> Result<()> {
         match self.used.iter().position(|used| !used) {
-            Some(i) => Err(Error::config(format!(
-                "{}: unknown field",
-                self.path_of(&self.members[i].0)
-            ))),
+            Some(i) => Err(Error::config(format!("{}: unknown field", self.path_of(&self.members[i].0)))),
             None => Ok(()),
         }
     }
@@ -808,8 +678,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn secret_file(name: &str, mode: u32) -> PathBuf {
-        let path =
-            std::env::temp_dir().join(format!("enroll-config-{name}-{}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("enroll-config-{name}-{}", std::process::id()));
         std::fs::write(&path, "s3cret\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         path
@@ -838,14 +707,10 @@ mod tests {
         assert_eq!(settings.state_dir, PathBuf::from("/var/lib/enroll-agent"));
         assert_eq!(settings.renewal, RenewalPolicy::default());
         assert_eq!(settings.tls.timeout_s, 30);
-        let Backend::Ezca(ezca) = settings.ca else {
-            panic!("not ezca")
-        };
+        let Backend::Ezca(ezca) = settings.ca else { panic!("not ezca") };
         assert_eq!(ezca.url, "https://portal.ezca.io");
         assert_eq!(ezca.renew_auth, RenewAuth::Certificate);
-        let EzcaBootstrap::Token(token) = ezca.bootstrap else {
-            panic!("not a token")
-        };
+        let EzcaBootstrap::Token(token) = ezca.bootstrap else { panic!("not a token") };
         assert_eq!(token.expose(), "s3cret", "one trailing newline is trimmed");
         assert_eq!(settings.subject.rfc4514(), "CN=dev-1,C=NL");
     }
@@ -858,10 +723,7 @@ mod tests {
             message(&ezca(r#","rotate_on_reneww":true"#, &secret)),
             "key.rotate_on_reneww: unknown field"
         );
-        assert_eq!(
-            message(&base.replacen(r#""template_id":"t","#, "", 1)),
-            "ca.template_id: missing"
-        );
+        assert_eq!(message(&base.replacen(r#""template_id":"t","#, "", 1)), "ca.template_id: missing");
         assert_eq!(
             message(&base.replacen(r#""ca_id":"c""#, r#""ca_id":7"#, 1)),
             "ca.ca_id: expected a string, found a number"
@@ -877,10 +739,7 @@ mod tests {
         let secret = secret_file("p256", 0o600);
         let text = ezca("", &secret).replace("rsa2048", "p256");
         let err = message(&text);
-        assert!(
-            err.contains("key.algorithm") && err.contains("\"bootstrap\""),
-            "{err}"
-        );
+        assert!(err.contains("key.algorithm") && err.contains("\"bootstrap\""), "{err}");
         let fixed = text.replacen(r#""ca_id""#, r#""renew_auth":"bootstrap","ca_id""#, 1);
         assert!(load(&fixed).is_ok());
     }
@@ -890,10 +749,7 @@ mod tests {
         let secret = secret_file("loose", 0o644);
         let err = message(&ezca("", &secret));
         assert!(err.starts_with("ca.bootstrap.token_file: "), "{err}");
-        assert!(
-            err.contains(&secret.display().to_string()) && err.contains("0644"),
-            "{err}"
-        );
+        assert!(err.contains(&secret.display().to_string()) && err.contains("0644"), "{err}");
         assert!(!err.contains("s3cret"));
     }
 }

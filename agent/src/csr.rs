@@ -2,8 +2,7 @@
 //! (design.md §5 rule 1: the provider signs, proving possession).
 
 use der::asn1::{
-    Any, BitString, Ia5String, ObjectIdentifier, OctetString, PrintableStringRef, SetOfVec,
-    Utf8StringRef,
+    Any, BitString, Ia5String, ObjectIdentifier, OctetString, PrintableStringRef, SetOfVec, Utf8StringRef,
 };
 use der::{Decode, Encode};
 use enroll_hal::{DeviceKey, SignatureScheme};
@@ -32,19 +31,13 @@ pub fn build(key: &dyn DeviceKey, subject: &Subject, sans: &Sans) -> Result<Csr>
     let info = CertReqInfo {
         version: Version::V1,
         subject: encode_name(subject)?,
-        public_key: SubjectPublicKeyInfoOwned::from_der(key.public_key_spki()).map_err(|e| {
-            Error::new(
-                crate::error::Kind::Internal,
-                format!("device key SPKI: {e}"),
-            )
-        })?,
+        public_key: SubjectPublicKeyInfoOwned::from_der(key.public_key_spki())
+            .map_err(|e| Error::new(crate::error::Kind::Internal, format!("device key SPKI: {e}")))?,
         attributes: san_attributes(sans, subject)?,
     };
     let tbs = info.to_der().map_err(der_error)?;
     let scheme = key.algorithm().default_scheme();
-    let signature = key
-        .sign(scheme, &tbs)
-        .context("signing the CSR with the device key")?;
+    let signature = key.sign(scheme, &tbs).context("signing the CSR with the device key")?;
     let request = CertReq {
         info,
         algorithm: signature_algorithm(scheme),
@@ -62,14 +55,10 @@ pub fn build(key: &dyn DeviceKey, subject: &Subject, sans: &Sans) -> Result<Csr>
 /// parameters, ECDSA none: RFC 4055 / RFC 5758).
 pub fn signature_algorithm(scheme: SignatureScheme) -> AlgorithmIdentifierOwned {
     match scheme {
-        SignatureScheme::EcdsaP256Sha256 => AlgorithmIdentifierOwned {
-            oid: ECDSA_WITH_SHA256,
-            parameters: None,
-        },
-        _ => AlgorithmIdentifierOwned {
-            oid: SHA256_WITH_RSA,
-            parameters: Some(Any::null()),
-        },
+        SignatureScheme::EcdsaP256Sha256 => {
+            AlgorithmIdentifierOwned { oid: ECDSA_WITH_SHA256, parameters: None }
+        }
+        _ => AlgorithmIdentifierOwned { oid: SHA256_WITH_RSA, parameters: Some(Any::null()) },
     }
 }
 
@@ -95,11 +84,8 @@ pub fn encode_name(subject: &Subject) -> Result<Name> {
             }
             _ => Any::from(Utf8StringRef::new(value).map_err(der_error)?),
         };
-        let set = SetOfVec::try_from(vec![AttributeTypeAndValue {
-            oid,
-            value: encoded,
-        }])
-        .map_err(der_error)?;
+        let set =
+            SetOfVec::try_from(vec![AttributeTypeAndValue { oid, value: encoded }]).map_err(der_error)?;
         rdns.push(RelativeDistinguishedName(set));
     }
     Ok(RdnSequence(rdns))
@@ -107,8 +93,7 @@ pub fn encode_name(subject: &Subject) -> Result<Name> {
 
 /// The SAN list as GeneralNames, in a stable order (dns, ip, uri, email).
 pub fn general_names(sans: &Sans) -> Result<Vec<GeneralName>> {
-    let ia5 =
-        |s: &str| Ia5String::new(s).map_err(|_| Error::config(format!("san: {s:?} is not ASCII")));
+    let ia5 = |s: &str| Ia5String::new(s).map_err(|_| Error::config(format!("san: {s:?} is not ASCII")));
     let mut names = Vec::new();
     for dns in &sans.dns {
         names.push(GeneralName::DnsName(ia5(dns)?));
@@ -118,9 +103,7 @@ pub fn general_names(sans: &Sans) -> Result<Vec<GeneralName>> {
             std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
             std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
         };
-        names.push(GeneralName::IpAddress(
-            OctetString::new(bytes).map_err(der_error)?,
-        ));
+        names.push(GeneralName::IpAddress(OctetString::new(bytes).map_err(der_error)?));
     }
     for uri in &sans.uri {
         names.push(GeneralName::UniformResourceIdentifier(ia5(uri)?));
@@ -137,17 +120,14 @@ fn san_attributes(sans: &Sans, subject: &Subject) -> Result<SetOfVec<x509_cert::
     if sans.is_empty() {
         return Ok(attributes);
     }
-    let san = SubjectAltName(general_names(sans)?)
-        .to_der()
-        .map_err(der_error)?;
+    let san = SubjectAltName(general_names(sans)?).to_der().map_err(der_error)?;
     let extension = Extension {
         extn_id: const_oid_san(),
         // RFC 5280 §4.2.1.6: critical only when the subject is empty, which ours never is.
         critical: subject.attributes.is_empty(),
         extn_value: OctetString::new(san).map_err(der_error)?,
     };
-    let attribute =
-        x509_cert::attr::Attribute::try_from(ExtensionReq(vec![extension])).map_err(der_error)?;
+    let attribute = x509_cert::attr::Attribute::try_from(ExtensionReq(vec![extension])).map_err(der_error)?;
     attributes.insert(attribute).map_err(der_error)?;
     Ok(attributes)
 }
@@ -165,14 +145,9 @@ mod tests {
     fn csr_carries_subject_sans_and_a_signature_that_verifies() {
         let slot = std::env::temp_dir().join(format!("enroll-csr-{}", std::process::id()));
         std::fs::create_dir_all(&slot).unwrap();
-        let key = enroll_hal::soft::FileKeyProvider
-            .generate(Algorithm::P256, &slot)
-            .unwrap();
+        let key = enroll_hal::soft::FileKeyProvider.generate(Algorithm::P256, &slot).unwrap();
         let subject = Subject {
-            attributes: vec![
-                (SubjectAttribute::C, "NL".into()),
-                (SubjectAttribute::CN, "sensor-1".into()),
-            ],
+            attributes: vec![(SubjectAttribute::C, "NL".into()), (SubjectAttribute::CN, "sensor-1".into())],
         };
         let sans = Sans {
             dns: vec!["a.example".into()],

@@ -37,12 +37,8 @@ impl Signals {
         }
         // Blocked here, before the thread exists, so every thread inherits the mask and only
         // sigwait sees these signals.
-        set.thread_block().map_err(|e| {
-            Error::new(
-                crate::error::Kind::Internal,
-                format!("blocking signals: {e}"),
-            )
-        })?;
+        set.thread_block()
+            .map_err(|e| Error::new(crate::error::Kind::Internal, format!("blocking signals: {e}")))?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             while let Ok(signal) = set.wait() {
@@ -67,11 +63,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     let signals = Signals::install()?;
     let mut settings = Settings::load(config_path)?;
     let mut failures: u32 = 0;
-    log::info!(
-        "running: backend {}, state in {}",
-        settings.ca.name(),
-        settings.state_dir.display()
-    );
+    log::info!("running: backend {}, state in {}", settings.ca.name(), settings.state_dir.display());
     loop {
         let pause = match cycle(&settings) {
             Ok(next) => {
@@ -79,8 +71,7 @@ pub fn run(config_path: &Path) -> Result<()> {
                 next
             }
             Err(error) => {
-                let pause =
-                    lifecycle::backoff(failures, &settings.renewal, lifecycle::random_unit());
+                let pause = lifecycle::backoff(failures, &settings.renewal, lifecycle::random_unit());
                 failures = failures.saturating_add(1);
                 log::error!("{} (retrying in {} s)", error.chain_line(), pause.as_secs());
                 pause
@@ -98,10 +89,7 @@ pub fn run(config_path: &Path) -> Result<()> {
                     settings = new;
                     failures = 0;
                 }
-                Err(e) => log::error!(
-                    "reload failed, keeping the previous config: {}",
-                    e.chain_line()
-                ),
+                Err(e) => log::error!("reload failed, keeping the previous config: {}", e.chain_line()),
             },
         }
     }

@@ -52,11 +52,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error {
-            kind,
-            message: message.into(),
-            source: None,
-        }
+        Error { kind, message: message.into(), source: None }
     }
 
     pub fn config(message: impl Into<String>) -> Self {
@@ -86,11 +82,7 @@ impl Error {
 
     /// Wraps this error under a higher-level step; the kind (and so the exit code) is kept.
     pub fn context(self, message: impl Into<String>) -> Self {
-        Error {
-            kind: self.kind,
-            message: message.into(),
-            source: Some(Box::new(self)),
-        }
+        Error { kind: self.kind, message: message.into(), source: Some(Box::new(self)) }
     }
 
     pub fn kind(&self) -> Kind {
@@ -124,9 +116,7 @@ impl fmt::Debug for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 

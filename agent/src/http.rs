@@ -77,47 +77,31 @@ impl Http {
             Ok(response) => response,
             Err(ureq::Error::Status(_, response)) => response,
             Err(ureq::Error::Transport(transport)) => {
-                return Err(Error::temporary(format!(
-                    "{what}: {method} {url}: could not reach the CA"
-                ))
-                .with_source(transport));
+                return Err(Error::temporary(format!("{what}: {method} {url}: could not reach the CA"))
+                    .with_source(transport));
             }
         };
         self.read(what, response)
     }
 
     fn read(&self, what: &str, response: ureq::Response) -> Result<Response> {
-        if let Some(date) = response
-            .header("date")
-            .and_then(crate::time::parse_http_date)
-        {
+        if let Some(date) = response.header("date").and_then(crate::time::parse_http_date) {
             crate::time::observe_server_date(date);
         }
         let status = response.status();
         let content_type = response.header("content-type").map(str::to_string);
         let location = response.header("location").map(str::to_string);
         let mut body = Vec::new();
-        response
-            .into_reader()
-            .take(MAX_BODY_BYTES + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| {
-                Error::temporary(format!(
-                    "{what}: the connection closed before the body was complete"
-                ))
+        response.into_reader().take(MAX_BODY_BYTES + 1).read_to_end(&mut body).map_err(|e| {
+            Error::temporary(format!("{what}: the connection closed before the body was complete"))
                 .with_source(e)
-            })?;
+        })?;
         if body.len() as u64 > MAX_BODY_BYTES {
             return Err(Error::protocol(format!(
                 "{what}: the response body is larger than {MAX_BODY_BYTES} bytes"
             )));
         }
-        Ok(Response {
-            status,
-            body,
-            content_type,
-            location,
-        })
+        Ok(Response { status, body, content_type, location })
     }
 }
 
@@ -142,9 +126,7 @@ pub fn query_escape(value: &str) -> String {
     let mut out = String::new();
     for byte in value.bytes() {
         match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(byte as char)
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(byte as char),
             _ => out.push_str(&format!("%{byte:02X}")),
         }
     }

@@ -134,12 +134,7 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 
 /// Builds an object from `(key, value)` pairs.
 pub fn object<const N: usize>(members: [(&str, Value); N]) -> Value {
-    Value::Object(
-        members
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
-    )
+    Value::Object(members.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
 /// A parse failure with the byte offset where it was found.
@@ -175,10 +170,7 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn error(&self, reason: &'static str) -> ParseError {
-        ParseError {
-            offset: self.pos,
-            reason,
-        }
+        ParseError { offset: self.pos, reason }
     }
 
     fn peek(&self) -> Option<u8> {
@@ -191,11 +183,7 @@ impl Parser<'_> {
         }
     }
 
-    fn expect_literal(
-        &mut self,
-        literal: &'static [u8],
-        value: Value,
-    ) -> Result<Value, ParseError> {
+    fn expect_literal(&mut self, literal: &'static [u8], value: Value) -> Result<Value, ParseError> {
         if self.input[self.pos..].starts_with(literal) {
             self.pos += literal.len();
             Ok(value)
@@ -314,9 +302,7 @@ impl Parser<'_> {
             }
         }
         // The slice is ASCII digits and signs only.
-        Ok(Value::Number(
-            String::from_utf8_lossy(&self.input[start..self.pos]).into_owned(),
-        ))
+        Ok(Value::Number(String::from_utf8_lossy(&self.input[start..self.pos]).into_owned()))
     }
 
     fn string(&mut self) -> Result<String, ParseError> {
@@ -364,10 +350,7 @@ impl Parser<'_> {
     }
 
     fn hex4(&mut self) -> Result<u32, ParseError> {
-        let digits = self
-            .input
-            .get(self.pos..self.pos + 4)
-            .ok_or_else(|| self.error("short \\u escape"))?;
+        let digits = self.input.get(self.pos..self.pos + 4).ok_or_else(|| self.error("short \\u escape"))?;
         let text = std::str::from_utf8(digits).map_err(|_| self.error("invalid \\u escape"))?;
         let value = u32::from_str_radix(text, 16).map_err(|_| self.error("invalid \\u escape"))?;
         self.pos += 4;
@@ -399,22 +382,10 @@ fn write_value(out: &mut String, value: &Value, indent: Option<usize>, level: us
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         Value::Number(n) => out.push_str(n),
         Value::String(s) => write_string(out, s),
-        Value::Array(items) => write_container(
-            out,
-            '[',
-            ']',
-            items.iter().map(|v| (None, v)),
-            indent,
-            level,
-        ),
-        Value::Object(members) => write_container(
-            out,
-            '{',
-            '}',
-            members.iter().map(|(k, v)| (Some(k.as_str()), v)),
-            indent,
-            level,
-        ),
+        Value::Array(items) => write_container(out, '[', ']', items.iter().map(|v| (None, v)), indent, level),
+        Value::Object(members) => {
+            write_container(out, '{', '}', members.iter().map(|(k, v)| (Some(k.as_str()), v)), indent, level)
+        }
     }
 }
 
@@ -476,13 +447,11 @@ mod tests {
 
     #[test]
     fn round_trips_nested_values_and_keeps_big_integers_exact() {
-        let text = br#"{"a":[1,-2.5e3,true,null],"b":{"c":"x\"y\n\u00e9\ud83d\ude00"},"sn":9223372036854775807}"#;
+        let text =
+            br#"{"a":[1,-2.5e3,true,null],"b":{"c":"x\"y\n\u00e9\ud83d\ude00"},"sn":9223372036854775807}"#;
         let value = parse(text).unwrap();
         assert_eq!(value.get("sn").unwrap().as_i64(), Some(i64::MAX));
-        assert_eq!(
-            value.get("b").unwrap().get("c").unwrap().as_str(),
-            Some("x\"y\n\u{e9}\u{1f600}")
-        );
+        assert_eq!(value.get("b").unwrap().get("c").unwrap().as_str(), Some("x\"y\n\u{e9}\u{1f600}"));
         assert_eq!(parse(value.to_json().as_bytes()).unwrap(), value);
         assert_eq!(parse(value.to_json_pretty().as_bytes()).unwrap(), value);
     }
@@ -496,17 +465,9 @@ mod tests {
             (br#"{"a":"\x"}"#, "invalid escape"),
             (b"", "unexpected end of input"),
         ] {
-            assert_eq!(
-                parse(bad).unwrap_err().reason,
-                reason,
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
+            assert_eq!(parse(bad).unwrap_err().reason, reason, "{}", String::from_utf8_lossy(bad));
         }
         let deep = "[".repeat(100) + &"]".repeat(100);
-        assert_eq!(
-            parse(deep.as_bytes()).unwrap_err().reason,
-            "nested too deeply"
-        );
+        assert_eq!(parse(deep.as_bytes()).unwrap_err().reason, "nested too deeply");
     }
 }

@@ -34,10 +34,7 @@ pub struct Outcome {
 
 impl Outcome {
     fn ok(stdout: String) -> Self {
-        Outcome {
-            stdout,
-            exit_code: 0,
-        }
+        Outcome { stdout, exit_code: 0 }
     }
 }
 
@@ -45,12 +42,7 @@ impl Outcome {
 pub fn execute(cli: &cli::Cli) -> Result<Outcome> {
     match &cli.command {
         Command::Help => return Ok(Outcome::ok(cli::HELP.to_string())),
-        Command::Version => {
-            return Ok(Outcome::ok(format!(
-                "enroll-agent {}\n",
-                env!("CARGO_PKG_VERSION")
-            )))
-        }
+        Command::Version => return Ok(Outcome::ok(format!("enroll-agent {}\n", env!("CARGO_PKG_VERSION")))),
         Command::Run => return daemon::run(&cli.config).map(|_| Outcome::ok(String::new())),
         _ => {}
     }
@@ -63,11 +55,7 @@ pub fn execute(cli: &cli::Cli) -> Result<Outcome> {
         Command::NeedsRenewal => {
             let due = report::needs_renewal(&settings)?;
             Ok(Outcome {
-                stdout: if due {
-                    "due\n".into()
-                } else {
-                    "not due\n".into()
-                },
+                stdout: if due { "due\n".into() } else { "not due\n".into() },
                 exit_code: if due { 0 } else { 1 },
             })
         }
@@ -76,10 +64,7 @@ pub fn execute(cli: &cli::Cli) -> Result<Outcome> {
 }
 
 /// Runs an enroll/renew step and records its failure in state.json.
-fn with_agent(
-    settings: &Settings,
-    step: impl FnOnce(&mut Agent) -> Result<Done>,
-) -> Result<Outcome> {
+fn with_agent(settings: &Settings, step: impl FnOnce(&mut Agent) -> Result<Done>) -> Result<Outcome> {
     let mut agent = Agent::open(settings)?;
     let current = agent.store().current_link();
     match step(&mut agent) {
@@ -94,16 +79,11 @@ fn with_agent(
 fn describe(done: &Done, current: &std::path::Path) -> String {
     match done {
         Done::Installed { serial, purpose } => {
-            format!(
-                "{}: installed certificate serial {serial} in {}\n",
-                purpose.name(),
-                current.display()
-            )
+            format!("{}: installed certificate serial {serial} in {}\n", purpose.name(), current.display())
         }
-        Done::AlreadyEnrolled => format!(
-            "enroll: a valid identity is already installed in {}\n",
-            current.display()
-        ),
+        Done::AlreadyEnrolled => {
+            format!("enroll: a valid identity is already installed in {}\n", current.display())
+        }
         Done::NotDue { renew_at } => format!("renew: not due until {}\n", time::rfc3339(*renew_at)),
     }
 }

@@ -32,22 +32,15 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 /// not_before + lifetime × (at_fraction + jitter_fraction × sample), sample uniform in [-1, 1].
 pub fn renewal_time(not_before: u64, not_after: u64, policy: &RenewalPolicy, sample: f64) -> u64 {
     let lifetime = not_after.saturating_sub(not_before) as f64;
-    let fraction =
-        (policy.at_fraction + policy.jitter_fraction * sample.clamp(-1.0, 1.0)).clamp(0.0, 1.0);
+    let fraction = (policy.at_fraction + policy.jitter_fraction * sample.clamp(-1.0, 1.0)).clamp(0.0, 1.0);
     not_before + (lifetime * fraction) as u64
 }
 
 /// The renewal loop guard: never earlier than `MIN_RENEWAL_INTERVAL_S` (or the retry base, if
 /// larger) after the last install.
-pub fn guarded_renewal_time(
-    renew_at: u64,
-    last_install: Option<u64>,
-    policy: &RenewalPolicy,
-) -> u64 {
+pub fn guarded_renewal_time(renew_at: u64, last_install: Option<u64>, policy: &RenewalPolicy) -> u64 {
     match last_install {
-        Some(installed) => {
-            renew_at.max(installed + MIN_RENEWAL_INTERVAL_S.max(policy.retry_initial_s))
-        }
+        Some(installed) => renew_at.max(installed + MIN_RENEWAL_INTERVAL_S.max(policy.retry_initial_s)),
         None => renew_at,
     }
 }
@@ -55,10 +48,7 @@ pub fn guarded_renewal_time(
 /// Capped exponential backoff with full jitter: uniform in [1 s, min(max, initial × 2^attempt)].
 /// `attempt` counts from 0; `sample` is uniform in [0, 1).
 pub fn backoff(attempt: u32, policy: &RenewalPolicy, sample: f64) -> Duration {
-    let cap = policy
-        .retry_initial_s
-        .saturating_mul(1u64 << attempt.min(32))
-        .min(policy.retry_max_s);
+    let cap = policy.retry_initial_s.saturating_mul(1u64 << attempt.min(32)).min(policy.retry_max_s);
     let seconds = (cap as f64 * sample.clamp(0.0, 1.0)) as u64;
     Duration::from_secs(seconds.max(1))
 }
@@ -138,12 +128,7 @@ impl<'a> Agent<'a> {
     pub fn open(settings: &'a Settings) -> Result<Agent<'a>> {
         let store = Store::open(&settings.state_dir).context("opening the state directory")?;
         let state = load_state(&store)?;
-        let mut agent = Agent {
-            settings,
-            store,
-            provider: provider_for(settings),
-            state,
-        };
+        let mut agent = Agent { settings, store, provider: provider_for(settings), state };
         agent.forget_installed_pending()?;
         Ok(agent)
     }
@@ -156,10 +141,8 @@ impl<'a> Agent<'a> {
             return Ok(());
         };
         let slot = self.slot_path(&pending.slot);
-        let installed = [self.store.current(), self.store.previous()]
-            .into_iter()
-            .flatten()
-            .any(|s| s == slot);
+        let installed =
+            [self.store.current(), self.store.previous()].into_iter().flatten().any(|s| s == slot);
         if installed {
             log::warn!(
                 "state.json still listed slot {} as pending although it is installed; clearing it",
@@ -176,9 +159,7 @@ impl<'a> Agent<'a> {
     }
 
     fn save(&self) -> Result<()> {
-        self.store
-            .write_state(self.state.to_json().as_bytes())
-            .context("writing state.json")
+        self.store.write_state(self.state.to_json().as_bytes()).context("writing state.json")
     }
 
     /// Remembers a failure in state.json so `status` can show it (best effort).
@@ -186,10 +167,7 @@ impl<'a> Agent<'a> {
         self.state.last_error = Some(error.chain_line());
         self.state.last_error_at = Some(time::now());
         if let Err(e) = self.save() {
-            log::warn!(
-                "could not record the error in state.json: {}",
-                e.chain_line()
-            );
+            log::warn!("could not record the error in state.json: {}", e.chain_line());
         }
     }
 
@@ -200,16 +178,11 @@ impl<'a> Agent<'a> {
         let cert = match read("cert.pem").map(|t| pki::parse_pem_certs(&t)) {
             Some(Ok(certs)) if !certs.is_empty() => certs.into_iter().next()?,
             _ => {
-                log::warn!(
-                    "{} has no readable certificate",
-                    slot.join("cert.pem").display()
-                );
+                log::warn!("{} has no readable certificate", slot.join("cert.pem").display());
                 return None;
             }
         };
-        let ca = read("ca.pem")
-            .and_then(|t| pki::parse_pem_certs(&t).ok())
-            .unwrap_or_default();
+        let ca = read("ca.pem").and_then(|t| pki::parse_pem_certs(&t).ok()).unwrap_or_default();
         Some(Installed { slot, cert, ca })
     }
 
@@ -217,12 +190,7 @@ impl<'a> Agent<'a> {
     pub fn renew_at(&self, installed: &Installed) -> u64 {
         let policy = &self.settings.renewal;
         let planned = self.state.renew_at.unwrap_or_else(|| {
-            renewal_time(
-                installed.cert.not_before(),
-                installed.cert.not_after(),
-                policy,
-                0.0,
-            )
+            renewal_time(installed.cert.not_before(), installed.cert.not_after(), policy, 0.0)
         });
         guarded_renewal_time(planned, self.state.last_install, policy)
     }
@@ -262,7 +230,10 @@ impl<'a> Agent<'a> {
         }
         if now >= installed.cert.not_after() {
             // An expired certificate is no credential; enroll again with the bootstrap credential.
-            log::warn!("the installed certificate expired at {}; enrolling again with the bootstrap credential", time::rfc3339(installed.cert.not_after()));
+            log::warn!(
+                "the installed certificate expired at {}; enrolling again with the bootstrap credential",
+                time::rfc3339(installed.cert.not_after())
+            );
             return self.obtain(Purpose::Enroll, Some(&installed));
         }
         self.obtain(Purpose::Renew, Some(&installed))
@@ -286,17 +257,11 @@ impl<'a> Agent<'a> {
     /// Drops an outstanding request (enroll --force) and its key.
     fn abandon_pending(&mut self) -> Result<()> {
         if let Some(pending) = self.state.pending.take() {
-            log::info!(
-                "abandoning the pending {} request in slot {}",
-                pending.purpose.name(),
-                pending.slot
-            );
+            log::info!("abandoning the pending {} request in slot {}", pending.purpose.name(), pending.slot);
             let slot = self.slot_path(&pending.slot);
             if Some(&slot) != self.store.current().as_ref() {
                 let _ = self.provider.delete(&slot);
-                self.store
-                    .remove_slot(&slot)
-                    .context("removing the abandoned slot")?;
+                self.store.remove_slot(&slot).context("removing the abandoned slot")?;
             }
             self.save()?;
         }
@@ -327,47 +292,25 @@ impl<'a> Agent<'a> {
                     return Ok((slot, key));
                 }
                 _ => {
-                    log::warn!(
-                        "the pending slot {} has no usable key; starting over",
-                        slot.display()
-                    );
+                    log::warn!("the pending slot {} has no usable key; starting over", slot.display());
                     let _ = self.store.remove_slot(&slot);
                 }
             }
         }
-        let slot = self
-            .store
-            .create_slot()
-            .context("creating a slot for the new identity")?;
-        let name = slot
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_string();
-        self.state.pending = Some(Pending {
-            request_id: None,
-            slot: name,
-            since: time::now(),
-            purpose,
-        });
+        let slot = self.store.create_slot().context("creating a slot for the new identity")?;
+        let name = slot.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        self.state.pending = Some(Pending { request_id: None, slot: name, since: time::now(), purpose });
         self.save()?;
         let reuse = purpose == Purpose::Renew && !self.settings.key.rotate_on_renew;
         let key = match installed.filter(|_| reuse) {
             Some(current) => {
-                self.provider
-                    .reuse(&current.slot, &slot)
-                    .context("reusing the current key")?;
-                self.provider
-                    .load(&slot)
-                    .context("loading the reused key")?
+                self.provider.reuse(&current.slot, &slot).context("reusing the current key")?;
+                self.provider.load(&slot).context("loading the reused key")?
             }
             None => self
                 .provider
                 .generate(self.settings.key.algorithm, &slot)
-                .context(format!(
-                    "generating a {} key",
-                    self.settings.key.algorithm.name()
-                ))?,
+                .context(format!("generating a {} key", self.settings.key.algorithm.name()))?,
         };
         Ok((slot, key))
     }
@@ -386,21 +329,12 @@ impl<'a> Agent<'a> {
         let mut ca = backend::from_settings(self.settings, http);
         let outcome = match (purpose, installed) {
             (Purpose::Renew, Some(current)) => {
-                let current_key = self
-                    .provider
-                    .load(&current.slot)
-                    .context("loading the current key")?;
-                let current = Current {
-                    cert: &current.cert,
-                    key: current_key,
-                    ca_ref: self.state.ca_ref.as_deref(),
-                };
-                ca.renew(&request, &current)
-                    .context(format!("renewing with {}", ca.name()))?
+                let current_key = self.provider.load(&current.slot).context("loading the current key")?;
+                let current =
+                    Current { cert: &current.cert, key: current_key, ca_ref: self.state.ca_ref.as_deref() };
+                ca.renew(&request, &current).context(format!("renewing with {}", ca.name()))?
             }
-            _ => ca
-                .enroll(&request)
-                .context(format!("enrolling with {}", ca.name()))?,
+            _ => ca.enroll(&request).context(format!("enrolling with {}", ca.name()))?,
         };
         match outcome {
             Outcome::Issued(issued) => {
@@ -435,20 +369,13 @@ impl<'a> Agent<'a> {
             known_ca,
             now,
         };
-        let verified =
-            pki::verify_issued(issued, &expectation).context("checking the issued certificate")?;
+        let verified = pki::verify_issued(issued, &expectation).context("checking the issued certificate")?;
         for warning in &verified.warnings {
             log::warn!("{warning}");
         }
-        let chain: String = std::iter::once(&verified.leaf)
-            .chain(&verified.chain)
-            .map(Cert::pem)
-            .collect();
+        let chain: String = std::iter::once(&verified.leaf).chain(&verified.chain).map(Cert::pem).collect();
         let ca: String = verified.ca.iter().map(Cert::pem).collect();
-        let write = |name: &str, text: &str| {
-            self.store
-                .write_slot_file(slot, name, text.as_bytes(), 0o644)
-        };
+        let write = |name: &str, text: &str| self.store.write_slot_file(slot, name, text.as_bytes(), 0o644);
         write("cert.pem", &verified.leaf.pem()).context("writing the new identity")?;
         write("chain.pem", &chain).context("writing the new identity")?;
         if !ca.is_empty() {
@@ -457,9 +384,7 @@ impl<'a> Agent<'a> {
         if let Some(uri) = key.uri() {
             write("key.uri", &format!("{uri}\n")).context("writing the new identity")?;
         }
-        self.store
-            .install(slot, &[])
-            .context("installing the new identity")?;
+        self.store.install(slot, &[]).context("installing the new identity")?;
 
         let leaf = &verified.leaf;
         self.state.pending = None;
@@ -484,10 +409,7 @@ impl<'a> Agent<'a> {
             leaf.serial_hex(),
             time::rfc3339(leaf.not_after())
         );
-        Ok(Done::Installed {
-            serial: leaf.serial_hex(),
-            purpose,
-        })
+        Ok(Done::Installed { serial: leaf.serial_hex(), purpose })
     }
 
     /// `hooks.after_install`, run once per install, without a shell. Its failure is reported,
@@ -514,14 +436,9 @@ impl<'a> Agent<'a> {
     }
 }
 
-fn run_with_timeout(
-    command: &mut std::process::Command,
-    limit: Duration,
-) -> std::result::Result<(), String> {
-    let mut child = command
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("could not start: {e}"))?;
+fn run_with_timeout(command: &mut std::process::Command, limit: Duration) -> std::result::Result<(), String> {
+    let mut child =
+        command.stdin(std::process::Stdio::null()).spawn().map_err(|e| format!("could not start: {e}"))?;
     let started = std::time::Instant::now();
     loop {
         match child.try_wait() {
@@ -547,9 +464,7 @@ fn load_state(store: &Store) -> Result<State> {
     match State::from_json(&bytes) {
         Ok(state) => Ok(state),
         Err(reason) => {
-            let moved = store
-                .quarantine_state()
-                .context("setting aside an unreadable state.json")?;
+            let moved = store.quarantine_state().context("setting aside an unreadable state.json")?;
             log::warn!(
                 "state.json is unreadable ({reason}); moved it to {} and starting with empty state",
                 moved.display()
@@ -563,23 +478,15 @@ fn load_state(store: &Store) -> Result<State> {
 mod tests {
     use super::*;
 
-    const POLICY: RenewalPolicy = RenewalPolicy {
-        at_fraction: 0.66,
-        jitter_fraction: 0.05,
-        retry_initial_s: 30,
-        retry_max_s: 21_600,
-    };
+    const POLICY: RenewalPolicy =
+        RenewalPolicy { at_fraction: 0.66, jitter_fraction: 0.05, retry_initial_s: 30, retry_max_s: 21_600 };
 
     #[test]
     fn renewal_time_spreads_around_at_fraction_within_jitter() {
         assert_eq!(renewal_time(1000, 2000, &POLICY, 0.0), 1660);
         assert_eq!(renewal_time(1000, 2000, &POLICY, -1.0), 1610);
         assert_eq!(renewal_time(1000, 2000, &POLICY, 1.0), 1710);
-        assert_eq!(
-            renewal_time(1000, 2000, &POLICY, 7.0),
-            1710,
-            "samples are clamped"
-        );
+        assert_eq!(renewal_time(1000, 2000, &POLICY, 7.0), 1710, "samples are clamped");
     }
 
     #[test]
@@ -601,14 +508,8 @@ mod tests {
     fn condition_names_pending_first_then_expiry_then_due() {
         assert_eq!(condition(None, 0, false, 5), Condition::None);
         assert_eq!(condition(Some((0, 100)), 60, true, 5), Condition::Pending);
-        assert_eq!(
-            condition(Some((0, 100)), 60, false, 100),
-            Condition::Expired
-        );
-        assert_eq!(
-            condition(Some((0, 100)), 60, false, 60),
-            Condition::RenewalDue
-        );
+        assert_eq!(condition(Some((0, 100)), 60, false, 100), Condition::Expired);
+        assert_eq!(condition(Some((0, 100)), 60, false, 60), Condition::RenewalDue);
         assert_eq!(condition(Some((0, 100)), 60, false, 59), Condition::Valid);
     }
 }

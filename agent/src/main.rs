@@ -14,22 +14,13 @@ struct StderrLogger {
 impl log::Log for StderrLogger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
         let ours = metadata.target().starts_with("enroll");
-        metadata.level()
-            <= if ours {
-                self.level
-            } else {
-                log::LevelFilter::Warn.min(self.level)
-            }
+        metadata.level() <= if ours { self.level } else { log::LevelFilter::Warn.min(self.level) }
     }
 
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
             let level = record.level().as_str().to_ascii_lowercase();
-            let _ = writeln!(
-                std::io::stderr(),
-                "enroll-agent: {level}: {}",
-                record.args()
-            );
+            let _ = writeln!(std::io::stderr(), "enroll-agent: {level}: {}", record.args());
         }
     }
 

@@ -30,10 +30,7 @@ impl Cert {
     pub fn from_der(der: &[u8]) -> Result<Cert> {
         let parsed = Certificate::from_der(der)
             .map_err(|e| Error::protocol(format!("not an X.509 certificate: {e}")))?;
-        Ok(Cert {
-            der: der.to_vec(),
-            parsed,
-        })
+        Ok(Cert { der: der.to_vec(), parsed })
     }
 
     pub fn subject(&self) -> String {
@@ -60,39 +57,20 @@ impl Cert {
         if bytes.len() > 17 {
             return None;
         }
-        Some(
-            bytes
-                .iter()
-                .fold(0u128, |acc, b| (acc << 8) | u128::from(*b))
-                .to_string(),
-        )
+        Some(bytes.iter().fold(0u128, |acc, b| (acc << 8) | u128::from(*b)).to_string())
     }
 
     pub fn not_before(&self) -> u64 {
-        self.parsed
-            .tbs_certificate
-            .validity
-            .not_before
-            .to_unix_duration()
-            .as_secs()
+        self.parsed.tbs_certificate.validity.not_before.to_unix_duration().as_secs()
     }
 
     pub fn not_after(&self) -> u64 {
-        self.parsed
-            .tbs_certificate
-            .validity
-            .not_after
-            .to_unix_duration()
-            .as_secs()
+        self.parsed.tbs_certificate.validity.not_after.to_unix_duration().as_secs()
     }
 
     /// The DER SubjectPublicKeyInfo.
     pub fn spki_der(&self) -> Vec<u8> {
-        self.parsed
-            .tbs_certificate
-            .subject_public_key_info
-            .to_der()
-            .unwrap_or_default()
+        self.parsed.tbs_certificate.subject_public_key_info.to_der().unwrap_or_default()
     }
 
     pub fn sans(&self) -> Vec<GeneralName> {
@@ -104,10 +82,7 @@ impl Cert {
 
     /// Human-readable SANs (`DNS:x`, `IP:1.2.3.4`, `URI:…`, `email:…`).
     pub fn san_strings(&self) -> Vec<String> {
-        self.sans()
-            .iter()
-            .filter_map(describe_general_name)
-            .collect()
+        self.sans().iter().filter_map(describe_general_name).collect()
     }
 
     pub fn pem(&self) -> String {
@@ -138,8 +113,7 @@ impl Cert {
             .parameters
             .as_ref()
             .and_then(|p| p.decode_as::<der::asn1::ObjectIdentifier>().ok());
-        let Some(algorithm) =
-            verification_algorithm(&self.parsed.signature_algorithm.oid.to_string(), curve)
+        let Some(algorithm) = verification_algorithm(&self.parsed.signature_algorithm.oid.to_string(), curve)
         else {
             return false;
         };
@@ -149,9 +123,7 @@ impl Cert {
         let Some(public_key) = spki.subject_public_key.as_bytes() else {
             return false;
         };
-        UnparsedPublicKey::new(algorithm, public_key)
-            .verify(tbs, signature)
-            .is_ok()
+        UnparsedPublicKey::new(algorithm, public_key).verify(tbs, signature).is_ok()
     }
 }
 
@@ -165,11 +137,7 @@ pub fn to_pem(der: &[u8]) -> String {
 /// Every CERTIFICATE block in a PEM text, parsed. Other blocks are ignored.
 pub fn parse_pem_certs(text: &str) -> Result<Vec<Cert>> {
     let blocks = pem::parse_many(text).map_err(|e| Error::protocol(format!("bad PEM: {e}")))?;
-    blocks
-        .iter()
-        .filter(|b| b.tag() == "CERTIFICATE")
-        .map(|b| Cert::from_der(b.contents()))
-        .collect()
+    blocks.iter().filter(|b| b.tag() == "CERTIFICATE").map(|b| Cert::from_der(b.contents())).collect()
 }
 
 fn describe_general_name(name: &GeneralName) -> Option<String> {
@@ -229,10 +197,7 @@ fn read_header(der: &[u8]) -> Option<(u8, usize, usize)> {
     if count == 0 || count > 4 {
         return None;
     }
-    let len = der
-        .get(2..2 + count)?
-        .iter()
-        .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+    let len = der.get(2..2 + count)?.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
     Some((tag, len, 2 + count))
 }
 
@@ -278,8 +243,7 @@ pub fn verify_issued(issued: &Issued, expect: &Expectation) -> Result<Verified> 
     check_validity(&leaf, expect.now)?;
     let mut ca: Vec<Cert> = Vec::new();
     for der in issued.intermediates.iter().chain(&issued.roots) {
-        let cert = Cert::from_der(der)
-            .map_err(|e| e.context("a CA certificate returned with the leaf"))?;
+        let cert = Cert::from_der(der).map_err(|e| e.context("a CA certificate returned with the leaf"))?;
         if !ca.iter().any(|c| c.der == cert.der) {
             ca.push(cert);
         }
@@ -290,12 +254,7 @@ pub fn verify_issued(issued: &Issued, expect: &Expectation) -> Result<Verified> 
         }
     }
     let chain = build_chain(&leaf, &ca)?;
-    Ok(Verified {
-        leaf,
-        chain,
-        ca,
-        warnings,
-    })
+    Ok(Verified { leaf, chain, ca, warnings })
 }
 
 fn check_public_key(leaf: &Cert, spki: &[u8]) -> Result<()> {
@@ -324,13 +283,9 @@ fn check_subject(leaf: &Cert, subject: &Subject, warnings: &mut Vec<String>) -> 
         .flat_map(|rdn| rdn.0.iter())
         .any(|atv| atv.oid.to_string() == "2.5.4.3" && atv_text(atv).as_deref() == Some(cn));
     if !has_cn {
-        return Err(Error::protocol(format!(
-            "the issued certificate's subject {got:?} lacks our CN {cn:?}"
-        )));
+        return Err(Error::protocol(format!("the issued certificate's subject {got:?} lacks our CN {cn:?}")));
     }
-    warnings.push(format!(
-        "the CA changed the subject from {wanted:?} to {got:?}"
-    ));
+    warnings.push(format!("the CA changed the subject from {wanted:?} to {got:?}"));
     Ok(())
 }
 
@@ -340,15 +295,11 @@ fn atv_text(atv: &x509_cert::attr::AttributeTypeAndValue) -> Option<String> {
 }
 
 fn check_sans(leaf: &Cert, sans: &Sans, warnings: &mut Vec<String>) -> Result<()> {
-    let wanted: Vec<String> = crate::csr::general_names(sans)?
-        .iter()
-        .filter_map(describe_general_name)
-        .collect();
+    let wanted: Vec<String> =
+        crate::csr::general_names(sans)?.iter().filter_map(describe_general_name).collect();
     let got = leaf.san_strings();
     if let Some(missing) = wanted.iter().find(|w| !got.contains(w)) {
-        return Err(Error::protocol(format!(
-            "the issued certificate lacks the requested SAN {missing}"
-        )));
+        return Err(Error::protocol(format!("the issued certificate lacks the requested SAN {missing}")));
     }
     let extra: Vec<&String> = got.iter().filter(|g| !wanted.contains(g)).collect();
     if !extra.is_empty() {

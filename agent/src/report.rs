@@ -24,13 +24,7 @@ fn snapshot(settings: &Settings) -> Result<Snapshot> {
     let current = settings.state_dir.join("current");
     if !settings.state_dir.exists() {
         let state = State::default();
-        return Ok(Snapshot {
-            condition: Condition::None,
-            cert: None,
-            renew_at: None,
-            state,
-            current,
-        });
+        return Ok(Snapshot { condition: Condition::None, cert: None, renew_at: None, state, current });
     }
     // Opening never creates anything here: status is read-only.
     Store::existing(&settings.state_dir).context("opening the state directory")?;
@@ -43,20 +37,10 @@ fn snapshot(settings: &Settings) -> Result<Snapshot> {
         renew_at.unwrap_or(0),
         // Outstanding at the CA: a request it accepted and will answer. A slot kept only so a
         // retry reuses its key is not a pending request.
-        agent
-            .state
-            .pending
-            .as_ref()
-            .is_some_and(|p| p.request_id.is_some()),
+        agent.state.pending.as_ref().is_some_and(|p| p.request_id.is_some()),
         time::now(),
     );
-    Ok(Snapshot {
-        condition,
-        cert,
-        renew_at,
-        state: agent.state,
-        current,
-    })
+    Ok(Snapshot { condition, cert, renew_at, state: agent.state, current })
 }
 
 pub fn status(settings: &Settings, as_json: bool) -> Result<String> {
@@ -86,11 +70,7 @@ fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
         (
             "san",
             Value::Array(
-                cert.map(Cert::san_strings)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(Value::from)
-                    .collect(),
+                cert.map(Cert::san_strings).unwrap_or_default().into_iter().map(Value::from).collect(),
             ),
         ),
         ("issuer", cert.map(Cert::issuer).into()),
@@ -109,10 +89,7 @@ fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
         ("backend", settings.ca.name().into()),
         (
             "credentials",
-            json::object([
-                ("enroll", credentials.enroll.into()),
-                ("renew", credentials.renew.into()),
-            ]),
+            json::object([("enroll", credentials.enroll.into()), ("renew", credentials.renew.into())]),
         ),
         ("pending", pending),
         ("last_error", snap.state.last_error.clone().into()),
@@ -166,25 +143,17 @@ fn status_text(settings: &Settings, snap: &Snapshot) -> String {
         Some(p) => format!(
             "pending:     {} request {} since {}",
             p.purpose.name(),
-            p.request_id
-                .as_deref()
-                .unwrap_or("(not yet accepted by the CA)"),
+            p.request_id.as_deref().unwrap_or("(not yet accepted by the CA)"),
             time::rfc3339(p.since)
         ),
         None => "pending:     none".into(),
     });
-    lines.push(format!(
-        "last error:  {}",
-        snap.state.last_error.as_deref().unwrap_or("none")
-    ));
+    lines.push(format!("last error:  {}", snap.state.last_error.as_deref().unwrap_or("none")));
     if let Some(hook) = &snap.state.hook_error {
         lines.push(format!("hook error:  {hook}"));
     }
     if snap.cert.is_some() {
-        lines.push(format!(
-            "identity:    {}/{{cert,chain,key}}.pem",
-            snap.current.display()
-        ));
+        lines.push(format!("identity:    {}/{{cert,chain,key}}.pem", snap.current.display()));
     }
     lines.join("\n") + "\n"
 }
@@ -205,35 +174,22 @@ pub fn check(settings: &Settings, online: bool) -> Result<String> {
             let provider = lifecycle::provider_for(settings);
             let key = provider.load(&slot).context("checking the installed key")?;
             let agent = lifecycle::Agent::open(settings)?;
-            let installed = agent
-                .installed()
-                .ok_or_else(|| Error::storage("current/cert.pem is unreadable"))?;
+            let installed =
+                agent.installed().ok_or_else(|| Error::storage("current/cert.pem is unreadable"))?;
             if key.public_key_spki() != installed.cert.spki_der() {
-                return Err(Error::storage(format!(
-                    "{}: the key does not match cert.pem",
-                    slot.display()
-                )));
+                return Err(Error::storage(format!("{}: the key does not match cert.pem", slot.display())));
             }
-            lines.push(format!(
-                "ok: installed key matches the certificate ({} provider)",
-                provider.name()
-            ));
+            lines.push(format!("ok: installed key matches the certificate ({} provider)", provider.name()));
         } else {
             lines.push("ok: no identity installed yet".into());
         }
     } else {
-        lines.push(format!(
-            "ok: state directory {} will be created on enroll",
-            settings.state_dir.display()
-        ));
+        lines.push(format!("ok: state directory {} will be created on enroll", settings.state_dir.display()));
     }
     let roots = crate::tls::load_roots(settings.tls.trust_bundle.as_deref())?;
     lines.push(format!("ok: trust bundle ({} roots)", roots.len()));
     if online {
-        let http = crate::http::Http::new(
-            crate::tls::client_config(roots, None)?,
-            settings.tls.timeout_s,
-        );
+        let http = crate::http::Http::new(crate::tls::client_config(roots, None)?, settings.tls.timeout_s);
         let backend = backend::from_settings(settings, http.clone());
         let url = backend.probe_url();
         let response = http.send("reaching the CA", "GET", &url, &[], None)?;

@@ -12,14 +12,9 @@ impl Secret {
     /// CRLF) is trimmed and nothing else (design.md §7).
     pub fn from_file(path: &Path) -> Result<Secret, String> {
         enroll_hal::store::check_private_file(path).map_err(|e| e.to_string())?;
-        let bytes =
-            Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
-        let trimmed = text
-            .strip_suffix("\r\n")
-            .or_else(|| text.strip_suffix('\n'))
-            .unwrap_or(text);
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
+        let text = std::str::from_utf8(&bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
+        let trimmed = text.strip_suffix("\r\n").or_else(|| text.strip_suffix('\n')).unwrap_or(text);
         if trimmed.is_empty() {
             return Err(format!("{}: the file is empty", path.display()));
         }

@@ -81,19 +81,9 @@ impl State {
         let pending = match value.get("pending") {
             None | Some(Value::Null) => None,
             Some(p) => Some(Pending {
-                request_id: p
-                    .get("request_id")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                slot: p
-                    .get("slot")
-                    .and_then(Value::as_str)
-                    .ok_or("pending.slot is missing")?
-                    .to_string(),
-                since: p
-                    .get("since")
-                    .and_then(Value::as_u64)
-                    .ok_or("pending.since is missing")?,
+                request_id: p.get("request_id").and_then(Value::as_str).map(str::to_string),
+                slot: p.get("slot").and_then(Value::as_str).ok_or("pending.slot is missing")?.to_string(),
+                since: p.get("since").and_then(Value::as_u64).ok_or("pending.since is missing")?,
                 purpose: match p.get("purpose").and_then(Value::as_str) {
                     Some("renew") => Purpose::Renew,
                     _ => Purpose::Enroll,
@@ -133,10 +123,7 @@ mod tests {
             ..State::default()
         };
         assert_eq!(State::from_json(state.to_json().as_bytes()).unwrap(), state);
-        assert_eq!(
-            State::from_json(br#"{"future_field":1}"#).unwrap(),
-            State::default()
-        );
+        assert_eq!(State::from_json(br#"{"future_field":1}"#).unwrap(), State::default());
         assert!(State::from_json(b"{\"pending\":{}}").is_err());
         assert!(State::from_json(b"[]").is_err());
     }

@@ -10,10 +10,7 @@ pub fn build_time() -> u64 {
 }
 
 fn system_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Offset (server − system) learnt from a CA's `Date` header while the system clock is untrusted.
@@ -22,9 +19,7 @@ static HAVE_SERVER_TIME: AtomicBool = AtomicBool::new(false);
 
 /// The time used for every validity judgement.
 pub fn now() -> u64 {
-    let offset = HAVE_SERVER_TIME
-        .load(Ordering::Relaxed)
-        .then(|| SERVER_OFFSET.load(Ordering::Relaxed));
+    let offset = HAVE_SERVER_TIME.load(Ordering::Relaxed).then(|| SERVER_OFFSET.load(Ordering::Relaxed));
     effective_now(system_now(), build_time(), offset)
 }
 
@@ -89,12 +84,7 @@ pub fn rfc3339(unix: u64) -> String {
     let days = (unix / 86_400) as i64;
     let secs = unix % 86_400;
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 /// Parses an HTTP IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`, RFC 9110 §5.6.7).
@@ -102,9 +92,8 @@ pub fn parse_http_date(text: &str) -> Option<u64> {
     let mut parts = text.split_whitespace();
     let _weekday = parts.next()?;
     let day: u32 = parts.next()?.parse().ok()?;
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] =
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let month_name = parts.next()?;
     let month = MONTHS.iter().position(|m| *m == month_name)? as u32 + 1;
     let year: i64 = parts.next()?.parse().ok()?;
@@ -114,9 +103,7 @@ pub fn parse_http_date(text: &str) -> Option<u64> {
         return None;
     }
     let days = days_from_civil(year, month, day);
-    u64::try_from(days)
-        .ok()
-        .map(|d| d * 86_400 + h * 3600 + mi * 60 + s)
+    u64::try_from(days).ok().map(|d| d * 86_400 + h * 3600 + mi * 60 + s)
 }
 
 /// `3d 4h`, `5h 12m`, `40s`: for humans reading `status`.
@@ -141,14 +128,8 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(784_111_777), "1994-11-06T08:49:37Z");
         assert_eq!(rfc3339(1_709_164_800), "2024-02-29T00:00:00Z");
-        assert_eq!(
-            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(784_111_777)
-        );
-        assert_eq!(
-            parse_http_date("Thu, 29 Feb 2024 00:00:00 GMT"),
-            Some(1_709_164_800)
-        );
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
+        assert_eq!(parse_http_date("Thu, 29 Feb 2024 00:00:00 GMT"), Some(1_709_164_800));
         assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 PST"), None);
         assert_eq!(parse_http_date("garbage"), None);
     }
@@ -156,19 +137,8 @@ mod tests {
     #[test]
     fn the_clock_rule_prefers_the_ca_date_when_the_system_clock_is_before_the_build() {
         let build = 1_800_000_000;
-        assert_eq!(
-            effective_now(build + 5, build, Some(99)),
-            build + 5,
-            "a sane clock is believed"
-        );
-        assert_eq!(
-            effective_now(10, build, None),
-            build,
-            "no clock, no CA time: the build time"
-        );
-        assert_eq!(
-            effective_now(10, build, Some(1_900_000_000 - 10)),
-            1_900_000_000
-        );
+        assert_eq!(effective_now(build + 5, build, Some(99)), build + 5, "a sane clock is believed");
+        assert_eq!(effective_now(10, build, None), build, "no clock, no CA time: the build time");
+        assert_eq!(effective_now(10, build, Some(1_900_000_000 - 10)), 1_900_000_000);
     }
 }

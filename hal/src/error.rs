@@ -8,11 +8,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub enum Error {
     /// A filesystem operation failed.
-    Io {
-        step: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { step: &'static str, path: PathBuf, source: io::Error },
     /// A path exists but its mode or owner would expose or let others replace secrets.
     Permissions { path: PathBuf, detail: String },
     /// A key could not be generated, parsed or used.
@@ -21,18 +17,11 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(step: &'static str, path: &Path, source: io::Error) -> Self {
-        Error::Io {
-            step,
-            path: path.to_path_buf(),
-            source,
-        }
+        Error::Io { step, path: path.to_path_buf(), source }
     }
 
     pub(crate) fn key(step: &'static str, detail: impl Into<String>) -> Self {
-        Error::Key {
-            step,
-            detail: detail.into(),
-        }
+        Error::Key { step, detail: detail.into() }
     }
 }
 

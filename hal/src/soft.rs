@@ -42,17 +42,10 @@ impl KeyProvider for FileKeyProvider {
         let path = slot.join(KEY_FILE);
         store::check_private_file(&path)?;
         let text = Zeroizing::new(fs::read(&path).map_err(|e| Error::io("reading key", &path, e))?);
-        let parsed = pem::parse(text.as_slice()).map_err(|_| {
-            Error::key(
-                "loading key",
-                format!("{} is not a PEM file", path.display()),
-            )
-        })?;
+        let parsed = pem::parse(text.as_slice())
+            .map_err(|_| Error::key("loading key", format!("{} is not a PEM file", path.display())))?;
         if parsed.tag() != PEM_LABEL {
-            return Err(Error::key(
-                "loading key",
-                format!("{} is not a PKCS#8 PRIVATE KEY", path.display()),
-            ));
+            return Err(Error::key("loading key", format!("{} is not a PKCS#8 PRIVATE KEY", path.display())));
         }
         let der = Zeroizing::new(parsed.into_contents());
         Ok(Arc::new(SoftKey::from_pkcs8(&der)?))
@@ -61,8 +54,7 @@ impl KeyProvider for FileKeyProvider {
     fn reuse(&self, from: &Path, to: &Path) -> Result<(), Error> {
         let source = from.join(KEY_FILE);
         store::check_private_file(&source)?;
-        let bytes =
-            Zeroizing::new(fs::read(&source).map_err(|e| Error::io("reading key", &source, e))?);
+        let bytes = Zeroizing::new(fs::read(&source).map_err(|e| Error::io("reading key", &source, e))?);
         store::write_file_atomic(&to.join(KEY_FILE), &bytes, 0o600)
     }
 
@@ -87,9 +79,7 @@ fn generate_rsa2048() -> Result<Zeroizing<Vec<u8>>, Error> {
     use rsa::pkcs8::EncodePrivateKey;
     let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048)
         .map_err(|e| Error::key("generating RSA-2048 key", e.to_string()))?;
-    let doc = key
-        .to_pkcs8_der()
-        .map_err(|e| Error::key("encoding RSA-2048 key", e.to_string()))?;
+    let doc = key.to_pkcs8_der().map_err(|e| Error::key("encoding RSA-2048 key", e.to_string()))?;
     Ok(Zeroizing::new(doc.as_bytes().to_vec()))
 }
 
@@ -106,9 +96,7 @@ enum Pair {
 
 impl std::fmt::Debug for SoftKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftKey")
-            .field("algorithm", &self.algorithm())
-            .finish_non_exhaustive()
+        f.debug_struct("SoftKey").field("algorithm", &self.algorithm()).finish_non_exhaustive()
     }
 }
 
@@ -116,29 +104,17 @@ impl SoftKey {
     /// Parses a PKCS#8 document (P-256 or RSA; RSA keys must be 2048 bits).
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, Error> {
         let rng = SystemRandom::new();
-        if let Ok(pair) =
-            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, der, &rng)
-        {
+        if let Ok(pair) = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, der, &rng) {
             let spki = spki::p256(pair.public_key().as_ref());
-            return Ok(SoftKey {
-                pair: Pair::Ecdsa(pair),
-                spki,
-            });
+            return Ok(SoftKey { pair: Pair::Ecdsa(pair), spki });
         }
-        let pair = RsaKeyPair::from_pkcs8(der).map_err(|e| {
-            Error::key(
-                "loading key",
-                format!("not a P-256 or RSA PKCS#8 key ({e})"),
-            )
-        })?;
+        let pair = RsaKeyPair::from_pkcs8(der)
+            .map_err(|e| Error::key("loading key", format!("not a P-256 or RSA PKCS#8 key ({e})")))?;
         if pair.public().modulus_len() != 256 {
             return Err(Error::key("loading key", "RSA keys must be 2048 bits"));
         }
         let spki = spki::rsa(pair.public_key().as_ref());
-        Ok(SoftKey {
-            pair: Pair::Rsa(pair),
-            spki,
-        })
+        Ok(SoftKey { pair: Pair::Rsa(pair), spki })
     }
 }
 
@@ -167,16 +143,12 @@ impl DeviceKey for SoftKey {
                     _ => &signature::RSA_PKCS1_SHA256,
                 };
                 let mut out = vec![0u8; pair.public().modulus_len()];
-                pair.sign(padding, &rng, message, &mut out)
-                    .map_err(failed)?;
+                pair.sign(padding, &rng, message, &mut out).map_err(failed)?;
                 Ok(out)
             }
             _ => Err(Error::key(
                 "signing",
-                format!(
-                    "a {} key cannot sign with {scheme:?}",
-                    self.algorithm().name()
-                ),
+                format!("a {} key cannot sign with {scheme:?}", self.algorithm().name()),
             )),
         }
     }
@@ -206,28 +178,17 @@ mod tests {
     fn generated_keys_sign_verifiably_and_reload_from_a_0600_file() {
         use std::os::unix::fs::PermissionsExt;
         for (algorithm, verify_alg) in [
-            (
-                Algorithm::P256,
-                &signature::ECDSA_P256_SHA256_ASN1 as &dyn signature::VerificationAlgorithm,
-            ),
+            (Algorithm::P256, &signature::ECDSA_P256_SHA256_ASN1 as &dyn signature::VerificationAlgorithm),
             (Algorithm::Rsa2048, &signature::RSA_PKCS1_2048_8192_SHA256),
         ] {
             let slot = temp_slot(algorithm.name());
             let key = FileKeyProvider.generate(algorithm, &slot).unwrap();
-            let mode = fs::metadata(slot.join(KEY_FILE))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777;
+            let mode = fs::metadata(slot.join(KEY_FILE)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
             let sig = key.sign(algorithm.default_scheme(), b"hello").unwrap();
             let public = point_or_modulus(key.public_key_spki(), algorithm);
-            UnparsedPublicKey::new(verify_alg, public)
-                .verify(b"hello", &sig)
-                .unwrap();
-            assert!(UnparsedPublicKey::new(verify_alg, public)
-                .verify(b"hellO", &sig)
-                .is_err());
+            UnparsedPublicKey::new(verify_alg, public).verify(b"hello", &sig).unwrap();
+            assert!(UnparsedPublicKey::new(verify_alg, public).verify(b"hellO", &sig).is_err());
             let reloaded = FileKeyProvider.load(&slot).unwrap();
             assert_eq!(reloaded.public_key_spki(), key.public_key_spki());
             fs::remove_dir_all(&slot).unwrap();

@@ -48,9 +48,7 @@ impl Store {
     /// Opens an existing state directory without creating anything (for `status`/`check`).
     pub fn existing(root: &Path) -> Result<Store, Error> {
         check_private_dir(root)?;
-        Ok(Store {
-            root: root.to_path_buf(),
-        })
+        Ok(Store { root: root.to_path_buf() })
     }
 
     pub fn root(&self) -> &Path {
@@ -84,10 +82,7 @@ impl Store {
         create_private_dir(&slots)?;
         let next = self.slot_numbers()?.into_iter().max().map_or(1, |n| n + 1);
         let slot = slots.join(next.to_string());
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&slot)
-            .map_err(|e| Error::io("creating slot", &slot, e))?;
+        fs::DirBuilder::new().mode(0o700).create(&slot).map_err(|e| Error::io("creating slot", &slot, e))?;
         sync_dir(&slots)?;
         Ok(slot)
     }
@@ -95,19 +90,11 @@ impl Store {
     fn slot_numbers(&self) -> Result<Vec<u64>, Error> {
         let slots = self.root.join(SLOTS);
         let entries = fs::read_dir(&slots).map_err(|e| Error::io("listing slots", &slots, e))?;
-        Ok(entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect())
+        Ok(entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
     }
 
     /// Writes one file of a slot (atomically, synced).
-    pub fn write_slot_file(
-        &self,
-        slot: &Path,
-        name: &str,
-        bytes: &[u8],
-        mode: u32,
-    ) -> Result<(), Error> {
+    pub fn write_slot_file(&self, slot: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), Error> {
         write_file_atomic(&slot.join(name), bytes, mode)
     }
 
@@ -129,8 +116,7 @@ impl Store {
         let relative = slot.strip_prefix(&self.root).unwrap_or(slot);
         let temp = self.root.join(format!(".{name}.tmp"));
         let _ = fs::remove_file(&temp);
-        std::os::unix::fs::symlink(relative, &temp)
-            .map_err(|e| Error::io("creating symlink", &temp, e))?;
+        std::os::unix::fs::symlink(relative, &temp).map_err(|e| Error::io("creating symlink", &temp, e))?;
         let link = self.root.join(name);
         fs::rename(&temp, &link).map_err(|e| Error::io("swapping symlink", &link, e))?;
         sync_dir(&self.root)
@@ -209,19 +195,15 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Err
     // The umask may have narrowed the mode further; never widened. Set it exactly.
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(|e| Error::io("setting mode of", &temp, e))?;
-    file.write_all(bytes)
-        .map_err(|e| Error::io("writing", &temp, e))?;
-    file.sync_all()
-        .map_err(|e| Error::io("syncing", &temp, e))?;
+    file.write_all(bytes).map_err(|e| Error::io("writing", &temp, e))?;
+    file.sync_all().map_err(|e| Error::io("syncing", &temp, e))?;
     drop(file);
     fs::rename(&temp, path).map_err(|e| Error::io("renaming into place", path, e))?;
     sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("syncing directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("syncing directory", dir, e))
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), Error> {
@@ -236,10 +218,7 @@ fn create_private_dir(dir: &Path) -> Result<(), Error> {
 pub fn check_private_dir(path: &Path) -> Result<(), Error> {
     let meta = fs::symlink_metadata(path).map_err(|e| Error::io("inspecting", path, e))?;
     if !meta.is_dir() {
-        return Err(Error::Permissions {
-            path: path.to_path_buf(),
-            detail: "is not a directory".into(),
-        });
+        return Err(Error::Permissions { path: path.to_path_buf(), detail: "is not a directory".into() });
     }
     check_owner_and_mode(path, &meta)
 }
@@ -248,10 +227,7 @@ pub fn check_private_dir(path: &Path) -> Result<(), Error> {
 pub fn check_private_file(path: &Path) -> Result<(), Error> {
     let meta = fs::metadata(path).map_err(|e| Error::io("inspecting", path, e))?;
     if !meta.is_file() {
-        return Err(Error::Permissions {
-            path: path.to_path_buf(),
-            detail: "is not a regular file".into(),
-        });
+        return Err(Error::Permissions { path: path.to_path_buf(), detail: "is not a regular file".into() });
     }
     check_owner_and_mode(path, &meta)
 }
@@ -259,23 +235,14 @@ pub fn check_private_file(path: &Path) -> Result<(), Error> {
 fn check_owner_and_mode(path: &Path, meta: &fs::Metadata) -> Result<(), Error> {
     let uid = nix::unistd::geteuid().as_raw();
     if meta.uid() != uid {
-        let detail = format!(
-            "owned by uid {}, but the agent runs as uid {uid}",
-            meta.uid()
-        );
-        return Err(Error::Permissions {
-            path: path.to_path_buf(),
-            detail,
-        });
+        let detail = format!("owned by uid {}, but the agent runs as uid {uid}", meta.uid());
+        return Err(Error::Permissions { path: path.to_path_buf(), detail });
     }
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         let wanted = if meta.is_dir() { "0700" } else { "0600" };
         let detail = format!("mode {mode:04o} gives group/others access; it must be {wanted}");
-        return Err(Error::Permissions {
-            path: path.to_path_buf(),
-            detail,
-        });
+        return Err(Error::Permissions { path: path.to_path_buf(), detail });
     }
     Ok(())
 }
@@ -303,19 +270,14 @@ mod tests {
         let mut slots = Vec::new();
         for i in 0..3 {
             let slot = store.create_slot().unwrap();
-            store
-                .write_slot_file(&slot, "cert.pem", format!("cert {i}").as_bytes(), 0o644)
-                .unwrap();
+            store.write_slot_file(&slot, "cert.pem", format!("cert {i}").as_bytes(), 0o644).unwrap();
             store.install(&slot, &[]).unwrap();
             slots.push(slot);
         }
         assert_eq!(store.current().unwrap(), slots[2]);
         assert_eq!(store.previous().unwrap(), slots[1]);
         assert!(!slots[0].exists(), "the oldest slot is pruned");
-        assert_eq!(
-            fs::read_to_string(store.current_link().join("cert.pem")).unwrap(),
-            "cert 2"
-        );
+        assert_eq!(fs::read_to_string(store.current_link().join("cert.pem")).unwrap(), "cert 2");
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -342,10 +304,7 @@ mod tests {
         fs::create_dir_all(&root).unwrap();
         fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
         let err = Store::open(&root).unwrap_err().to_string();
-        assert!(
-            err.contains(&root.display().to_string()) && err.contains("0755"),
-            "{err}"
-        );
+        assert!(err.contains(&root.display().to_string()) && err.contains("0755"), "{err}");
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -357,14 +316,8 @@ mod tests {
         assert_eq!(mode(&store.state_path()), 0o600);
         store.write_state(b"{\"a\":1}").unwrap();
         assert_eq!(fs::read(store.state_path()).unwrap(), b"{\"a\":1}");
-        let names: Vec<_> = fs::read_dir(&root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert!(
-            names.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")),
-            "{names:?}"
-        );
+        let names: Vec<_> = fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(names.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")), "{names:?}");
         fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -23,10 +23,7 @@ pub struct ClientResponse {
 impl ClientResponse {
     /// First header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// Body as (lossy) text.
@@ -41,10 +38,8 @@ impl ClientResponse {
 }
 
 /// A client certificate chain and its PKCS#8 key, for mutual TLS.
-pub type Identity = (
-    Vec<rustls::pki_types::CertificateDer<'static>>,
-    rustls::pki_types::PrivateKeyDer<'static>,
-);
+pub type Identity =
+    (Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>);
 
 /// Sends one request to `base` (`https://127.0.0.1:PORT`) trusting `root_pem`; `target` is the
 /// path with query. `timeout` bounds connect, each read and each write.
@@ -72,25 +67,17 @@ pub fn request_with_identity(
     body: &[u8],
     timeout: Duration,
 ) -> io::Result<ClientResponse> {
-    let hostport = base
-        .strip_prefix("https://")
-        .ok_or_else(|| io::Error::other("base must be https://"))?;
+    let hostport = base.strip_prefix("https://").ok_or_else(|| io::Error::other("base must be https://"))?;
     let tcp = TcpStream::connect(hostport)?;
     tcp.set_read_timeout(Some(timeout))?;
     tcp.set_write_timeout(Some(timeout))?;
-    let host = hostport
-        .rsplit_once(':')
-        .map(|(h, _)| h)
-        .unwrap_or(hostport);
-    let server_name =
-        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(io::Error::other)?;
+    let host = hostport.rsplit_once(':').map(|(h, _)| h).unwrap_or(hostport);
+    let server_name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(io::Error::other)?;
     let conn = rustls::ClientConnection::new(client_config(root_pem, identity)?, server_name)
         .map_err(io::Error::other)?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
-    let mut head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    let mut head =
+        format!("{method} {target} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         head += &format!("{k}: {v}\r\n");
     }
@@ -108,15 +95,10 @@ pub fn request_with_identity(
     parse_response(&raw)
 }
 
-fn client_config(
-    root_pem: &str,
-    identity: Option<Identity>,
-) -> io::Result<Arc<rustls::ClientConfig>> {
+fn client_config(root_pem: &str, identity: Option<Identity>) -> io::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for p in pem::parse_many(root_pem).map_err(io::Error::other)? {
-        roots
-            .add(p.into_contents().into())
-            .map_err(io::Error::other)?;
+        roots.add(p.into_contents().into()).map_err(io::Error::other)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -124,19 +106,15 @@ fn client_config(
         .map_err(io::Error::other)?
         .with_root_certificates(roots);
     let cfg = match identity {
-        Some((chain, key)) => cfg
-            .with_client_auth_cert(chain, key)
-            .map_err(io::Error::other)?,
+        Some((chain, key)) => cfg.with_client_auth_cert(chain, key).map_err(io::Error::other)?,
         None => cfg.with_no_client_auth(),
     };
     Ok(Arc::new(cfg))
 }
 
 fn parse_response(raw: &[u8]) -> io::Result<ClientResponse> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| io::Error::other("no response head"))?;
+    let end =
+        raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| io::Error::other("no response head"))?;
     let head = String::from_utf8_lossy(&raw[..end]);
     let mut lines = head.split("\r\n");
     let status = lines
@@ -154,10 +132,5 @@ fn parse_response(raw: &[u8]) -> io::Result<ClientResponse> {
         .find(|(k, _)| k.eq_ignore_ascii_case("Content-Length"))
         .and_then(|(_, v)| v.parse::<usize>().ok());
     let complete = declared.is_none_or(|n| n == body.len());
-    Ok(ClientResponse {
-        status,
-        headers,
-        body,
-        complete,
-    })
+    Ok(ClientResponse { status, headers, body, complete })
 }

@@ -70,13 +70,8 @@ pub struct LoggedRequest {
     pub client_cert: bool,
 }
 
-const LOGGED_HEADERS: &[&str] = &[
-    "content-type",
-    "authorization",
-    "apim-accesstoken",
-    "apim-timestamp",
-    "apim-signature",
-];
+const LOGGED_HEADERS: &[&str] =
+    &["content-type", "authorization", "apim-accesstoken", "apim-timestamp", "apim-signature"];
 
 impl LoggedRequest {
     fn new(req: &Request, resp: &Response) -> Self {
@@ -86,11 +81,7 @@ impl LoggedRequest {
             .filter(|(k, _)| LOGGED_HEADERS.contains(&k.to_ascii_lowercase().as_str()))
             .cloned()
             .collect();
-        let fault = resp
-            .headers
-            .iter()
-            .find(|(k, _)| k == FAULT_HEADER)
-            .map(|(_, v)| v.clone());
+        let fault = resp.headers.iter().find(|(k, _)| k == FAULT_HEADER).map(|(_, v)| v.clone());
         Self {
             method: req.method.clone(),
             path: req.path.clone(),
@@ -104,8 +95,7 @@ impl LoggedRequest {
 
     /// One JSON object (a line of `GET /_emulator/log`).
     pub fn to_json(&self) -> Value {
-        let pairs =
-            |v: &[(String, String)]| v.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>();
+        let pairs = |v: &[(String, String)]| v.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>();
         json!({
             "method": self.method, "path": self.path, "query": pairs(&self.query),
             "headers": pairs(&self.headers), "status": self.status, "fault": self.fault,
@@ -156,10 +146,7 @@ impl Shared {
 
     /// Base URL, e.g. `https://127.0.0.1:4433`.
     pub(crate) fn url(&self) -> &str {
-        self.url
-            .get()
-            .map(String::as_str)
-            .unwrap_or("https://127.0.0.1")
+        self.url.get().map(String::as_str).unwrap_or("https://127.0.0.1")
     }
 
     /// Serves one request and records it.
@@ -199,9 +186,7 @@ impl Shared {
         let r = match f {
             Fault::Http500 => Response::text(500, "Internal Server Error (emulated)"),
             Fault::Http503 => Response::text(503, "Service Unavailable (emulated)"),
-            Fault::Http429 => {
-                Response::text(429, "Too Many Requests (emulated)").header("Retry-After", "1")
-            }
+            Fault::Http429 => Response::text(429, "Too Many Requests (emulated)").header("Retry-After", "1"),
             Fault::Timeout => {
                 let mut r = Response::text(504, "emulated timeout: request not processed");
                 r.delay = Some(*lock(&self.fault_delay));
@@ -254,13 +239,8 @@ impl Shared {
     }
 
     fn control_log(&self) -> Response {
-        let lines: String = lock(&self.log)
-            .iter()
-            .map(|l| format!("{}\n", l.to_json()))
-            .collect();
-        Response::new(200)
-            .header("Content-Type", "application/x-ndjson")
-            .body(lines.into_bytes())
+        let lines: String = lock(&self.log).iter().map(|l| format!("{}\n", l.to_json())).collect();
+        Response::new(200).header("Content-Type", "application/x-ndjson").body(lines.into_bytes())
     }
 }
 
@@ -290,20 +270,14 @@ fn oversized(json_body: bool) -> Response {
 /// Applies an answer-phase fault to a successful response (malformed, truncated, wrapped).
 pub(crate) fn answer_fault(f: Option<Fault>, mut r: Response) -> Response {
     let Some(f) = f else { return r };
-    let is_json = r
-        .headers
-        .iter()
-        .any(|(k, v)| k == "Content-Type" && v.contains("json"));
+    let is_json = r.headers.iter().any(|(k, v)| k == "Content-Type" && v.contains("json"));
     match f {
         Fault::MalformedJson if is_json => {
             // Same shape, single quotes: looks like JSON, is not.
-            r.body = String::from_utf8_lossy(&r.body)
-                .replace('"', "'")
-                .into_bytes();
+            r.body = String::from_utf8_lossy(&r.body).replace('"', "'").into_bytes();
         }
         Fault::MalformedJson => {
-            r.body = b"-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n"
-                .to_vec();
+            r.body = b"-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n".to_vec();
         }
         Fault::TruncatedJson => {
             let half = r.body.len() / 2;
@@ -334,22 +308,14 @@ impl Emulator {
     pub fn start(opts: Options) -> io::Result<Self> {
         let shared = Arc::new(Shared::new(&opts)?);
         let client_roots = opts.request_client_cert.then(|| client_roots(&shared.pki));
-        let tls = server::tls_config(
-            shared.pki.tls_server_chain(),
-            shared.pki.tls_server_key(),
-            client_roots,
-        )
-        .map_err(io::Error::other)?;
+        let tls =
+            server::tls_config(shared.pki.tls_server_chain(), shared.pki.tls_server_key(), client_roots)
+                .map_err(io::Error::other)?;
         let handler_state = shared.clone();
         let handler: server::Handler = Arc::new(move |req: &Request| handler_state.handle(req));
         let server = HttpsServer::start(opts.port, tls, handler)?;
         let _ = shared.url.set(format!("https://{}", server.addr()));
-        Ok(Self {
-            shared,
-            server,
-            enos: opts.enos,
-            ezca: opts.ezca,
-        })
+        Ok(Self { shared, server, enos: opts.enos, ezca: opts.ezca })
     }
 
     /// Base URL, `https://127.0.0.1:PORT` (the agent's `url` / `api_gateway` / EZCA `authority`).

@@ -100,10 +100,7 @@ fn token_body(status: i64, msg: &str, data: Value) -> Response {
 
 /// The connect-service envelope `{"code","msg","requestId","data"}` (§1.1).
 pub(crate) fn envelope(code: i64, msg: &str, data: Value) -> Response {
-    Response::json(
-        200,
-        &json!({"code": code, "msg": msg, "requestId": util::uuid_like(), "data": data}),
-    )
+    Response::json(200, &json!({"code": code, "msg": msg, "requestId": util::uuid_like(), "data": data}))
 }
 
 fn gateway_401(why: &str) -> Response {
@@ -114,11 +111,7 @@ fn gateway_401(why: &str) -> Response {
 /// key then decoded value without separators, followed by the raw body bytes.
 pub fn params_data(query: &[(String, String)], body: &[u8]) -> Vec<u8> {
     let mut q: Vec<&(String, String)> = query.iter().collect();
-    q.sort_by(|a, b| {
-        a.0.as_bytes()
-            .cmp(b.0.as_bytes())
-            .then(a.1.as_bytes().cmp(b.1.as_bytes()))
-    });
+    q.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()).then(a.1.as_bytes().cmp(b.1.as_bytes())));
     let mut out = Vec::new();
     for (k, v) in q {
         out.extend_from_slice(k.as_bytes());
@@ -130,21 +123,12 @@ pub fn params_data(query: &[(String, String)], body: &[u8]) -> Vec<u8> {
 
 /// `apim-signature` = lowercase hex SHA-256(accessToken + paramsData + timestamp + appSecret).
 pub fn api_signature(token: &str, params_data: &[u8], timestamp: &str, app_secret: &str) -> String {
-    util::sha256_hex(&[
-        token.as_bytes(),
-        params_data,
-        timestamp.as_bytes(),
-        app_secret.as_bytes(),
-    ])
+    util::sha256_hex(&[token.as_bytes(), params_data, timestamp.as_bytes(), app_secret.as_bytes()])
 }
 
 /// token/get `encryption` = lowercase hex SHA-256(appKey + timestamp + appSecret).
 pub fn token_encryption(app_key: &str, timestamp_ms: i64, app_secret: &str) -> String {
-    util::sha256_hex(&[
-        app_key.as_bytes(),
-        timestamp_ms.to_string().as_bytes(),
-        app_secret.as_bytes(),
-    ])
+    util::sha256_hex(&[app_key.as_bytes(), timestamp_ms.to_string().as_bytes(), app_secret.as_bytes()])
 }
 
 impl Shared {
@@ -166,32 +150,19 @@ impl Shared {
 
     fn check_token_request(&self, body: &Value, refresh: bool) -> Result<(), Response> {
         let cfg = &self.enos_cfg;
-        let (Some(app_key), Some(encryption)) = (
-            util::json_str(body, "appKey"),
-            util::json_str(body, "encryption"),
-        ) else {
-            return Err(token_body(
-                1202,
-                "empty parameter: appKey and encryption are required",
-                Value::Null,
-            ));
+        let (Some(app_key), Some(encryption)) =
+            (util::json_str(body, "appKey"), util::json_str(body, "encryption"))
+        else {
+            return Err(token_body(1202, "empty parameter: appKey and encryption are required", Value::Null));
         };
         let Some(ts) = util::json_int_lenient(body, "timestamp") else {
-            return Err(token_body(
-                1004,
-                "invalid parameter: timestamp",
-                Value::Null,
-            ));
+            return Err(token_body(1004, "invalid parameter: timestamp", Value::Null));
         };
         if app_key != cfg.app_key {
             return Err(token_body(1002, "appKey is invalid", Value::Null));
         }
         if (util::now_ms() - ts).abs() > SKEW_MS {
-            return Err(token_body(
-                1004,
-                "invalid parameter: timestamp out of range",
-                Value::Null,
-            ));
+            return Err(token_body(1004, "invalid parameter: timestamp out of range", Value::Null));
         }
         if encryption != token_encryption(app_key, ts, &cfg.app_secret) {
             return Err(token_body(1003, "encryption is invalid", Value::Null));
@@ -201,14 +172,9 @@ impl Shared {
             return Err(token_body(1001, "duplicated encryption", Value::Null));
         }
         if refresh {
-            let known =
-                util::json_str(body, "accessToken").is_some_and(|t| st.tokens.contains_key(t));
+            let known = util::json_str(body, "accessToken").is_some_and(|t| st.tokens.contains_key(t));
             if !known {
-                return Err(token_body(
-                    1204,
-                    "refresh token failed: accessToken unknown",
-                    Value::Null,
-                ));
+                return Err(token_body(1204, "refresh token failed: accessToken unknown", Value::Null));
             }
         }
         st.used_encryptions.insert(encryption.to_string());
@@ -224,47 +190,29 @@ impl Shared {
             }
         }
         let now = util::now_ms();
-        let reuse = st
-            .current_token
-            .clone()
-            .filter(|t| !refresh && st.tokens.get(t).is_some_and(|x| !x.expired()));
+        let reuse =
+            st.current_token.clone().filter(|t| !refresh && st.tokens.get(t).is_some_and(|x| !x.expired()));
         let token = reuse.unwrap_or_else(|| {
             let t = format!("APP_{}", util::random_hex(20));
             let expires_ms = now + i64::from(self.enos_cfg.token_lifetime_s) * 1000;
-            st.tokens.insert(
-                t.clone(),
-                Token {
-                    expires_ms,
-                    forced_expired: false,
-                },
-            );
+            st.tokens.insert(t.clone(), Token { expires_ms, forced_expired: false });
             t
         });
         st.current_token = Some(token.clone());
-        let left = st
-            .tokens
-            .get(&token)
-            .map(|t| (t.expires_ms - now) / 1000)
-            .unwrap_or_default();
+        let left = st.tokens.get(&token).map(|t| (t.expires_ms - now) / 1000).unwrap_or_default();
         token_body(0, "SUCCESS", json!({"accessToken": token, "expire": left}))
     }
 
     /// Gateway check of §1.2 step B. `Err` carries the 401 (or 1203) answer.
     fn enos_authenticate(&self, req: &Request) -> Result<String, Response> {
         let h = |n: &str| req.header(n).filter(|v| !v.is_empty());
-        let (Some(token), Some(ts), Some(sig)) = (
-            h("apim-accesstoken"),
-            h("apim-timestamp"),
-            h("apim-signature"),
-        ) else {
-            return Err(gateway_401(
-                "apim-accesstoken, apim-timestamp and apim-signature are required",
-            ));
+        let (Some(token), Some(ts), Some(sig)) =
+            (h("apim-accesstoken"), h("apim-timestamp"), h("apim-signature"))
+        else {
+            return Err(gateway_401("apim-accesstoken, apim-timestamp and apim-signature are required"));
         };
         let Ok(ts_ms) = ts.parse::<i64>() else {
-            return Err(gateway_401(
-                "apim-timestamp is not a number of milliseconds",
-            ));
+            return Err(gateway_401("apim-timestamp is not a number of milliseconds"));
         };
         if (util::now_ms() - ts_ms).abs() > SKEW_MS {
             return Err(gateway_401("apim-timestamp out of range"));
@@ -273,12 +221,7 @@ impl Shared {
             None => return Err(gateway_401("unknown access token")),
             Some(t) => t.expired(),
         };
-        let expect = api_signature(
-            token,
-            &params_data(&req.query, &req.body),
-            ts,
-            &self.enos_cfg.app_secret,
-        );
+        let expect = api_signature(token, &params_data(&req.query, &req.body), ts, &self.enos_cfg.app_secret);
         if sig != expect {
             return Err(gateway_401("apim-signature mismatch"));
         }
@@ -302,11 +245,7 @@ impl Shared {
         }
         let result = self.check_device(req).and_then(|()| {
             let body: Value = serde_json::from_slice(&req.body).map_err(|_| {
-                envelope(
-                    99400,
-                    "Invalid Argument body:request body is not JSON",
-                    Value::Null,
-                )
+                envelope(99400, "Invalid Argument body:request body is not JSON", Value::Null)
             })?;
             match req.query_param("action") {
                 Some("apply") => self.enos_apply(&body),
@@ -316,11 +255,7 @@ impl Shared {
                     &format!("Invalid Argument action:{a} is not supported"),
                     Value::Null,
                 )),
-                None => Err(envelope(
-                    99400,
-                    "Invalid Argument action:action is missing",
-                    Value::Null,
-                )),
+                None => Err(envelope(99400, "Invalid Argument action:action is missing", Value::Null)),
             }
         });
         result.unwrap_or_else(|r| r)
@@ -330,8 +265,9 @@ impl Shared {
         let f = self.take_fault(Endpoint::EnosCert, Phase::Early)?;
         let r = match f {
             Fault::RejectAuth | Fault::Gateway401 => gateway_401("invalid credentials (emulated)"),
-            Fault::Gateway429 => Response::text(429, "Too Many Requests: rate limit (emulated)")
-                .header("Retry-After", "1"),
+            Fault::Gateway429 => {
+                Response::text(429, "Too Many Requests: rate limit (emulated)").header("Retry-After", "1")
+            }
             _ => return self.generic_fault(f, true),
         };
         Some(tag(r, f))
@@ -361,11 +297,7 @@ impl Shared {
     fn check_device(&self, req: &Request) -> Result<(), Response> {
         let cfg = &self.enos_cfg;
         let Some(org) = req.query_param("orgId") else {
-            return Err(envelope(
-                99400,
-                "Invalid Argument orgId:orgId is missing",
-                Value::Null,
-            ));
+            return Err(envelope(99400, "Invalid Argument orgId:orgId is missing", Value::Null));
         };
         let by_asset = req.query_param("assetId").map(|a| a == cfg.asset_id);
         let by_keys = match (req.query_param("productKey"), req.query_param("deviceKey")) {
@@ -373,11 +305,7 @@ impl Shared {
             _ => None,
         };
         match by_asset.or(by_keys) {
-            None => Err(envelope(
-                99400,
-                "invalid argument: The device identifier is invalid",
-                Value::Null,
-            )),
+            None => Err(envelope(99400, "invalid argument: The device identifier is invalid", Value::Null)),
             Some(found) if found && org == cfg.org_id => Ok(()),
             Some(_) => Err(envelope(11404, "Device cannot be found", Value::Null)),
         }
@@ -387,14 +315,10 @@ impl Shared {
     fn enos_apply(&self, body: &Value) -> Result<Response, Response> {
         let csr_pem = util::json_str(body, "csr").filter(|s| !s.trim().is_empty());
         let Some(csr_pem) = csr_pem else {
-            return Err(envelope(
-                99400,
-                "Invalid Argument csr:csr is missing",
-                Value::Null,
-            ));
+            return Err(envelope(99400, "Invalid Argument csr:csr is missing", Value::Null));
         };
-        let csr = pki::parse_csr(csr_pem.as_bytes())
-            .map_err(|e| invalid_cert_request("CSR is invalid", &e))?;
+        let csr =
+            pki::parse_csr(csr_pem.as_bytes()).map_err(|e| invalid_cert_request("CSR is invalid", &e))?;
         self.enos_issue(body, csr)
     }
 
@@ -403,26 +327,16 @@ impl Shared {
     fn enos_renew(&self, body: &Value) -> Result<Response, Response> {
         let cert_sn = match body.get("certSn") {
             None | Some(Value::Null) => {
-                return Err(envelope(
-                    99400,
-                    "Invalid Argument certSn:certSn is missing",
-                    Value::Null,
-                ))
+                return Err(envelope(99400, "Invalid Argument certSn:certSn is missing", Value::Null))
             }
             Some(v) => v.as_i64().filter(|n| *n >= 0).ok_or_else(|| {
-                envelope(
-                    99400,
-                    "Invalid Argument certSn:certSn must be a non-negative integer",
-                    Value::Null,
-                )
+                envelope(99400, "Invalid Argument certSn:certSn must be a non-negative integer", Value::Null)
             })?,
         };
         let old_csr = {
             let st = lock(&self.enos);
             match &st.current {
-                Some(c) if c.serial as i64 == cert_sn && c.not_after > SystemTime::now() => {
-                    c.csr.clone()
-                }
+                Some(c) if c.serial as i64 == cert_sn && c.not_after > SystemTime::now() => c.csr.clone(),
                 Some(c) if c.serial as i64 == cert_sn => {
                     return Err(renew_failed(
                         "the original certificate has expired, apply for a new one instead",
@@ -436,8 +350,9 @@ impl Shared {
             }
         };
         let csr = match util::json_str(body, "csr").filter(|s| !s.trim().is_empty()) {
-            Some(pem) => pki::parse_csr(pem.as_bytes())
-                .map_err(|e| invalid_cert_request("CSR is invalid", &e))?,
+            Some(pem) => {
+                pki::parse_csr(pem.as_bytes()).map_err(|e| invalid_cert_request("CSR is invalid", &e))?
+            }
             None => old_csr,
         };
         self.enos_issue(body, csr)
@@ -446,20 +361,10 @@ impl Shared {
     /// Shared tail of apply/renew: issueAuthority and validDay rules, then signing.
     fn enos_issue(&self, body: &Value, csr: ParsedCsr) -> Result<Response, Response> {
         let authority = issue_authority(body)?;
-        let matches = if authority == "RSA" {
-            csr.is_enos_rsa()
-        } else {
-            csr.is_enos_ecc()
-        };
+        let matches = if authority == "RSA" { csr.is_enos_rsa() } else { csr.is_enos_ecc() };
         if !matches {
-            let detail = format!(
-                "issueAuthority {authority} needs {}",
-                needed_key(&authority)
-            );
-            return Err(invalid_cert_request(
-                "the CSR key does not match issueAuthority",
-                &detail,
-            ));
+            let detail = format!("issueAuthority {authority} needs {}", needed_key(&authority));
+            return Err(invalid_cert_request("the CSR key does not match issueAuthority", &detail));
         }
         let days = self.valid_days(body)?;
         let fault = self.take_fault(Endpoint::EnosCert, Phase::Answer);
@@ -468,19 +373,10 @@ impl Shared {
             Some(Fault::ExpiredCert) => LeafFault::Expired,
             _ => LeafFault::None,
         };
-        let issued = pki::issue_leaf(
-            &csr,
-            &self.pki.enos_root,
-            &LeafProfile::device(days),
-            leaf_fault,
-        )
-        .map_err(|e| {
-            envelope(
-                99500,
-                &format!("Internal error of certificate service. {e}"),
-                Value::Null,
-            )
-        })?;
+        let issued = pki::issue_leaf(&csr, &self.pki.enos_root, &LeafProfile::device(days), leaf_fault)
+            .map_err(|e| {
+                envelope(99500, &format!("Internal error of certificate service. {e}"), Value::Null)
+            })?;
         if fault.is_none() {
             self.bind(&issued, csr);
         }
@@ -491,11 +387,7 @@ impl Shared {
         let days = match body.get("validDay") {
             None | Some(Value::Null) => 730,
             Some(v) => v.as_i64().filter(|d| *d > 0).ok_or_else(|| {
-                envelope(
-                    99400,
-                    "Invalid Argument validDay:validDay must be a positive integer",
-                    Value::Null,
-                )
+                envelope(99400, "Invalid Argument validDay:validDay must be a positive integer", Value::Null)
             })?,
         };
         if days > i64::from(self.enos_cfg.max_valid_days) {
@@ -511,11 +403,8 @@ impl Shared {
 
     /// Makes `issued` the device's current certificate; the previous certSn becomes invalid.
     fn bind(&self, issued: &IssuedCert, csr: ParsedCsr) {
-        lock(&self.enos).current = Some(CurrentCert {
-            serial: issued.serial,
-            not_after: issued.not_after,
-            csr,
-        });
+        lock(&self.enos).current =
+            Some(CurrentCert { serial: issued.serial, not_after: issued.not_after, csr });
         self.record_issued(&issued.der);
     }
 
@@ -539,9 +428,7 @@ impl Shared {
 fn issue_authority(body: &Value) -> Result<String, Response> {
     match body.get("issueAuthority") {
         None | Some(Value::Null) => Ok("RSA".into()),
-        Some(Value::String(s))
-            if s.eq_ignore_ascii_case("RSA") || s.eq_ignore_ascii_case("ECC") =>
-        {
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("RSA") || s.eq_ignore_ascii_case("ECC") => {
             Ok(s.to_ascii_uppercase())
         }
         Some(v) => Err(envelope(

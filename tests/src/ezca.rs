@@ -100,18 +100,12 @@ impl Shared {
     /// `POST /{tenant}/oauth2/v2.0/token`, client-credentials grant with a client secret (§2.2).
     pub(crate) fn entra_token(&self, req: &Request) -> Response {
         let cfg = &self.ezca_cfg;
-        let tenant = req
-            .path
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .unwrap_or_default();
+        let tenant = req.path.trim_start_matches('/').split('/').next().unwrap_or_default();
         let form = util::parse_form(&String::from_utf8_lossy(&req.body));
         let field = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        let form_ct = req.header("Content-Type").is_some_and(|c| {
-            c.to_ascii_lowercase()
-                .starts_with("application/x-www-form-urlencoded")
-        });
+        let form_ct = req
+            .header("Content-Type")
+            .is_some_and(|c| c.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
         if !form_ct {
             return entra_error(
                 "invalid_request",
@@ -120,11 +114,7 @@ impl Shared {
             );
         }
         if tenant != cfg.tenant_id {
-            return entra_error(
-                "invalid_request",
-                90002,
-                &format!("Tenant '{tenant}' not found."),
-            );
+            return entra_error("invalid_request", 90002, &format!("Tenant '{tenant}' not found."));
         }
         if field("grant_type") != Some("client_credentials") {
             return entra_error(
@@ -134,11 +124,7 @@ impl Shared {
             );
         }
         if field("client_id") != Some(cfg.client_id.as_str()) {
-            return entra_error(
-                "unauthorized_client",
-                700016,
-                "Application was not found in the directory.",
-            );
+            return entra_error("unauthorized_client", 700016, "Application was not found in the directory.");
         }
         if field("scope") != Some(EZCA_SCOPE) {
             return entra_error(
@@ -155,9 +141,7 @@ impl Shared {
             );
         }
         let token = format!("eyEmu.{}", util::random_hex(32));
-        lock(&self.ezca)
-            .entra_tokens
-            .insert(token.clone(), util::now_s() + ENTRA_LIFETIME_S);
+        lock(&self.ezca).entra_tokens.insert(token.clone(), util::now_s() + ENTRA_LIFETIME_S);
         Response::json(
             200,
             &json!({"token_type": "Bearer", "expires_in": ENTRA_LIFETIME_S, "ext_expires_in": ENTRA_LIFETIME_S, "access_token": token}),
@@ -171,10 +155,7 @@ impl Shared {
         if token == self.ezca_cfg.bootstrap_token {
             return true;
         }
-        lock(&self.ezca)
-            .entra_tokens
-            .get(token)
-            .is_some_and(|exp| *exp > util::now_s())
+        lock(&self.ezca).entra_tokens.get(token).is_some_and(|exp| *exp > util::now_s())
     }
 
     fn ezca_early_fault(&self, ep: Endpoint, json_body: bool) -> Option<Response> {
@@ -200,17 +181,14 @@ impl Shared {
     }
 
     fn request_v2_checked(&self, req: &Request) -> Result<Response, Response> {
-        let body: Value = serde_json::from_slice(&req.body)
-            .map_err(|_| text(400, "Error: request body is not JSON"))?;
+        let body: Value =
+            serde_json::from_slice(&req.body).map_err(|_| text(400, "Error: request body is not JSON"))?;
         self.check_ca_template(&body)?;
         let csr = csr_field(&body)?;
         check_subject_name(&body, &csr)?;
         let sans = requested_sans(&body)?;
         if !csr.sans.is_empty() && !sans.is_empty() && csr.sans != sans {
-            return Err(text(
-                400,
-                "Error: SubjectAltNames do not match the CSR's subjectAltName extension",
-            ));
+            return Err(text(400, "Error: SubjectAltNames do not match the CSR's subjectAltName extension"));
         }
         let profile = LeafProfile {
             days: self.validity_days(&body)?,
@@ -231,10 +209,9 @@ impl Shared {
         }
         match util::json_str(body, "TemplateID") {
             None => Err(text(400, "Error: TemplateID is required")),
-            Some(id) if !id.eq_ignore_ascii_case(&self.ezca_cfg.template_id) => Err(text(
-                404,
-                &format!("Error: template {id} not found for this CA"),
-            )),
+            Some(id) if !id.eq_ignore_ascii_case(&self.ezca_cfg.template_id) => {
+                Err(text(404, &format!("Error: template {id} not found for this CA")))
+            }
             _ => Ok(()),
         }
     }
@@ -243,22 +220,13 @@ impl Shared {
         let max = self.ezca_cfg.max_validity_days;
         match v.get("ValidityInDays").and_then(Value::as_i64) {
             Some(d) if d > 0 && d <= i64::from(max) => Ok(d as u32),
-            Some(d) => Err(text(
-                400,
-                &format!("Error: ValidityInDays {d} is outside 1..={max}"),
-            )),
+            Some(d) => Err(text(400, &format!("Error: ValidityInDays {d} is outside 1..={max}"))),
             None => Err(text(400, "Error: ValidityInDays must be an integer")),
         }
     }
 
     /// Signs with the issuing CA, applies answer-phase faults, records genuine certificates.
-    fn ezca_issue(
-        &self,
-        ep: Endpoint,
-        csr: &ParsedCsr,
-        profile: LeafProfile,
-        as_json: bool,
-    ) -> Response {
+    fn ezca_issue(&self, ep: Endpoint, csr: &ParsedCsr, profile: LeafProfile, as_json: bool) -> Response {
         let fault = self.take_fault(ep, Phase::Answer);
         let leaf_fault = match fault {
             Some(Fault::WrongKeyCert) => LeafFault::WrongKey,
@@ -290,24 +258,14 @@ impl Shared {
     }
 
     fn register(&self, issued: &IssuedCert, profile: LeafProfile) {
-        let cert = EzcaCert {
-            der: issued.der.clone(),
-            not_after: issued.not_after,
-            profile,
-        };
-        lock(&self.ezca)
-            .certs
-            .insert(util::thumbprint(&issued.der), cert);
+        let cert = EzcaCert { der: issued.der.clone(), not_after: issued.not_after, profile };
+        lock(&self.ezca).certs.insert(util::thumbprint(&issued.der), cert);
         self.record_issued(&issued.der);
     }
 
     /// `POST /api/Certificates/RenewCertificateV3` (`v3`) or `…V2` (§2.4, §2.5).
     pub(crate) fn ezca_renew(&self, req: &Request, v3: bool) -> Response {
-        let ep = if v3 {
-            Endpoint::EzcaRenewV3
-        } else {
-            Endpoint::EzcaRenewV2
-        };
+        let ep = if v3 { Endpoint::EzcaRenewV3 } else { Endpoint::EzcaRenewV2 };
         if let Some(r) = self.ezca_early_fault(ep, v3) {
             return r;
         }
@@ -316,33 +274,25 @@ impl Shared {
 
     fn renew_checked(&self, req: &Request, ep: Endpoint, v3: bool) -> Result<Response, Response> {
         let (cert_der, profile) = self.verify_cert_jwt(req)?;
-        let body: Value = serde_json::from_slice(&req.body)
-            .map_err(|_| text(400, "Error: request body is not JSON"))?;
+        let body: Value =
+            serde_json::from_slice(&req.body).map_err(|_| text(400, "Error: request body is not JSON"))?;
         let body_cert = util::json_str(&body, "Certificate")
             .and_then(|p| ::pem::parse(p).ok())
             .filter(|p| p.tag() == "CERTIFICATE")
             .ok_or_else(|| text(400, "Error: Certificate must be a PEM certificate"))?;
         if body_cert.contents() != cert_der.as_slice() {
-            return Err(text(
-                401,
-                "Error: Certificate does not match the token's x5t",
-            ));
+            return Err(text(401, "Error: Certificate does not match the token's x5t"));
         }
         let payload = body
             .get("Payload")
             .filter(|p| p.is_object())
             .ok_or_else(|| text(400, "Error: Payload is required"))?;
         let csr = csr_field(payload)?;
-        let (subject, sans) =
-            pki::cert_names(&cert_der).map_err(|e| text(500, &format!("Error: {e}")))?;
+        let (subject, sans) = pki::cert_names(&cert_der).map_err(|e| text(500, &format!("Error: {e}")))?;
         if csr.subject_der != subject || csr.sans != sans {
             return Err(text(400, "CSR does not match certificate"));
         }
-        let profile = LeafProfile {
-            days: self.validity_days(payload)?,
-            sans_override: None,
-            ..profile
-        };
+        let profile = LeafProfile { days: self.validity_days(payload)?, sans_override: None, ..profile };
         Ok(self.ezca_issue(ep, &csr, profile, v3))
     }
 
@@ -352,11 +302,9 @@ impl Shared {
     fn verify_cert_jwt(&self, req: &Request) -> Result<(Vec<u8>, LeafProfile), Response> {
         let unauthorized = |why: &str| text(401, &format!("Error: {why}"));
         let jwt = bearer(req).ok_or_else(|| unauthorized("missing bearer token"))?;
-        let parts = JwtParts::split(jwt)
-            .ok_or_else(|| unauthorized("token is not a JWS compact serialization"))?;
-        let header = parts
-            .json(0)
-            .ok_or_else(|| unauthorized("token header is not JSON"))?;
+        let parts =
+            JwtParts::split(jwt).ok_or_else(|| unauthorized("token is not a JWS compact serialization"))?;
+        let header = parts.json(0).ok_or_else(|| unauthorized("token header is not JSON"))?;
         if util::json_str(&header, "alg") != Some("RS256") {
             return Err(unauthorized("token alg must be RS256"));
         }
@@ -376,9 +324,7 @@ impl Shared {
             return Err(unauthorized("certificate has expired"));
         }
         verify_rs256(&der, &parts).map_err(|e| unauthorized(&e))?;
-        let claims = parts
-            .json(1)
-            .ok_or_else(|| unauthorized("token claims are not JSON"))?;
+        let claims = parts.json(1).ok_or_else(|| unauthorized("token claims are not JSON"))?;
         check_claims(&claims, util::now_s()).map_err(|e| unauthorized(&e))?;
         Ok((der, profile))
     }
@@ -388,10 +334,7 @@ impl Shared {
 fn bearer(req: &Request) -> Option<&str> {
     let v = req.header("Authorization")?;
     let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("Bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    scheme.eq_ignore_ascii_case("Bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 /// The three segments of a compact JWS.
@@ -408,29 +351,21 @@ impl<'a> JwtParts<'a> {
             return None;
         }
         let signing_input = &jwt[..segments[0].len() + 1 + segments[1].len()];
-        Some(Self {
-            signing_input,
-            segments,
-        })
+        Some(Self { signing_input, segments })
     }
 
     fn bytes(&self, i: usize) -> Option<Vec<u8>> {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(self.segments[i].trim_end_matches('='))
-            .ok()
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(self.segments[i].trim_end_matches('=')).ok()
     }
 
     fn json(&self, i: usize) -> Option<Value> {
-        serde_json::from_slice::<Value>(&self.bytes(i)?)
-            .ok()
-            .filter(Value::is_object)
+        serde_json::from_slice::<Value>(&self.bytes(i)?).ok().filter(Value::is_object)
     }
 }
 
 /// RSASSA-PKCS1-v1_5 SHA-256 over `header.claims` with the certificate's RSA key (ring).
 fn verify_rs256(cert_der: &[u8], parts: &JwtParts) -> Result<(), String> {
-    let (_, cert) =
-        X509Certificate::from_der(cert_der).map_err(|_| "stored certificate does not parse")?;
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|_| "stored certificate does not parse")?;
     let spki = cert.public_key();
     if spki.algorithm.algorithm.to_id_string() != "1.2.840.113549.1.1.1" {
         return Err("only RSA certificates can authenticate".into());
@@ -440,17 +375,14 @@ fn verify_rs256(cert_der: &[u8], parts: &JwtParts) -> Result<(), String> {
         &ring::signature::RSA_PKCS1_2048_8192_SHA256,
         &spki.subject_public_key.data,
     );
-    key.verify(parts.signing_input.as_bytes(), &sig)
-        .map_err(|_| "token signature invalid".into())
+    key.verify(parts.signing_input.as_bytes(), &sig).map_err(|_| "token signature invalid".into())
 }
 
 /// `aud`, `jti`, `nbf`, `exp` rules of §2.3 at time `now` (Unix seconds).
 fn check_claims(c: &Value, now: i64) -> Result<(), String> {
     let aud_ok = match c.get("aud") {
         Some(Value::String(a)) => JWT_AUDIENCES.contains(&a.as_str()),
-        Some(Value::Array(a)) => a
-            .iter()
-            .any(|x| x.as_str().is_some_and(|s| JWT_AUDIENCES.contains(&s))),
+        Some(Value::Array(a)) => a.iter().any(|x| x.as_str().is_some_and(|s| JWT_AUDIENCES.contains(&s))),
         _ => false,
     };
     if !aud_ok {
@@ -459,10 +391,8 @@ fn check_claims(c: &Value, now: i64) -> Result<(), String> {
     if util::json_str(c, "jti").is_none_or(str::is_empty) {
         return Err("token has no jti".into());
     }
-    let (Some(nbf), Some(exp)) = (
-        c.get("nbf").and_then(Value::as_i64),
-        c.get("exp").and_then(Value::as_i64),
-    ) else {
+    let (Some(nbf), Some(exp)) = (c.get("nbf").and_then(Value::as_i64), c.get("exp").and_then(Value::as_i64))
+    else {
         return Err("token needs integer nbf and exp".into());
     };
     if exp <= now {
@@ -496,16 +426,9 @@ fn check_subject_name(body: &Value, csr: &ParsedCsr) -> Result<(), Response> {
         .map(|(_, v)| v.trim().to_string());
     let csr_cn = X509Name::from_der(&csr.subject_der)
         .ok()
-        .and_then(|(_, n)| {
-            n.iter_common_name()
-                .next()
-                .and_then(|a| a.as_str().ok().map(str::to_string))
-        });
+        .and_then(|(_, n)| n.iter_common_name().next().and_then(|a| a.as_str().ok().map(str::to_string)));
     if given_cn.is_none() || given_cn != csr_cn {
-        return Err(text(
-            400,
-            "Error: SubjectName does not match the CSR subject",
-        ));
+        return Err(text(400, "Error: SubjectName does not match the CSR subject"));
     }
     Ok(())
 }
@@ -520,18 +443,12 @@ fn requested_sans(body: &Value) -> Result<Vec<San>, Response> {
     };
     let mut sans = Vec::new();
     for item in list {
-        let value = util::json_str(item, "ValueSTR")
-            .ok_or_else(|| bad("ValueSTR missing"))?
-            .to_string();
+        let value = util::json_str(item, "ValueSTR").ok_or_else(|| bad("ValueSTR missing"))?.to_string();
         let san = match item.get("SubjectAltType").and_then(Value::as_i64) {
             Some(1) => San::Email(value),
             Some(2) => San::Dns(value),
             Some(6) => San::Uri(value),
-            Some(7) => San::Ip(
-                value
-                    .parse()
-                    .map_err(|_| bad("type 7 needs an IP address"))?,
-            ),
+            Some(7) => San::Ip(value.parse().map_err(|_| bad("type 7 needs an IP address"))?),
             _ => return Err(bad("SubjectAltType must be 1, 2, 6 or 7")),
         };
         sans.push(san);
@@ -542,15 +459,8 @@ fn requested_sans(body: &Value) -> Result<Vec<San>, Response> {
 
 /// `EKUs`: OID strings, default client + server auth.
 fn ekus(body: &Value) -> Result<Vec<ExtendedKeyUsagePurpose>, Response> {
-    let Some(list) = body
-        .get("EKUs")
-        .and_then(Value::as_array)
-        .filter(|a| !a.is_empty())
-    else {
-        return Ok(vec![
-            ExtendedKeyUsagePurpose::ClientAuth,
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ]);
+    let Some(list) = body.get("EKUs").and_then(Value::as_array).filter(|a| !a.is_empty()) else {
+        return Ok(vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth]);
     };
     list.iter()
         .map(|e| {
@@ -568,15 +478,8 @@ fn ekus(body: &Value) -> Result<Vec<ExtendedKeyUsagePurpose>, Response> {
 
 /// `KeyUsages`: names as in the EZCA portal, default Key Encipherment + Digital Signature.
 fn key_usages(body: &Value) -> Result<Vec<KeyUsagePurpose>, Response> {
-    let Some(list) = body
-        .get("KeyUsages")
-        .and_then(Value::as_array)
-        .filter(|a| !a.is_empty())
-    else {
-        return Ok(vec![
-            KeyUsagePurpose::KeyEncipherment,
-            KeyUsagePurpose::DigitalSignature,
-        ]);
+    let Some(list) = body.get("KeyUsages").and_then(Value::as_array).filter(|a| !a.is_empty()) else {
+        return Ok(vec![KeyUsagePurpose::KeyEncipherment, KeyUsagePurpose::DigitalSignature]);
     };
     list.iter()
         .map(|k| match k.as_str().unwrap_or_default() {
@@ -599,16 +502,14 @@ mod tests {
         let now = 1_700_000_000;
         let ok = json!({"aud": "https://ezca.io", "jti": "x", "nbf": now, "exp": now + 1800});
         assert!(check_claims(&ok, now).is_ok());
-        let agent =
-            json!({"aud": "https://agent.keytos.io", "jti": "x", "nbf": now, "exp": now + 1800});
+        let agent = json!({"aud": "https://agent.keytos.io", "jti": "x", "nbf": now, "exp": now + 1800});
         assert!(check_claims(&agent, now).is_ok());
-        let bad_aud = json!({"aud": "https://login.microsoftonline.com", "jti": "x", "nbf": now, "exp": now + 1800});
+        let bad_aud =
+            json!({"aud": "https://login.microsoftonline.com", "jti": "x", "nbf": now, "exp": now + 1800});
         assert!(check_claims(&bad_aud, now).is_err());
-        let expired =
-            json!({"aud": "https://ezca.io", "jti": "x", "nbf": now - 4000, "exp": now - 1});
+        let expired = json!({"aud": "https://ezca.io", "jti": "x", "nbf": now - 4000, "exp": now - 1});
         assert!(check_claims(&expired, now).is_err());
-        let future =
-            json!({"aud": "https://ezca.io", "jti": "x", "nbf": now + 600, "exp": now + 1800});
+        let future = json!({"aud": "https://ezca.io", "jti": "x", "nbf": now + 600, "exp": now + 1800});
         assert!(check_claims(&future, now).is_err());
         let long = json!({"aud": "https://ezca.io", "jti": "x", "nbf": now, "exp": now + 7200});
         assert!(check_claims(&long, now).is_err());

@@ -89,8 +89,9 @@ impl Fault {
         match self {
             None => false,
             RejectAuth => true,
-            Enos99400 | Enos11404 | Enos11833 | Enos99500 | EnosTokenExpired | Gateway401
-            | Gateway429 => ep == Endpoint::EnosCert,
+            Enos99400 | Enos11404 | Enos11833 | Enos99500 | EnosTokenExpired | Gateway401 | Gateway429 => {
+                ep == Endpoint::EnosCert
+            }
             EzcaV3404 | EzcaWrapped => ep == Endpoint::EzcaRenewV3,
             _ => ep.is_issuing(),
         }
@@ -101,11 +102,10 @@ impl Fault {
         use Fault::*;
         match self {
             // Service-level answers come after the gateway accepted the signature.
-            EnosTokenExpired | Enos99400 | Enos11404 | Enos11833 | Enos99500 => {
-                Phase::Authenticated
+            EnosTokenExpired | Enos99400 | Enos11404 | Enos11833 | Enos99500 => Phase::Authenticated,
+            MalformedJson | TruncatedJson | TruncatedBody | WrongKeyCert | ExpiredCert | EzcaWrapped => {
+                Phase::Answer
             }
-            MalformedJson | TruncatedJson | TruncatedBody | WrongKeyCert | ExpiredCert
-            | EzcaWrapped => Phase::Answer,
             _ => Phase::Early,
         }
     }
@@ -132,11 +132,7 @@ impl FromStr for Fault {
 
 /// All fault names, comma-separated (for usage and error messages).
 pub fn names() -> String {
-    Fault::ALL
-        .iter()
-        .map(|f| f.name())
-        .collect::<Vec<_>>()
-        .join(", ")
+    Fault::ALL.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
 }
 
 /// The armed fault and how many more calls it applies to (`None` = until cleared).
@@ -148,20 +144,14 @@ pub struct FaultState {
 
 impl Default for FaultState {
     fn default() -> Self {
-        Self {
-            fault: Fault::None,
-            remaining: None,
-        }
+        Self { fault: Fault::None, remaining: None }
     }
 }
 
 impl FaultState {
     /// Arms `fault` for the next `count` matching calls (`None` = until cleared).
     pub fn set(&mut self, fault: Fault, count: Option<u32>) {
-        *self = Self {
-            fault,
-            remaining: count,
-        };
+        *self = Self { fault, remaining: count };
         if count == Some(0) {
             self.fault = Fault::None;
         }
@@ -206,17 +196,11 @@ mod tests {
         s.set(Fault::EzcaV3404, Some(1));
         assert_eq!(s.take(Endpoint::EnosCert, Phase::Early), None);
         assert_eq!(s.take(Endpoint::EzcaRenewV3, Phase::Answer), None);
-        assert_eq!(
-            s.take(Endpoint::EzcaRenewV3, Phase::Early),
-            Some(Fault::EzcaV3404)
-        );
+        assert_eq!(s.take(Endpoint::EzcaRenewV3, Phase::Early), Some(Fault::EzcaV3404));
         assert_eq!(s.take(Endpoint::EzcaRenewV3, Phase::Early), None);
         s.set(Fault::Http500, None);
         for _ in 0..3 {
-            assert_eq!(
-                s.take(Endpoint::EzcaIssue, Phase::Early),
-                Some(Fault::Http500)
-            );
+            assert_eq!(s.take(Endpoint::EzcaIssue, Phase::Early), Some(Fault::Http500));
         }
         assert_eq!(s.take(Endpoint::EnosToken, Phase::Early), None);
     }

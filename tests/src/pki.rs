@@ -11,9 +11,9 @@
 use crate::util;
 use ::time::OffsetDateTime;
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, CustomExtension, DistinguishedName, DnType,
-    DnValue, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-    SubjectPublicKeyInfo, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, Certificate, CertificateParams, CustomExtension, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+    PKCS_ECDSA_P256_SHA256,
 };
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -50,11 +50,7 @@ impl CertAuthority {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let params = ca_params(org, cn, BasicConstraints::Unconstrained);
         let not_after = to_system(params.not_after);
-        Ok(Self {
-            cert: params.self_signed(&key)?,
-            key,
-            not_after,
-        })
+        Ok(Self { cert: params.self_signed(&key)?, key, not_after })
     }
 
     /// An intermediate (issuing) CA signed by `parent`, path length 0.
@@ -65,11 +61,7 @@ impl CertAuthority {
         params.use_authority_key_identifier_extension = true;
         let not_after = to_system(params.not_after);
         let cert = params.signed_by(&key, &parent.cert, &parent.key)?;
-        Ok(Self {
-            cert,
-            key,
-            not_after,
-        })
+        Ok(Self { cert, key, not_after })
     }
 
     /// The CA certificate, DER.
@@ -96,11 +88,8 @@ fn ca_params(org: &str, cn: &str, bc: BasicConstraints) -> CertificateParams {
     dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(bc);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    p.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     p.serial_number = Some(random_serial().into());
     let now = OffsetDateTime::now_utc();
     p.not_before = now - ::time::Duration::days(1);
@@ -113,10 +102,7 @@ fn to_system(t: OffsetDateTime) -> SystemTime {
 }
 
 fn to_offset(t: SystemTime) -> OffsetDateTime {
-    let s = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let s = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
     OffsetDateTime::from_unix_timestamp(s as i64).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
@@ -146,21 +132,11 @@ impl Pki {
     pub fn generate() -> Result<Self, rcgen::Error> {
         let enos_root = CertAuthority::root("EnOS", "EnOS Emulator Root CA")?;
         let ezca_root = CertAuthority::root("Keytos EZCA Emulator", "EZCA Emulator Root CA")?;
-        let ezca_issuing = CertAuthority::intermediate(
-            "Keytos EZCA Emulator",
-            "EZCA Emulator Issuing CA",
-            &ezca_root,
-        )?;
+        let ezca_issuing =
+            CertAuthority::intermediate("Keytos EZCA Emulator", "EZCA Emulator Issuing CA", &ezca_root)?;
         let tls_root = CertAuthority::root("enroll-tests", "CA Emulator TLS Root")?;
         let (tls_server_der, tls_server_key) = tls_server_cert(&tls_root)?;
-        Ok(Self {
-            enos_root,
-            ezca_root,
-            ezca_issuing,
-            tls_root,
-            tls_server_der,
-            tls_server_key,
-        })
+        Ok(Self { enos_root, ezca_root, ezca_issuing, tls_root, tls_server_der, tls_server_key })
     }
 
     /// The HTTPS server certificate chain (leaf only; the client trusts `tls_root`).
@@ -251,13 +227,12 @@ impl ParsedCsr {
 /// its self-signature (proof of possession). Errors are human-readable reasons.
 pub fn parse_csr(input: &[u8]) -> Result<ParsedCsr, String> {
     let der = csr_der(input)?;
-    let (rest, csr) = X509CertificationRequest::from_der(&der)
-        .map_err(|e| format!("CSR is not valid DER PKCS#10: {e}"))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(&der).map_err(|e| format!("CSR is not valid DER PKCS#10: {e}"))?;
     if !rest.is_empty() {
         return Err("trailing bytes after the CSR".into());
     }
-    csr.verify_signature()
-        .map_err(|e| format!("CSR signature does not verify: {e}"))?;
+    csr.verify_signature().map_err(|e| format!("CSR signature does not verify: {e}"))?;
     let info = &csr.certification_request_info;
     let (sans, san_ext) = csr_sans(&csr)?;
     Ok(ParsedCsr {
@@ -285,20 +260,11 @@ fn csr_der(input: &[u8]) -> Result<Vec<u8>, String> {
 
 fn key_kind(spki: &x509_parser::x509::SubjectPublicKeyInfo) -> KeyKind {
     let alg = spki.algorithm.algorithm.to_id_string();
-    let param = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .and_then(|p| p.as_oid().ok());
+    let param = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
     match (alg.as_str(), spki.parsed()) {
         (OID_RSA, Ok(x509_parser::public_key::PublicKey::RSA(k))) => KeyKind::Rsa(k.key_size()),
-        (OID_EC, _) if param.as_ref().map(|o| o.to_id_string()).as_deref() == Some(OID_P256) => {
-            KeyKind::P256
-        }
-        _ => KeyKind::Other(format!(
-            "{alg} {}",
-            param.map(|o| o.to_id_string()).unwrap_or_default()
-        )),
+        (OID_EC, _) if param.as_ref().map(|o| o.to_id_string()).as_deref() == Some(OID_P256) => KeyKind::P256,
+        _ => KeyKind::Other(format!("{alg} {}", param.map(|o| o.to_id_string()).unwrap_or_default())),
     }
 }
 
@@ -330,9 +296,7 @@ pub fn sorted_sans(names: &[GeneralName]) -> Vec<San> {
             GeneralName::RFC822Name(s) => San::Email(s.to_string()),
             GeneralName::DNSName(s) => San::Dns(s.to_string()),
             GeneralName::URI(s) => San::Uri(s.to_string()),
-            GeneralName::IPAddress(b) => ip_from(b)
-                .map(San::Ip)
-                .unwrap_or(San::Other(format!("{n:?}"))),
+            GeneralName::IPAddress(b) => ip_from(b).map(San::Ip).unwrap_or(San::Other(format!("{n:?}"))),
             other => San::Other(format!("{other:?}")),
         })
         .collect();
@@ -378,14 +342,8 @@ impl LeafProfile {
         Self {
             days,
             sans_override: None,
-            key_usages: vec![
-                KeyUsagePurpose::DigitalSignature,
-                KeyUsagePurpose::KeyEncipherment,
-            ],
-            ekus: vec![
-                ExtendedKeyUsagePurpose::ClientAuth,
-                ExtendedKeyUsagePurpose::ServerAuth,
-            ],
+            key_usages: vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
+            ekus: vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth],
         }
     }
 }
@@ -440,12 +398,7 @@ pub fn issue_leaf(
     if cert_names(&der)?.0 != csr.subject_der {
         return Err("emulator cannot reproduce this subject byte for byte".into());
     }
-    Ok(IssuedCert {
-        pem: cert_pem(&der),
-        der,
-        serial,
-        not_after,
-    })
+    Ok(IssuedCert { pem: cert_pem(&der), der, serial, not_after })
 }
 
 fn leaf_params(
@@ -476,8 +429,8 @@ fn leaf_params(
         p.not_after = now - ::time::Duration::days(1);
     } else {
         p.not_before = now - ::time::Duration::seconds(60);
-        p.not_after = (now + ::time::Duration::days(i64::from(profile.days)))
-            .min(to_offset(issuer.not_after));
+        p.not_after =
+            (now + ::time::Duration::days(i64::from(profile.days))).min(to_offset(issuer.not_after));
     }
     Ok(p)
 }
@@ -490,11 +443,7 @@ fn subject_dn(subject_der: &[u8]) -> Result<DistinguishedName, String> {
         let [attr] = attrs.as_slice() else {
             return Err("multi-valued RDNs are not supported".into());
         };
-        let oid: Vec<u64> = attr
-            .attr_type()
-            .iter()
-            .ok_or("subject attribute OID too large")?
-            .collect();
+        let oid: Vec<u64> = attr.attr_type().iter().ok_or("subject attribute OID too large")?.collect();
         dn.push(DnType::from_oid(&oid), dn_value(attr)?);
     }
     Ok(dn)
@@ -515,11 +464,7 @@ fn dn_value(attr: &AttributeTypeAndValue) -> Result<DnValue, String> {
 }
 
 fn san_type(s: &San) -> Result<SanType, String> {
-    let ia5 = |v: &str| {
-        v.to_string()
-            .try_into()
-            .map_err(|e: rcgen::Error| e.to_string())
-    };
+    let ia5 = |v: &str| v.to_string().try_into().map_err(|e: rcgen::Error| e.to_string());
     Ok(match s {
         San::Email(v) => SanType::Rfc822Name(ia5(v)?),
         San::Dns(v) => SanType::DnsName(ia5(v)?),
@@ -536,8 +481,7 @@ pub(crate) mod tests {
     /// A P-256 key and a CSR for it with the given CN and DNS SANs, made with rcgen.
     pub fn p256_csr(cn: &str, dns: &[&str]) -> (KeyPair, String) {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p =
-            CertificateParams::new(dns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let mut p = CertificateParams::new(dns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         p.distinguished_name = DistinguishedName::new();
         p.distinguished_name.push(DnType::OrganizationName, "Acme");
         p.distinguished_name.push(DnType::CommonName, cn);
@@ -551,23 +495,12 @@ pub(crate) mod tests {
         let (key, csr_pem) = p256_csr("sensor-1", &["sensor-1.example", "10.0.0.1"]);
         let csr = parse_csr(csr_pem.as_bytes()).unwrap();
         assert!(csr.is_enos_ecc());
-        let leaf = issue_leaf(
-            &csr,
-            &pki.enos_root,
-            &LeafProfile::device(30),
-            LeafFault::None,
-        )
-        .unwrap();
+        let leaf = issue_leaf(&csr, &pki.enos_root, &LeafProfile::device(30), LeafFault::None).unwrap();
         let (_, cert) = X509Certificate::from_der(&leaf.der).unwrap();
         assert_eq!(cert.subject().as_raw(), csr.subject_der.as_slice());
         assert_eq!(cert.public_key().raw, key.public_key_der().as_slice());
         assert_eq!(cert_names(&leaf.der).unwrap().1, csr.sans);
-        let strip = |b: &[u8]| {
-            b.iter()
-                .skip_while(|&&x| x == 0)
-                .copied()
-                .collect::<Vec<u8>>()
-        };
+        let strip = |b: &[u8]| b.iter().skip_while(|&&x| x == 0).copied().collect::<Vec<u8>>();
         assert_eq!(strip(cert.raw_serial()), strip(&leaf.serial.to_be_bytes()));
     }
 
@@ -576,22 +509,10 @@ pub(crate) mod tests {
         let pki = Pki::generate().unwrap();
         let (key, csr_pem) = p256_csr("sensor-2", &[]);
         let csr = parse_csr(csr_pem.as_bytes()).unwrap();
-        let wrong = issue_leaf(
-            &csr,
-            &pki.enos_root,
-            &LeafProfile::device(30),
-            LeafFault::WrongKey,
-        )
-        .unwrap();
+        let wrong = issue_leaf(&csr, &pki.enos_root, &LeafProfile::device(30), LeafFault::WrongKey).unwrap();
         let (_, c) = X509Certificate::from_der(&wrong.der).unwrap();
         assert_ne!(c.public_key().raw, key.public_key_der().as_slice());
-        let expired = issue_leaf(
-            &csr,
-            &pki.enos_root,
-            &LeafProfile::device(30),
-            LeafFault::Expired,
-        )
-        .unwrap();
+        let expired = issue_leaf(&csr, &pki.enos_root, &LeafProfile::device(30), LeafFault::Expired).unwrap();
         let (_, c) = X509Certificate::from_der(&expired.der).unwrap();
         assert!(!c.validity().is_valid());
     }

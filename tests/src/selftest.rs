@@ -56,15 +56,8 @@ impl Drop for TempDir {
 }
 
 fn openssl(args: &[&str]) -> String {
-    let out = Command::new("/usr/bin/openssl")
-        .args(args)
-        .output()
-        .expect("run /usr/bin/openssl");
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("/usr/bin/openssl").args(args).output().expect("run /usr/bin/openssl");
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "openssl {args:?} failed: {all}");
     all
 }
@@ -77,37 +70,16 @@ fn p(path: &Path) -> &str {
 fn rsa_key_and_csr(dir: &TempDir, cn: &str, san: Option<&str>) -> (Vec<u8>, String) {
     let key = dir.path(&format!("{cn}.key"));
     let csr = dir.path(&format!("{cn}.csr"));
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        p(&key),
-    ]);
+    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", p(&key)]);
     let subj = format!("/O=Acme/CN={cn}");
-    let mut args = vec![
-        "req",
-        "-new",
-        "-sha256",
-        "-key",
-        p(&key),
-        "-subj",
-        &subj,
-        "-out",
-        p(&csr),
-    ];
+    let mut args = vec!["req", "-new", "-sha256", "-key", p(&key), "-subj", &subj, "-out", p(&csr)];
     let ext = san.map(|s| format!("subjectAltName={s}"));
     if let Some(e) = &ext {
         args.extend(["-addext", e.as_str()]);
     }
     openssl(&args);
     let key_pem = std::fs::read_to_string(&key).unwrap();
-    (
-        ::pem::parse(key_pem).unwrap().into_contents(),
-        std::fs::read_to_string(&csr).unwrap(),
-    )
+    (::pem::parse(key_pem).unwrap().into_contents(), std::fs::read_to_string(&csr).unwrap())
 }
 
 /// `openssl verify` of `leaf_pem` against `root_pem` (and `untrusted` intermediates).
@@ -137,10 +109,7 @@ fn request(method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) ->
         path: path.into(),
         raw_query: raw_query.into(),
         query: util::parse_form(raw_query),
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         body: body.to_vec(),
         peer_cert: None,
     }
@@ -154,10 +123,7 @@ fn json_of(r: &crate::server::Response) -> Value {
 // ---------------------------------------------------------------- EnOS helpers
 
 fn token_request(emu: &Emulator, ts: Value, secret: &str) -> Request {
-    let ts_num = ts
-        .as_i64()
-        .or_else(|| ts.as_str().and_then(|s| s.parse().ok()))
-        .unwrap();
+    let ts_num = ts.as_i64().or_else(|| ts.as_str().and_then(|s| s.parse().ok())).unwrap();
     let body = json!({"appKey": emu.enos.app_key, "encryption": token_encryption(&emu.enos.app_key, ts_num, secret), "timestamp": ts});
     request(
         "POST",
@@ -179,29 +145,16 @@ fn enos_token(emu: &Emulator) -> String {
 }
 
 /// A connect-service call signed as in §1.2 step B, at time `ts_ms`, with `secret`.
-fn enos_call(
-    emu: &Emulator,
-    token: &str,
-    action: &str,
-    body: &str,
-    ts_ms: i64,
-    secret: &str,
-) -> Request {
+fn enos_call(emu: &Emulator, token: &str, action: &str, body: &str, ts_ms: i64, secret: &str) -> Request {
     let query = [
         ("action", action),
         ("orgId", emu.enos.org_id.as_str()),
         ("productKey", emu.enos.product_key.as_str()),
         ("deviceKey", emu.enos.device_key.as_str()),
     ];
-    let raw_query: Vec<String> = query
-        .iter()
-        .map(|(k, v)| format!("{k}={}", url_encode(v)))
-        .collect();
+    let raw_query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", url_encode(v))).collect();
     let target = format!("/connect-service/v2.0/certificates?{}", raw_query.join("&"));
-    let decoded: Vec<(String, String)> = query
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let decoded: Vec<(String, String)> = query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let ts = ts_ms.to_string();
     let sig = api_signature(token, &params_data(&decoded, body.as_bytes()), &ts, secret);
     request(
@@ -218,14 +171,8 @@ fn enos_call(
 }
 
 fn enos_ok(emu: &Emulator, token: &str, action: &str, body: &Value) -> Value {
-    let r = emu.handle(&enos_call(
-        emu,
-        token,
-        action,
-        &body.to_string(),
-        util::now_ms(),
-        &emu.enos.app_secret,
-    ));
+    let r =
+        emu.handle(&enos_call(emu, token, action, &body.to_string(), util::now_ms(), &emu.enos.app_secret));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     json_of(&r)
 }
@@ -239,31 +186,17 @@ fn enos_token_accepts_documented_encryption_and_rejects_others() {
     // timestamp as a JSON number (documented Long) and as a string (DECADA firmware).
     let v = json_of(&emu.handle(&token_request(&emu, json!(now), &emu.enos.app_secret)));
     assert_eq!(
-        (
-            v["status"].as_i64(),
-            v["msg"].as_str(),
-            v["business"].as_str()
-        ),
+        (v["status"].as_i64(), v["msg"].as_str(), v["business"].as_str()),
         (Some(0), Some("SUCCESS"), Some("apim-token-service"))
     );
     assert!(v["data"]["expire"].as_i64().unwrap() > 7000);
-    let v2 = json_of(&emu.handle(&token_request(
-        &emu,
-        json!((now + 1).to_string()),
-        &emu.enos.app_secret,
-    )));
+    let v2 = json_of(&emu.handle(&token_request(&emu, json!((now + 1).to_string()), &emu.enos.app_secret)));
     assert_eq!(v2["status"], 0);
     // "Calling get again before expiry returns the same token."
     assert_eq!(v2["data"]["accessToken"], v["data"]["accessToken"]);
     // Reused timestamp = duplicated encryption.
-    assert_eq!(
-        json_of(&emu.handle(&token_request(&emu, json!(now), &emu.enos.app_secret)))["status"],
-        1001
-    );
-    assert_eq!(
-        json_of(&emu.handle(&token_request(&emu, json!(now + 2), "wrong-secret")))["status"],
-        1003
-    );
+    assert_eq!(json_of(&emu.handle(&token_request(&emu, json!(now), &emu.enos.app_secret)))["status"], 1001);
+    assert_eq!(json_of(&emu.handle(&token_request(&emu, json!(now + 2), "wrong-secret")))["status"], 1003);
     let stale = now - 11 * 60 * 1000;
     assert_eq!(
         json_of(&emu.handle(&token_request(&emu, json!(stale), &emu.enos.app_secret)))["status"],
@@ -277,12 +210,7 @@ fn enos_token_accepts_documented_encryption_and_rejects_others() {
         unknown.to_string().as_bytes(),
     ));
     assert_eq!(json_of(&r)["status"], 1002);
-    let junk = emu.handle(&request(
-        "POST",
-        "/apim-token-service/v2.0/token/get",
-        &[],
-        b"not json",
-    ));
+    let junk = emu.handle(&request("POST", "/apim-token-service/v2.0/token/get", &[], b"not json"));
     assert_eq!(json_of(&junk)["status"], 1004);
 }
 
@@ -320,40 +248,14 @@ fn enos_signature_is_checked_exactly() {
     let (_, csr) = crate::pki::tests::p256_csr("sensor-0042", &["sensor-0042.example"]);
     let body = json!({"csr": csr, "issueAuthority": "ecc"}).to_string();
     let now = util::now_ms();
+    assert_eq!(emu.handle(&enos_call(&emu, &token, "apply", &body, now, "wrong-secret")).status, 401);
     assert_eq!(
-        emu.handle(&enos_call(
-            &emu,
-            &token,
-            "apply",
-            &body,
-            now,
-            "wrong-secret"
-        ))
-        .status,
+        emu.handle(&enos_call(&emu, &token, "apply", &body, now - 11 * 60 * 1000, &emu.enos.app_secret))
+            .status,
         401
     );
     assert_eq!(
-        emu.handle(&enos_call(
-            &emu,
-            &token,
-            "apply",
-            &body,
-            now - 11 * 60 * 1000,
-            &emu.enos.app_secret
-        ))
-        .status,
-        401
-    );
-    assert_eq!(
-        emu.handle(&enos_call(
-            &emu,
-            "unknown-token",
-            "apply",
-            &body,
-            now,
-            &emu.enos.app_secret
-        ))
-        .status,
+        emu.handle(&enos_call(&emu, "unknown-token", "apply", &body, now, &emu.enos.app_secret)).status,
         401
     );
     // Body bytes hashed must be the bytes sent: re-serialising changes them.
@@ -363,20 +265,8 @@ fn enos_signature_is_checked_exactly() {
     let mut missing = enos_call(&emu, &token, "apply", &body, now, &emu.enos.app_secret);
     missing.headers.retain(|(k, _)| k != "apim-signature");
     assert_eq!(emu.handle(&missing).status, 401);
-    let ok = emu.handle(&enos_call(
-        &emu,
-        &token,
-        "apply",
-        &body,
-        now,
-        &emu.enos.app_secret,
-    ));
-    assert_eq!(
-        json_of(&ok)["code"],
-        0,
-        "{}",
-        String::from_utf8_lossy(&ok.body)
-    );
+    let ok = emu.handle(&enos_call(&emu, &token, "apply", &body, now, &emu.enos.app_secret));
+    assert_eq!(json_of(&ok)["code"], 0, "{}", String::from_utf8_lossy(&ok.body));
 }
 
 #[test]
@@ -386,10 +276,7 @@ fn params_data_sorts_bytewise_and_appends_body() {
         ("action".into(), "apply".into()),
         ("Zeta".into(), "z".into()),
     ];
-    assert_eq!(
-        params_data(&q, b"{}"),
-        b"ZetazactionapplyorgIdo 1{}".to_vec()
-    );
+    assert_eq!(params_data(&q, b"{}"), b"ZetazactionapplyorgIdo 1{}".to_vec());
     // Independent check of the DECADA-style string of protocols.md §1.2.
     let q = vec![
         ("productKey".to_string(), "pk".to_string()),
@@ -397,22 +284,14 @@ fn params_data_sorts_bytewise_and_appends_body() {
         ("deviceKey".into(), "dk".into()),
         ("action".into(), "apply".into()),
     ];
-    assert_eq!(
-        params_data(&q, b"B"),
-        b"actionapplydeviceKeydkorgIdorgproductKeypkB".to_vec()
-    );
+    assert_eq!(params_data(&q, b"B"), b"actionapplydeviceKeydkorgIdorgproductKeypkB".to_vec());
 }
 
 #[test]
 fn enos_apply_with_the_seed_sample_body_and_response_shape() {
     let emu = Emulator::start(Options::default()).unwrap();
     let token = enos_token(&emu);
-    let v = enos_ok(
-        &emu,
-        &token,
-        "apply",
-        &serde_json::from_str(ENOS_SAMPLE_REQUEST).unwrap(),
-    );
+    let v = enos_ok(&emu, &token, "apply", &serde_json::from_str(ENOS_SAMPLE_REQUEST).unwrap());
     let sample: Value = serde_json::from_str(ENOS_SAMPLE_RESPONSE).unwrap();
     assert_same_shape(&sample, &v, "$");
     assert_eq!(v["data"]["issueAuthority"], "RSA");
@@ -440,11 +319,7 @@ fn assert_same_shape(expect: &Value, got: &Value, at: &str) {
                 assert_same_shape(ev, &g[k], &format!("{at}.{k}"));
             }
         }
-        (e, g) => assert_eq!(
-            std::mem::discriminant(e),
-            std::mem::discriminant(g),
-            "type at {at}"
-        ),
+        (e, g) => assert_eq!(std::mem::discriminant(e), std::mem::discriminant(g), "type at {at}"),
     }
 }
 
@@ -455,49 +330,20 @@ fn enos_apply_and_renew_with_rsa_and_errors() {
     let token = enos_token(&emu);
     let (_, rsa_csr) = rsa_key_and_csr(&dir, "sensor-rsa", Some("DNS:sensor-rsa.example"));
     let (_, ec_csr) = crate::pki::tests::p256_csr("sensor-ec", &[]);
-    let code = |action: &str, body: Value| {
-        enos_ok(&emu, &token, action, &body)["code"]
-            .as_i64()
-            .unwrap()
-    };
-    assert_eq!(
-        code("apply", json!({"csr": ec_csr})),
-        99400,
-        "default issueAuthority is RSA"
-    );
-    assert_eq!(
-        code("apply", json!({"csr": rsa_csr, "issueAuthority": "ECC"})),
-        99400
-    );
-    assert_eq!(
-        code("apply", json!({"csr": rsa_csr, "issueAuthority": "DSA"})),
-        99400
-    );
-    assert_eq!(
-        code("apply", json!({"csr": rsa_csr, "validDay": 3651})),
-        99400
-    );
+    let code = |action: &str, body: Value| enos_ok(&emu, &token, action, &body)["code"].as_i64().unwrap();
+    assert_eq!(code("apply", json!({"csr": ec_csr})), 99400, "default issueAuthority is RSA");
+    assert_eq!(code("apply", json!({"csr": rsa_csr, "issueAuthority": "ECC"})), 99400);
+    assert_eq!(code("apply", json!({"csr": rsa_csr, "issueAuthority": "DSA"})), 99400);
+    assert_eq!(code("apply", json!({"csr": rsa_csr, "validDay": 3651})), 99400);
     assert_eq!(code("apply", json!({"validDay": 30})), 99400);
-    let first = enos_ok(
-        &emu,
-        &token,
-        "apply",
-        &json!({"csr": rsa_csr, "validDay": 30, "issueAuthority": "rsa"}),
-    );
+    let first =
+        enos_ok(&emu, &token, "apply", &json!({"csr": rsa_csr, "validDay": 30, "issueAuthority": "rsa"}));
     assert_eq!(first["code"], 0, "{first}");
-    openssl_verify(
-        &dir,
-        &emu.enos_root_pem(),
-        None,
-        first["data"]["cert"].as_str().unwrap(),
-    );
+    openssl_verify(&dir, &emu.enos_root_pem(), None, first["data"]["cert"].as_str().unwrap());
     let sn: i64 = first["data"]["certSN"].as_str().unwrap().parse().unwrap();
     assert_eq!(emu.enos_current_serial(), Some(sn as u64));
     // Renew: certSn must be the current one; afterwards the old one is invalid.
-    assert_eq!(
-        code("renew", json!({"certSn": sn + 1, "csr": rsa_csr})),
-        99400
-    );
+    assert_eq!(code("renew", json!({"certSn": sn + 1, "csr": rsa_csr})), 99400);
     let (_, rsa_csr2) = rsa_key_and_csr(&dir, "sensor-rsa2", None);
     let renewed = enos_ok(
         &emu,
@@ -507,30 +353,12 @@ fn enos_apply_and_renew_with_rsa_and_errors() {
     );
     assert_eq!(renewed["code"], 0, "{renewed}");
     assert_ne!(renewed["data"]["certSN"], first["data"]["certSN"]);
-    let again = enos_ok(
-        &emu,
-        &token,
-        "renew",
-        &json!({"certSn": sn, "csr": rsa_csr2}),
-    );
-    assert!(
-        again["msg"]
-            .as_str()
-            .unwrap()
-            .starts_with("Renew cert is failed!"),
-        "{again}"
-    );
+    let again = enos_ok(&emu, &token, "renew", &json!({"certSn": sn, "csr": rsa_csr2}));
+    assert!(again["msg"].as_str().unwrap().starts_with("Renew cert is failed!"), "{again}");
     // Renew without csr re-signs the old request (same key).
     let sn2: i64 = renewed["data"]["certSN"].as_str().unwrap().parse().unwrap();
-    assert_eq!(
-        enos_ok(&emu, &token, "renew", &json!({"certSn": sn2}))["code"],
-        0
-    );
-    assert_eq!(
-        code("renew", json!({"csr": rsa_csr2})),
-        99400,
-        "certSn is mandatory"
-    );
+    assert_eq!(enos_ok(&emu, &token, "renew", &json!({"certSn": sn2}))["code"], 0);
+    assert_eq!(code("renew", json!({"csr": rsa_csr2})), 99400, "certSn is mandatory");
     assert_eq!(emu.issued().len(), 3);
 }
 
@@ -543,51 +371,22 @@ fn enos_device_selection() {
     let call = |query: &str| {
         let decoded = util::parse_form(query);
         let ts = util::now_ms().to_string();
-        let sig = api_signature(
-            &token,
-            &params_data(&decoded, body.as_bytes()),
-            &ts,
-            &emu.enos.app_secret,
-        );
+        let sig = api_signature(&token, &params_data(&decoded, body.as_bytes()), &ts, &emu.enos.app_secret);
         let target = format!("/connect-service/v2.0/certificates?{query}");
         json_of(&emu.handle(&request(
             "POST",
             &target,
-            &[
-                ("apim-accesstoken", &token),
-                ("apim-timestamp", &ts),
-                ("apim-signature", &sig),
-            ],
+            &[("apim-accesstoken", &token), ("apim-timestamp", &ts), ("apim-signature", &sig)],
             body.as_bytes(),
         )))
     };
     let org = &emu.enos.org_id;
-    assert_eq!(
-        call(&format!(
-            "action=apply&orgId={org}&assetId={}",
-            emu.enos.asset_id
-        ))["code"],
-        0
-    );
-    assert_eq!(
-        call(&format!("action=apply&orgId={org}&assetId=nope"))["code"],
-        11404
-    );
-    assert_eq!(
-        call(&format!(
-            "action=apply&orgId=other&assetId={}",
-            emu.enos.asset_id
-        ))["code"],
-        11404
-    );
+    assert_eq!(call(&format!("action=apply&orgId={org}&assetId={}", emu.enos.asset_id))["code"], 0);
+    assert_eq!(call(&format!("action=apply&orgId={org}&assetId=nope"))["code"], 11404);
+    assert_eq!(call(&format!("action=apply&orgId=other&assetId={}", emu.enos.asset_id))["code"], 11404);
     assert_eq!(call(&format!("action=apply&orgId={org}"))["code"], 99400);
-    let v = call(&format!(
-        "action=apply&orgId={org}&productKey=x&deviceKey=y"
-    ));
-    assert_eq!(
-        (v["code"].as_i64(), v["msg"].as_str()),
-        (Some(11404), Some("Device cannot be found"))
-    );
+    let v = call(&format!("action=apply&orgId={org}&productKey=x&deviceKey=y"));
+    assert_eq!((v["code"].as_i64(), v["msg"].as_str()), (Some(11404), Some("Device cannot be found")));
 }
 
 #[test]
@@ -597,14 +396,7 @@ fn enos_faults() {
     let (_, csr) = crate::pki::tests::p256_csr("d", &[]);
     let body = json!({"csr": csr, "issueAuthority": "ECC"});
     let call = |t: &str| {
-        emu.handle(&enos_call(
-            &emu,
-            t,
-            "apply",
-            &body.to_string(),
-            util::now_ms(),
-            &emu.enos.app_secret,
-        ))
+        emu.handle(&enos_call(&emu, t, "apply", &body.to_string(), util::now_ms(), &emu.enos.app_secret))
     };
     emu.set_fault(Fault::EnosTokenExpired, Some(1));
     assert_eq!(json_of(&call(&token))["code"], 1203);
@@ -614,43 +406,20 @@ fn enos_faults() {
     assert_ne!(fresh, token);
     assert_eq!(json_of(&call(&fresh))["code"], 0);
     for (f, code, msg) in [
-        (
-            Fault::Enos11833,
-            11833,
-            "Certificate is already bound to another device.",
-        ),
-        (
-            Fault::Enos99500,
-            99500,
-            "Internal error of certificate service.",
-        ),
+        (Fault::Enos11833, 11833, "Certificate is already bound to another device."),
+        (Fault::Enos99500, 99500, "Internal error of certificate service."),
         (Fault::Enos11404, 11404, "Device cannot be found"),
     ] {
         emu.set_fault(f, Some(1));
         let v = json_of(&call(&fresh));
-        assert_eq!(
-            (v["code"].as_i64(), v["msg"].as_str()),
-            (Some(code), Some(msg))
-        );
+        assert_eq!((v["code"].as_i64(), v["msg"].as_str()), (Some(code), Some(msg)));
     }
     emu.set_fault(Fault::Gateway429, Some(1));
     let r = call(&fresh);
-    assert_eq!(
-        (
-            r.status,
-            r.headers
-                .iter()
-                .any(|(k, v)| k == "Retry-After" && v == "1")
-        ),
-        (429, true)
-    );
+    assert_eq!((r.status, r.headers.iter().any(|(k, v)| k == "Retry-After" && v == "1")), (429, true));
     emu.set_fault(Fault::RejectAuth, Some(2));
     assert_eq!(
-        json_of(&emu.handle(&token_request(
-            &emu,
-            json!(util::now_ms() + 7),
-            &emu.enos.app_secret
-        )))["status"],
+        json_of(&emu.handle(&token_request(&emu, json!(util::now_ms() + 7), &emu.enos.app_secret)))["status"],
         1003
     );
     assert_eq!(call(&fresh).status, 401);
@@ -659,19 +428,13 @@ fn enos_faults() {
     let before = emu.enos_current_serial();
     let v = json_of(&call(&fresh));
     assert_eq!(v["code"], 0);
-    assert_eq!(
-        emu.enos_current_serial(),
-        before,
-        "a faulty answer does not rebind the device"
-    );
+    assert_eq!(emu.enos_current_serial(), before, "a faulty answer does not rebind the device");
     emu.set_fault(Fault::MalformedJson, Some(1));
     assert!(serde_json::from_slice::<Value>(&call(&fresh).body).is_err());
     emu.set_fault(Fault::TruncatedJson, Some(1));
     assert!(serde_json::from_slice::<Value>(&call(&fresh).body).is_err());
     let log = emu.log();
-    assert!(log
-        .iter()
-        .any(|l| l.fault.as_deref() == Some("truncated-json")));
+    assert!(log.iter().any(|l| l.fault.as_deref() == Some("truncated-json")));
     assert!(log.iter().all(|l| l.path.starts_with('/')));
 }
 
@@ -679,11 +442,7 @@ fn enos_faults() {
 
 fn jwt(pkcs8: &[u8], header: &Value, claims: &Value) -> String {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let input = format!(
-        "{}.{}",
-        b64.encode(header.to_string()),
-        b64.encode(claims.to_string())
-    );
+    let input = format!("{}.{}", b64.encode(header.to_string()), b64.encode(claims.to_string()));
     let key = ring::signature::RsaKeyPair::from_pkcs8(pkcs8).unwrap();
     let mut sig = vec![0u8; key.public().modulus_len()];
     key.sign(
@@ -717,12 +476,7 @@ fn bearer(t: &str) -> String {
 /// Issues an RSA certificate for `cn` with the bootstrap token; returns (key, cert PEM, CSR PEM).
 fn ezca_issue_rsa(emu: &Emulator, dir: &TempDir, cn: &str) -> (Vec<u8>, String) {
     let (key, csr) = rsa_key_and_csr(dir, cn, Some(&format!("DNS:{cn}.example")));
-    let body = v2_body(
-        emu,
-        cn,
-        &csr,
-        json!([{"ValueSTR": format!("{cn}.example"), "SubjectAltType": 2}]),
-    );
+    let body = v2_body(emu, cn, &csr, json!([{"ValueSTR": format!("{cn}.example"), "SubjectAltType": 2}]));
     let auth = bearer(&emu.ezca.bootstrap_token);
     let r = emu.handle(&request(
         "POST",
@@ -740,10 +494,7 @@ fn renew_request(path: &str, token: &str, cert_pem: &str, csr: &str) -> Request 
     request(
         "POST",
         path,
-        &[
-            ("Authorization", &bearer(token)),
-            ("Content-Type", "application/json"),
-        ],
+        &[("Authorization", &bearer(token)), ("Content-Type", "application/json")],
         body.to_string().as_bytes(),
     )
 }
@@ -776,12 +527,7 @@ fn entra_client_credentials() {
         .as_str()
         .unwrap()
         .starts_with("AADSTS7000215: Invalid client secret provided."));
-    let r = emu.handle(&request(
-        "POST",
-        &path,
-        &ct,
-        form(&emu.ezca.client_secret).as_bytes(),
-    ));
+    let r = emu.handle(&request("POST", &path, &ct, form(&emu.ezca.client_secret).as_bytes()));
     let v = json_of(&r);
     assert_eq!(
         (r.status, v["token_type"].as_str(), v["expires_in"].as_i64()),
@@ -807,12 +553,7 @@ fn ezca_issue_chain_verifies_with_openssl() {
     let emu = Emulator::start(Options::default()).unwrap();
     let dir = TempDir::new();
     let (_, cert) = ezca_issue_rsa(&emu, &dir, "meter-7");
-    openssl_verify(
-        &dir,
-        &emu.ezca_root_pem(),
-        Some(&emu.ezca_issuing_pem()),
-        &cert,
-    );
+    openssl_verify(&dir, &emu.ezca_root_pem(), Some(&emu.ezca_issuing_pem()), &cert);
     let text = openssl(&[
         "x509",
         "-noout",
@@ -844,20 +585,8 @@ fn ezca_issue_chain_verifies_with_openssl() {
     let mut b = v2_body(&emu, "x", &csr, json!([]));
     b["TemplateID"] = json!(util::uuid_like());
     assert!(matches!(send(b), 400 | 404));
-    assert_eq!(
-        send(v2_body(
-            &emu,
-            "x",
-            &csr,
-            json!([{"ValueSTR": "a", "SubjectAltType": 3}])
-        )),
-        400
-    );
-    assert_eq!(
-        send(v2_body(&emu, "other", &csr, json!([]))),
-        400,
-        "SubjectName must name the CSR's CN"
-    );
+    assert_eq!(send(v2_body(&emu, "x", &csr, json!([{"ValueSTR": "a", "SubjectAltType": 3}]))), 400);
+    assert_eq!(send(v2_body(&emu, "other", &csr, json!([]))), 400, "SubjectName must name the CSR's CN");
 }
 
 #[test]
@@ -872,69 +601,32 @@ fn ezca_renew_jwt_rules() {
     let r = emu.handle(&renew_request(v3, &good, &cert, &new_csr));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let renewed = json_of(&r)["CertificatePEM"].as_str().unwrap().to_string();
-    openssl_verify(
-        &dir,
-        &emu.ezca_root_pem(),
-        Some(&emu.ezca_issuing_pem()),
-        &renewed,
-    );
+    openssl_verify(&dir, &emu.ezca_root_pem(), Some(&emu.ezca_issuing_pem()), &renewed);
     // The other accepted audience.
-    let agent = jwt(
-        &key,
-        &header(&x5t(&cert)),
-        &claims("https://agent.keytos.io"),
-    );
-    assert_eq!(
-        emu.handle(&renew_request(v3, &agent, &cert, &new_csr))
-            .status,
-        200
-    );
+    let agent = jwt(&key, &header(&x5t(&cert)), &claims("https://agent.keytos.io"));
+    assert_eq!(emu.handle(&renew_request(v3, &agent, &cert, &new_csr)).status, 200);
     // Rejections: foreign key, lowercase x5t, unknown x5t, wrong aud, expired, HS256.
     let (foreign, _) = rsa_key_and_csr(&dir, "foreign", None);
     let cases = [
         jwt(&foreign, &header(&x5t(&cert)), &claims("https://ezca.io")),
-        jwt(
-            &key,
-            &header(&x5t(&cert).to_lowercase()),
-            &claims("https://ezca.io"),
-        ),
+        jwt(&key, &header(&x5t(&cert).to_lowercase()), &claims("https://ezca.io")),
         jwt(&key, &header(&"AB".repeat(20)), &claims("https://ezca.io")),
-        jwt(
-            &key,
-            &header(&x5t(&cert)),
-            &claims("https://login.microsoftonline.com"),
-        ),
+        jwt(&key, &header(&x5t(&cert)), &claims("https://login.microsoftonline.com")),
         jwt(
             &key,
             &header(&x5t(&cert)),
             &json!({"aud": "https://ezca.io", "jti": "j", "nbf": util::now_s() - 3000, "exp": util::now_s() - 10}),
         ),
-        jwt(
-            &key,
-            &json!({"alg": "HS256", "typ": "JWT", "x5t": x5t(&cert)}),
-            &claims("https://ezca.io"),
-        ),
+        jwt(&key, &json!({"alg": "HS256", "typ": "JWT", "x5t": x5t(&cert)}), &claims("https://ezca.io")),
     ];
     for (i, t) in cases.iter().enumerate() {
         let r = emu.handle(&renew_request(v3, t, &cert, &new_csr));
-        assert_eq!(
-            r.status,
-            401,
-            "case {i}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
+        assert_eq!(r.status, 401, "case {i}: {}", String::from_utf8_lossy(&r.body));
     }
     let r = emu.handle(&renew_request(v3, &cases[0], &cert, &new_csr));
-    assert_eq!(
-        String::from_utf8_lossy(&r.body),
-        "Error: token signature invalid"
-    );
+    assert_eq!(String::from_utf8_lossy(&r.body), "Error: token signature invalid");
     // The body's certificate must be the x5t certificate.
-    assert_eq!(
-        emu.handle(&renew_request(v3, &good, &renewed, &new_csr))
-            .status,
-        401
-    );
+    assert_eq!(emu.handle(&renew_request(v3, &good, &renewed, &new_csr)).status, 401);
     // CSR subject/SANs must match the certificate.
     let (_, other_csr) = rsa_key_and_csr(&dir, "gw-2", Some("DNS:gw-1.example"));
     let r = emu.handle(&renew_request(v3, &good, &cert, &other_csr));
@@ -943,12 +635,7 @@ fn ezca_renew_jwt_rules() {
         (400, "CSR does not match certificate".to_string())
     );
     // V2 answers raw PEM.
-    let r = emu.handle(&renew_request(
-        "/api/Certificates/RenewCertificateV2",
-        &good,
-        &cert,
-        &new_csr,
-    ));
+    let r = emu.handle(&renew_request("/api/Certificates/RenewCertificateV2", &good, &cert, &new_csr));
     assert_eq!(r.status, 200);
     assert!(String::from_utf8_lossy(&r.body).starts_with("-----BEGIN CERTIFICATE-----"));
 }
@@ -959,66 +646,36 @@ fn ezca_faults() {
     let dir = TempDir::new();
     let (key, cert) = ezca_issue_rsa(&emu, &dir, "gw-3");
     let (_, csr) = rsa_key_and_csr(&dir, "gw-3", Some("DNS:gw-3.example"));
-    let token = jwt(
-        &key,
-        &json!({"alg": "RS256", "typ": "JWT", "x5t": x5t(&cert)}),
-        &claims("https://ezca.io"),
-    );
+    let token =
+        jwt(&key, &json!({"alg": "RS256", "typ": "JWT", "x5t": x5t(&cert)}), &claims("https://ezca.io"));
     let v3 = "/api/Certificates/RenewCertificateV3";
     emu.set_fault(Fault::EzcaV3404, Some(1));
-    assert_eq!(
-        emu.handle(&renew_request(v3, &token, &cert, &csr)).status,
-        404
-    );
-    assert_eq!(
-        emu.handle(&renew_request(v3, &token, &cert, &csr)).status,
-        200
-    );
+    assert_eq!(emu.handle(&renew_request(v3, &token, &cert, &csr)).status, 404);
+    assert_eq!(emu.handle(&renew_request(v3, &token, &cert, &csr)).status, 200);
     emu.set_fault(Fault::EzcaWrapped, Some(1));
     let wrapped = json_of(&emu.handle(&renew_request(v3, &token, &cert, &csr)));
     let inner: Value = serde_json::from_str(wrapped.as_str().expect("a JSON string")).unwrap();
-    assert!(inner["CertificatePEM"]
-        .as_str()
-        .unwrap()
-        .starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(inner["CertificatePEM"].as_str().unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
     emu.set_fault(Fault::ExpiredCert, Some(1));
     let v = json_of(&emu.handle(&renew_request(v3, &token, &cert, &csr)));
-    let der = ::pem::parse(v["CertificatePEM"].as_str().unwrap())
-        .unwrap()
-        .into_contents();
-    assert!(!x509_parser::parse_x509_certificate(&der)
-        .unwrap()
-        .1
-        .validity()
-        .is_valid());
+    let der = ::pem::parse(v["CertificatePEM"].as_str().unwrap()).unwrap().into_contents();
+    assert!(!x509_parser::parse_x509_certificate(&der).unwrap().1.validity().is_valid());
     emu.set_fault(Fault::RejectAuth, Some(1));
-    assert_eq!(
-        emu.handle(&renew_request(v3, &token, &cert, &csr)).status,
-        401
-    );
+    assert_eq!(emu.handle(&renew_request(v3, &token, &cert, &csr)).status, 401);
     emu.set_fault(Fault::Http503, None);
     for _ in 0..2 {
-        assert_eq!(
-            emu.handle(&renew_request(v3, &token, &cert, &csr)).status,
-            503
-        );
+        assert_eq!(emu.handle(&renew_request(v3, &token, &cert, &csr)).status, 503);
     }
     emu.clear_fault();
-    assert_eq!(
-        emu.handle(&renew_request(v3, &token, &cert, &csr)).status,
-        200
-    );
+    assert_eq!(emu.handle(&renew_request(v3, &token, &cert, &csr)).status, 200);
 }
 
 // ---------------------------------------------------------------- over HTTPS
 
 #[test]
 fn https_transport_faults_and_control_endpoint() {
-    let emu = Emulator::start(Options {
-        fault_delay: Duration::from_millis(1500),
-        ..Options::default()
-    })
-    .unwrap();
+    let emu =
+        Emulator::start(Options { fault_delay: Duration::from_millis(1500), ..Options::default() }).unwrap();
     let root = emu.tls_root_pem();
     let t = Duration::from_secs(10);
     let auth = bearer(&emu.ezca.bootstrap_token);
@@ -1038,24 +695,10 @@ fn https_transport_faults_and_control_endpoint() {
     let r = issue(t).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.complete);
-    assert!(
-        r.header("Date")
-            .is_some_and(|d| d.ends_with(" GMT") && d.len() == 29),
-        "{:?}",
-        r.header("Date")
-    );
+    assert!(r.header("Date").is_some_and(|d| d.ends_with(" GMT") && d.len() == 29), "{:?}", r.header("Date"));
     // Arm through the control endpoint, as the binary's users do.
     let arm = |name: &str| {
-        client::request(
-            &emu.url(),
-            &root,
-            "POST",
-            "/_emulator/fault",
-            &[],
-            name.as_bytes(),
-            t,
-        )
-        .unwrap()
+        client::request(&emu.url(), &root, "POST", "/_emulator/fault", &[], name.as_bytes(), t).unwrap()
     };
     assert_eq!(arm("truncated-body 1").status, 200);
     let r = issue(t).unwrap();
@@ -1065,39 +708,22 @@ fn https_transport_faults_and_control_endpoint() {
     let r = issue(t).unwrap();
     assert_eq!((r.status, r.header("Retry-After")), (429, Some("1")));
     arm("timeout 1");
-    assert!(
-        issue(Duration::from_millis(300)).is_err(),
-        "the client must time out"
-    );
+    assert!(issue(Duration::from_millis(300)).is_err(), "the client must time out");
     arm("oversized 1");
     assert_eq!(issue(t).unwrap().body.len(), 2 * 1024 * 1024);
     let log = client::request(&emu.url(), &root, "GET", "/_emulator/log", &[], b"", t).unwrap();
-    let lines: Vec<Value> = log
-        .text()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(lines
-        .iter()
-        .any(|l| l["fault"] == "http429" && l["status"] == 429));
-    assert!(lines
-        .iter()
-        .any(|l| l["path"] == "/api/CA/RequestSSLCertificateV2"));
+    let lines: Vec<Value> = log.text().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.iter().any(|l| l["fault"] == "http429" && l["status"] == 429));
+    assert!(lines.iter().any(|l| l["path"] == "/api/CA/RequestSSLCertificateV2"));
     assert_eq!(
-        client::request(&emu.url(), &root, "GET", "/enos/CA/cacert/ECC", &[], b"", t)
-            .unwrap()
-            .text(),
+        client::request(&emu.url(), &root, "GET", "/enos/CA/cacert/ECC", &[], b"", t).unwrap().text(),
         emu.enos_root_pem()
     );
 }
 
 #[test]
 fn optional_client_certificates_reach_the_log() {
-    let emu = Emulator::start(Options {
-        request_client_cert: true,
-        ..Options::default()
-    })
-    .unwrap();
+    let emu = Emulator::start(Options { request_client_cert: true, ..Options::default() }).unwrap();
     let root = emu.tls_root_pem();
     let t = Duration::from_secs(10);
     // Issue an EZCA certificate for a P-256 key, then present it.
@@ -1115,12 +741,8 @@ fn optional_client_certificates_reach_the_log() {
     )
     .unwrap();
     assert_eq!(r.status, 200, "no client certificate is still fine");
-    let leaf = ::pem::parse(r.json().unwrap()["CertificatePEM"].as_str().unwrap())
-        .unwrap()
-        .into_contents();
-    let issuing = ::pem::parse(emu.ezca_issuing_pem())
-        .unwrap()
-        .into_contents();
+    let leaf = ::pem::parse(r.json().unwrap()["CertificatePEM"].as_str().unwrap()).unwrap().into_contents();
+    let issuing = ::pem::parse(emu.ezca_issuing_pem()).unwrap().into_contents();
     let identity: client::Identity = (
         vec![leaf.into(), issuing.into()],
         rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
@@ -1138,8 +760,5 @@ fn optional_client_certificates_reach_the_log() {
     .unwrap();
     assert_eq!(r.status, 200);
     let log = emu.log();
-    assert_eq!(
-        log.iter().map(|l| l.client_cert).collect::<Vec<_>>(),
-        vec![false, true]
-    );
+    assert_eq!(log.iter().map(|l| l.client_cert).collect::<Vec<_>>(), vec![false, true]);
 }

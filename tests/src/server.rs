@@ -41,18 +41,12 @@ pub struct Request {
 impl Request {
     /// First header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// First query parameter named `name` (case-sensitive, as EnOS keys are).
     pub fn query_param(&self, name: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -74,13 +68,7 @@ pub struct Response {
 impl Response {
     /// Empty response with `status`.
     pub fn new(status: u16) -> Self {
-        Self {
-            status,
-            headers: Vec::new(),
-            body: Vec::new(),
-            delay: None,
-            truncate_body_at: None,
-        }
+        Self { status, headers: Vec::new(), body: Vec::new(), delay: None, truncate_body_at: None }
     }
 
     /// JSON body with `Content-Type: application/json;charset=UTF-8` (protocols.md §1.1).
@@ -90,16 +78,12 @@ impl Response {
 
     /// Pre-serialized (possibly deliberately broken) JSON body.
     pub fn raw_json(status: u16, body: Vec<u8>) -> Self {
-        Self::new(status)
-            .header("Content-Type", "application/json;charset=UTF-8")
-            .body(body)
+        Self::new(status).header("Content-Type", "application/json;charset=UTF-8").body(body)
     }
 
     /// Plain-text body.
     pub fn text(status: u16, s: &str) -> Self {
-        Self::new(status)
-            .header("Content-Type", "text/plain; charset=utf-8")
-            .body(s.as_bytes().to_vec())
+        Self::new(status).header("Content-Type", "text/plain; charset=utf-8").body(s.as_bytes().to_vec())
     }
 
     /// Adds a header.
@@ -126,8 +110,8 @@ pub fn tls_config(
     client_roots: Option<RootCertStore>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
+    let builder =
+        ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     let builder = match client_roots {
         Some(roots) => {
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -158,11 +142,7 @@ impl HttpsServer {
         let thread = std::thread::Builder::new()
             .name("emulator-accept".into())
             .spawn(move || accept_loop(listener, tls, handler, flag))?;
-        Ok(Self {
-            addr,
-            shutdown,
-            thread: Some(thread),
-        })
+        Ok(Self { addr, shutdown, thread: Some(thread) })
     }
 
     /// The bound address.
@@ -187,23 +167,16 @@ impl Drop for HttpsServer {
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
-    tls: Arc<ServerConfig>,
-    handler: Handler,
-    stop: Arc<AtomicBool>,
-) {
+fn accept_loop(listener: TcpListener, tls: Arc<ServerConfig>, handler: Handler, stop: Arc<AtomicBool>) {
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
         }
         let Ok(stream) = stream else { continue };
         let (tls, handler, stop) = (tls.clone(), handler.clone(), stop.clone());
-        let _ = std::thread::Builder::new()
-            .name("emulator-conn".into())
-            .spawn(move || {
-                let _ = serve_connection(stream, tls, &handler, &stop);
-            });
+        let _ = std::thread::Builder::new().name("emulator-conn".into()).spawn(move || {
+            let _ = serve_connection(stream, tls, &handler, &stop);
+        });
     }
 }
 
@@ -219,11 +192,7 @@ fn serve_connection(
     let mut stream = StreamOwned::new(conn, tcp);
     let response = match read_request(&mut stream) {
         Ok(mut req) => {
-            req.peer_cert = stream
-                .conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.to_vec());
+            req.peer_cert = stream.conn.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
             handler(&req)
         }
         Err(ReadError::Io(e)) => return Err(e),
@@ -278,13 +247,9 @@ fn read_request<S: Read + Write>(s: &mut S) -> Result<Request, ReadError> {
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let head =
-        std::str::from_utf8(&buf[..head_end]).map_err(|_| bad(400, "request head is not UTF-8"))?;
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| bad(400, "request head is not UTF-8"))?;
     let mut req = parse_head(head)?;
-    if req
-        .header("Expect")
-        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
-    {
+    if req.header("Expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
         // curl waits for this before sending larger bodies.
         s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         s.flush()?;
@@ -313,9 +278,7 @@ fn parse_head(head: &str) -> Result<Request, ReadError> {
     let (path, raw_query) = target.split_once('?').unwrap_or((target, ""));
     let mut headers = Vec::new();
     for l in lines {
-        let (k, v) = l
-            .split_once(':')
-            .ok_or_else(|| bad(400, "malformed header line"))?;
+        let (k, v) = l.split_once(':').ok_or_else(|| bad(400, "malformed header line"))?;
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
     Ok(Request {
@@ -330,10 +293,7 @@ fn parse_head(head: &str) -> Result<Request, ReadError> {
 }
 
 fn read_body(s: &mut impl Read, req: &Request, mut body: Vec<u8>) -> Result<Vec<u8>, ReadError> {
-    if req
-        .header("Transfer-Encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
+    if req.header("Transfer-Encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         return read_chunked(s, body);
     }
     let len: usize = match req.header("Content-Length") {
@@ -365,8 +325,7 @@ fn read_chunked(s: &mut impl Read, mut raw: Vec<u8>) -> Result<Vec<u8>, ReadErro
             }
             fill(s, &mut raw)?;
         };
-        let size_str =
-            std::str::from_utf8(&raw[..line_end]).map_err(|_| bad(400, "bad chunk size"))?;
+        let size_str = std::str::from_utf8(&raw[..line_end]).map_err(|_| bad(400, "bad chunk size"))?;
         let size_hex = size_str.split(';').next().unwrap_or_default().trim();
         let size = usize::from_str_radix(size_hex, 16).map_err(|_| bad(400, "bad chunk size"))?;
         if out.len() + size > MAX_BODY {
@@ -434,9 +393,7 @@ mod tests {
 
     #[test]
     fn parses_head_and_query() {
-        let r = parse_head("POST /a/b?x=1&y=a%2Bb+c HTTP/1.1\r\nHost: h\r\nContent-Length: 3")
-            .ok()
-            .unwrap();
+        let r = parse_head("POST /a/b?x=1&y=a%2Bb+c HTTP/1.1\r\nHost: h\r\nContent-Length: 3").ok().unwrap();
         assert_eq!(r.method, "POST");
         assert_eq!(r.path, "/a/b");
         assert_eq!(r.query_param("y"), Some("a+b c"));
@@ -446,10 +403,8 @@ mod tests {
     #[test]
     fn reads_chunked_body() {
         let mut src: &[u8] = b"4\r\nWiki\r\n5;x=y\r\npedia\r\n0\r\n\r\n";
-        let req = Request {
-            headers: vec![("Transfer-Encoding".into(), "chunked".into())],
-            ..Request::default()
-        };
+        let req =
+            Request { headers: vec![("Transfer-Encoding".into(), "chunked".into())], ..Request::default() };
         let body = read_body(&mut src, &req, Vec::new()).ok().unwrap();
         assert_eq!(body, b"Wikipedia");
     }

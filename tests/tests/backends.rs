@@ -52,21 +52,13 @@ fn no_tweak(_: &mut serde_json::Value) {}
 backend_suite!(enos_p256, Ca::Enos, "p256", no_tweak);
 backend_suite!(enos_rsa2048, Ca::Enos, "rsa2048", no_tweak);
 backend_suite!(ezca_rsa2048, Ca::Ezca, "rsa2048", no_tweak);
-backend_suite!(
-    ezca_p256_bootstrap_renewal,
-    Ca::Ezca,
-    "p256",
-    |c: &mut serde_json::Value| {
-        c["ca"]["renew_auth"] = "bootstrap".into();
-    }
-);
+backend_suite!(ezca_p256_bootstrap_renewal, Ca::Ezca, "p256", |c: &mut serde_json::Value| {
+    c["ca"]["renew_auth"] = "bootstrap".into();
+});
 
 fn suite_first_enroll(env: &Env) {
     let run = env.expect(&["enroll"], 0);
-    assert!(
-        run.stdout.contains("installed certificate serial"),
-        "{run:?}"
-    );
+    assert!(run.stdout.contains("installed certificate serial"), "{run:?}");
     let current = env.current();
     assert_eq!(mode(&env.state_dir()), 0o700);
     assert_eq!(mode(&current.join("key.pem")), 0o600);
@@ -84,42 +76,19 @@ fn suite_first_enroll(env: &Env) {
         current.join("cert.pem").to_str().unwrap(),
     ]);
     assert!(ok, "openssl verify: {text}");
-    let (_, cert_key) = openssl(&[
-        "x509",
-        "-in",
-        current.join("cert.pem").to_str().unwrap(),
-        "-noout",
-        "-pubkey",
-    ]);
-    let (_, file_key) = openssl(&[
-        "pkey",
-        "-in",
-        current.join("key.pem").to_str().unwrap(),
-        "-pubout",
-    ]);
+    let (_, cert_key) =
+        openssl(&["x509", "-in", current.join("cert.pem").to_str().unwrap(), "-noout", "-pubkey"]);
+    let (_, file_key) = openssl(&["pkey", "-in", current.join("key.pem").to_str().unwrap(), "-pubout"]);
     assert_eq!(cert_key, file_key, "key.pem is the certificate's key");
-    let (_, text) = openssl(&[
-        "x509",
-        "-in",
-        current.join("cert.pem").to_str().unwrap(),
-        "-noout",
-        "-text",
-    ]);
+    let (_, text) = openssl(&["x509", "-in", current.join("cert.pem").to_str().unwrap(), "-noout", "-text"]);
     assert!(
-        text.contains("DNS:sensor-0042.devices.acme.example")
-            && text.contains("IP Address:10.0.0.42"),
+        text.contains("DNS:sensor-0042.devices.acme.example") && text.contains("IP Address:10.0.0.42"),
         "{text}"
     );
 
     let status = env.status_json();
     assert_eq!(status["state"], "valid");
-    assert!(
-        status["subject"]
-            .as_str()
-            .unwrap()
-            .contains("CN=sensor-0042"),
-        "{status}"
-    );
+    assert!(status["subject"].as_str().unwrap().contains("CN=sensor-0042"), "{status}");
     assert_eq!(
         status["backend"],
         match env.ca {
@@ -130,21 +99,14 @@ fn suite_first_enroll(env: &Env) {
     assert_eq!(status["key"]["algorithm"], env_algorithm(env));
     assert_eq!(status["pending"], serde_json::Value::Null);
     assert_eq!(status["last_error"], serde_json::Value::Null);
-    assert_eq!(
-        status["paths"]["chain"],
-        current.join("chain.pem").to_str().unwrap()
-    );
+    assert_eq!(status["paths"]["chain"], current.join("chain.pem").to_str().unwrap());
     let text_status = env.expect(&["status"], 0).stdout;
-    assert!(
-        text_status.contains("state:       valid") && text_status.contains("identity:"),
-        "{text_status}"
-    );
+    assert!(text_status.contains("state:       valid") && text_status.contains("identity:"), "{text_status}");
     env.assert_no_secret_in_outputs();
 }
 
 fn env_algorithm(env: &Env) -> String {
-    let config: serde_json::Value =
-        serde_json::from_slice(&fs::read(&env.config).unwrap()).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&fs::read(&env.config).unwrap()).unwrap();
     config["key"]["algorithm"].as_str().unwrap().to_string()
 }
 
@@ -155,11 +117,7 @@ fn suite_second_enroll(env: &Env) {
     let run = env.expect(&["enroll"], 0);
     assert!(run.stdout.contains("already installed"), "{run:?}");
     assert_eq!(env.identity(), before);
-    assert_eq!(
-        env.issuing_calls().len(),
-        calls,
-        "no request reached the CA"
-    );
+    assert_eq!(env.issuing_calls().len(), calls, "no request reached the CA");
 }
 
 fn suite_forced_renewal(env: &Env) {
@@ -167,17 +125,10 @@ fn suite_forced_renewal(env: &Env) {
     let first = env.identity();
     let first_serial = serial_of(env);
     let run = env.expect(&["renew"], 0);
-    assert!(
-        run.stdout.contains("not due until"),
-        "a fresh certificate is not due: {run:?}"
-    );
+    assert!(run.stdout.contains("not due until"), "a fresh certificate is not due: {run:?}");
 
     let run = env.expect(&["renew", "--force"], 0);
-    assert!(
-        run.stdout
-            .starts_with("renew: installed certificate serial"),
-        "{run:?}"
-    );
+    assert!(run.stdout.starts_with("renew: installed certificate serial"), "{run:?}");
     let second = env.identity();
     assert_ne!(serial_of(env), first_serial);
     assert_ne!(second.target, first.target);
@@ -186,14 +137,7 @@ fn suite_forced_renewal(env: &Env) {
         first.target,
         "previous keeps the old slot"
     );
-    let key = |id: &common::Identity| {
-        id.files
-            .iter()
-            .find(|(n, _)| n == "key.pem")
-            .unwrap()
-            .1
-            .clone()
-    };
+    let key = |id: &common::Identity| id.files.iter().find(|(n, _)| n == "key.pem").unwrap().1.clone();
     assert_ne!(key(&first), key(&second), "rotate_on_renew makes a new key");
     let last = env.issuing_calls().pop().unwrap();
     let expected = match (env.ca, env_algorithm(env).as_str()) {
@@ -201,10 +145,7 @@ fn suite_forced_renewal(env: &Env) {
         (Ca::Ezca, "rsa2048") => "/api/Certificates/RenewCertificateV3",
         (Ca::Ezca, _) => "/api/CA/RequestSSLCertificateV2",
     };
-    assert!(
-        last.contains(expected) && last.ends_with("-> 200"),
-        "{last}"
-    );
+    assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
     assert_eq!(env.status_json()["renewals"], 1);
     env.assert_no_secret_in_outputs();
 }
@@ -218,11 +159,7 @@ fn fault_table(ca: Ca) -> Vec<(Fault, i32, &'static str)> {
         (Fault::Timeout, 75, "could not reach the CA"),
         (Fault::MalformedJson, 76, "not valid JSON"),
         (Fault::TruncatedJson, 76, "not valid JSON"),
-        (
-            Fault::TruncatedBody,
-            75,
-            "closed before the body was complete",
-        ),
+        (Fault::TruncatedBody, 75, "closed before the body was complete"),
         (Fault::WrongKeyCert, 76, "does not carry our public key"),
         (Fault::ExpiredCert, 76, "expired"),
         (Fault::RejectAuth, 77, "refused"),
@@ -231,11 +168,7 @@ fn fault_table(ca: Ca) -> Vec<(Fault, i32, &'static str)> {
     if ca == Ca::Enos {
         table.extend([
             (Fault::Enos99400, 77, "EnOS code 99400"),
-            (
-                Fault::Enos11404,
-                77,
-                "EnOS code 11404: Device cannot be found",
-            ),
+            (Fault::Enos11404, 77, "EnOS code 11404: Device cannot be found"),
             (Fault::Enos11833, 77, "EnOS code 11833"),
             (Fault::Enos99500, 75, "EnOS code 99500"),
             (Fault::Gateway401, 77, "HTTP 401"),
@@ -254,28 +187,12 @@ fn suite_faults(env: &Env) {
         let run = env.agent(&["renew", "--force"]);
         env.emu.clear_fault();
         assert_eq!(run.code, code, "{fault:?}: {run:?}");
-        assert!(
-            run.stderr.lines().any(|l| l.starts_with("error: ")),
-            "{fault:?}: {run:?}"
-        );
-        assert!(
-            run.stderr.contains(words),
-            "{fault:?} should mention {words:?}: {run:?}"
-        );
-        assert_eq!(
-            env.identity(),
-            before,
-            "{fault:?} changed the installed identity"
-        );
+        assert!(run.stderr.lines().any(|l| l.starts_with("error: ")), "{fault:?}: {run:?}");
+        assert!(run.stderr.contains(words), "{fault:?} should mention {words:?}: {run:?}");
+        assert_eq!(env.identity(), before, "{fault:?} changed the installed identity");
         let status = env.status_json();
-        assert_eq!(
-            status["state"], "valid",
-            "{fault:?}: the old identity is still in force"
-        );
-        assert!(
-            status["last_error"].as_str().unwrap_or("").contains(words),
-            "{fault:?}: {status}"
-        );
+        assert_eq!(status["state"], "valid", "{fault:?}: the old identity is still in force");
+        assert!(status["last_error"].as_str().unwrap_or("").contains(words), "{fault:?}: {status}");
     }
     // And the CA recovering is enough: the next run succeeds and clears the error.
     env.expect(&["renew", "--force"], 0);
@@ -292,10 +209,8 @@ fn suite_faults(env: &Env) {
 fn suite_resume_same_key(env: &Env) {
     env.emu.set_fault(Fault::Http500, Some(1));
     env.expect(&["enroll"], 75);
-    let slots: Vec<_> = fs::read_dir(env.state_dir().join("slots"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let slots: Vec<_> =
+        fs::read_dir(env.state_dir().join("slots")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(slots.len(), 1, "one pending slot");
     let pending_key = fs::read(slots[0].join("key.pem")).unwrap();
     assert_eq!(env.status_json()["state"], "none");
@@ -305,9 +220,5 @@ fn suite_resume_same_key(env: &Env) {
         pending_key,
         "the retry used the pending key"
     );
-    assert_eq!(
-        fs::read_dir(env.state_dir().join("slots")).unwrap().count(),
-        1,
-        "no second key was made"
-    );
+    assert_eq!(fs::read_dir(env.state_dir().join("slots")).unwrap().count(), 1, "no second key was made");
 }

@@ -17,15 +17,8 @@ fn first_line(text: &str) -> &str {
 fn config_error(ca: Ca, algorithm: &str, tweak: impl FnOnce(&mut Value), message: &str) {
     let env = Env::with_config(ca, algorithm, tweak);
     let run = env.expect(&["enroll"], 78);
-    assert_eq!(
-        first_line(&run.stderr),
-        format!("error: {message}"),
-        "{run:?}"
-    );
-    assert!(
-        !env.state_dir().exists(),
-        "a config error must create nothing"
-    );
+    assert_eq!(first_line(&run.stderr), format!("error: {message}"), "{run:?}");
+    assert!(!env.state_dir().exists(), "a config error must create nothing");
     assert!(env.issuing_calls().is_empty());
     env.assert_no_secret_in_outputs();
 }
@@ -68,12 +61,7 @@ fn missing_fields_and_wrong_types_are_named() {
         |c| c["subject"] = serde_json::json!({"O": "Acme"}),
         "subject.CN: missing",
     );
-    config_error(
-        Ca::Enos,
-        "ed25519",
-        |_| {},
-        r#"key.algorithm: "ed25519" is not one of "p256", "rsa2048""#,
-    );
+    config_error(Ca::Enos, "ed25519", |_| {}, r#"key.algorithm: "ed25519" is not one of "p256", "rsa2048""#);
     config_error(
         Ca::Enos,
         "p256",
@@ -97,8 +85,7 @@ fn ezca_certificate_renewal_with_a_p256_key_names_both_ways_out() {
     let env = Env::new(Ca::Ezca, "p256");
     let run = env.expect(&["enroll"], 78);
     assert!(
-        run.stderr
-            .contains("set key.algorithm to \"rsa2048\", or set ca.renew_auth to \"bootstrap\""),
+        run.stderr.contains("set key.algorithm to \"rsa2048\", or set ca.renew_auth to \"bootstrap\""),
         "{run:?}"
     );
 }
@@ -141,16 +128,10 @@ fn a_missing_or_unparsable_config_file_is_a_config_error() {
     let env = Env::new(Ca::Enos, "p256");
     fs::write(&env.config, "{ not json").unwrap();
     let run = env.expect(&["status"], 78);
-    assert!(
-        first_line(&run.stderr).contains("invalid JSON at byte 2"),
-        "{run:?}"
-    );
+    assert!(first_line(&run.stderr).contains("invalid JSON at byte 2"), "{run:?}");
     fs::remove_file(&env.config).unwrap();
     let run = env.expect(&["enroll"], 78);
-    assert!(
-        first_line(&run.stderr).contains(env.config.to_str().unwrap()),
-        "{run:?}"
-    );
+    assert!(first_line(&run.stderr).contains(env.config.to_str().unwrap()), "{run:?}");
 }
 
 #[test]
@@ -161,14 +142,9 @@ fn command_line_mistakes_are_usage_errors() {
         assert!(run.stderr.contains("see enroll-agent --help"), "{run:?}");
     }
     assert!(env.expect(&["--help"], 0).stdout.contains("needs-renewal"));
-    assert!(env
-        .expect(&["--version"], 0)
-        .stdout
-        .starts_with("enroll-agent "));
+    assert!(env.expect(&["--version"], 0).stdout.starts_with("enroll-agent "));
     let renew_before_enroll = env.expect(&["renew"], 64);
-    assert!(renew_before_enroll
-        .stderr
-        .contains("run `enroll-agent enroll` first"));
+    assert!(renew_before_enroll.stderr.contains("run `enroll-agent enroll` first"));
 }
 
 #[test]
@@ -177,10 +153,7 @@ fn a_state_directory_open_to_others_is_refused_naming_it() {
     fs::create_dir(env.state_dir()).unwrap();
     fs::set_permissions(env.state_dir(), fs::Permissions::from_mode(0o755)).unwrap();
     let run = env.expect(&["enroll"], 74);
-    assert!(
-        run.stderr.contains(env.state_dir().to_str().unwrap()) && run.stderr.contains("0755"),
-        "{run:?}"
-    );
+    assert!(run.stderr.contains(env.state_dir().to_str().unwrap()) && run.stderr.contains("0755"), "{run:?}");
 }
 
 #[test]
@@ -191,11 +164,8 @@ fn a_loose_key_file_stops_renewal_but_the_identity_stays() {
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
     let run = env.expect(&["check"], 74);
     assert!(
-        run.stderr.contains(
-            key.to_str()
-                .unwrap()
-                .trim_start_matches(env.state_dir().to_str().unwrap())
-        ) || run.stderr.contains("key.pem"),
+        run.stderr.contains(key.to_str().unwrap().trim_start_matches(env.state_dir().to_str().unwrap()))
+            || run.stderr.contains("key.pem"),
         "{run:?}"
     );
     assert!(run.stderr.contains("0644"), "{run:?}");
@@ -227,10 +197,7 @@ fn check_validates_offline_and_online() {
     assert!(run.stdout.contains("ok: trust bundle (1 roots)"), "{run:?}");
     assert!(!env.state_dir().exists(), "check creates nothing");
     let run = env.expect(&["check", "--online"], 0);
-    assert!(
-        run.stdout.contains("reachable over verified TLS"),
-        "{run:?}"
-    );
+    assert!(run.stdout.contains("reachable over verified TLS"), "{run:?}");
     // A trust bundle that does not hold the CA's root: TLS verification fails, nothing is sent.
     let env = Env::with_config(Ca::Ezca, "rsa2048", |c| {
         c["tls"]["trust_bundle"] = "/etc/ssl/certs/ca-certificates.crt".into()
@@ -247,29 +214,16 @@ fn a_crash_between_install_and_state_write_is_reconciled() {
     let env = Env::new(Ca::Enos, "p256");
     env.expect(&["enroll"], 0);
     let before = env.identity();
-    let slot = before
-        .target
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let slot = before.target.file_name().unwrap().to_str().unwrap().to_string();
     let state_path = env.state_dir().join("state.json");
     let mut state: Value = serde_json::from_slice(&fs::read(&state_path).unwrap()).unwrap();
-    state["pending"] =
-        serde_json::json!({"request_id": null, "slot": slot, "since": 1, "purpose": "enroll"});
+    state["pending"] = serde_json::json!({"request_id": null, "slot": slot, "since": 1, "purpose": "enroll"});
     fs::write(&state_path, state.to_string()).unwrap();
     let run = env.expect(&["renew", "--force"], 0);
     assert!(run.stderr.contains("clearing it"), "{run:?}");
     let after = env.identity();
     assert_ne!(after.target, before.target, "the renewal used a new slot");
-    assert_eq!(
-        fs::read_link(env.state_dir().join("previous")).unwrap(),
-        before.target
-    );
+    assert_eq!(fs::read_link(env.state_dir().join("previous")).unwrap(), before.target);
     let old_cert = fs::read(env.state_dir().join(&before.target).join("cert.pem")).unwrap();
-    assert_eq!(
-        old_cert, before.files[0].1,
-        "the installed slot was not written into"
-    );
+    assert_eq!(old_cert, before.files[0].1, "the installed slot was not written into");
 }

@@ -35,24 +35,13 @@ fn openssl_verifies_our_csrs_for_both_algorithms() {
         let csr = enroll_agent::csr::build(key.as_ref(), &subject, &sans).unwrap();
         let path = slot.join("req.pem");
         fs::write(&path, &csr.pem).unwrap();
-        let (ok, text) = openssl(&[
-            "req",
-            "-in",
-            path.to_str().unwrap(),
-            "-verify",
-            "-noout",
-            "-text",
-        ]);
+        let (ok, text) = openssl(&["req", "-in", path.to_str().unwrap(), "-verify", "-noout", "-text"]);
         assert!(ok, "{algorithm:?}: {text}");
         assert!(
-            text.contains("verify OK")
-                || text.contains("Certificate request self-signature verify OK"),
+            text.contains("verify OK") || text.contains("Certificate request self-signature verify OK"),
             "{text}"
         );
-        assert!(
-            text.contains("C = NL, O = Acme, CN = sensor-0042"),
-            "{text}"
-        );
+        assert!(text.contains("C = NL, O = Acme, CN = sensor-0042"), "{text}");
         for san in [
             "DNS:sensor-0042.example",
             "IP Address:192.0.2.7",
@@ -68,41 +57,24 @@ fn openssl_verifies_our_csrs_for_both_algorithms() {
 fn tls_client_authentication_signs_with_the_device_key_in_place() {
     for algorithm in ["p256", "rsa2048"] {
         // The emulator asks for (but does not require) client certificates from its own CAs.
-        let options = Options {
-            request_client_cert: true,
-            ..Options::default()
-        };
+        let options = Options { request_client_cert: true, ..Options::default() };
         let env = Env::with_options(Ca::Enos, algorithm, options, |_| {});
         env.expect(&["enroll"], 0);
         let mtls = &env.emu;
         let roots = enroll_agent::tls::load_roots(Some(&env.dir().join("tls-root.pem"))).unwrap();
         let slot = fs::canonicalize(env.current()).unwrap();
         let key = FileKeyProvider.load(&slot).unwrap();
-        let chain = enroll_agent::pki::parse_pem_certs(
-            &fs::read_to_string(slot.join("chain.pem")).unwrap(),
-        )
-        .unwrap();
-        let identity = enroll_agent::tls::ClientIdentity {
-            chain: chain.into_iter().map(|c| c.der).collect(),
-            key,
-        };
+        let chain =
+            enroll_agent::pki::parse_pem_certs(&fs::read_to_string(slot.join("chain.pem")).unwrap()).unwrap();
+        let identity =
+            enroll_agent::tls::ClientIdentity { chain: chain.into_iter().map(|c| c.der).collect(), key };
         let config = enroll_agent::tls::client_config(roots, Some(identity)).unwrap();
         let http = enroll_agent::http::Http::new(config, 5);
-        let response = http
-            .send(
-                "probe",
-                "GET",
-                &format!("{}/_emulator/log", mtls.url()),
-                &[],
-                None,
-            )
-            .unwrap();
+        let response =
+            http.send("probe", "GET", &format!("{}/_emulator/log", mtls.url()), &[], None).unwrap();
         assert_eq!(response.status, 200);
         let logged = mtls.log();
-        assert!(
-            !logged[0].client_cert,
-            "the enrollment itself went without a client certificate"
-        );
+        assert!(!logged[0].client_cert, "the enrollment itself went without a client certificate");
         assert!(
             logged.last().unwrap().client_cert,
             "{algorithm}: the server saw no client certificate: {logged:?}"

@@ -9,14 +9,41 @@ use std::time::{Duration, Instant};
 
 use common::{agent_binary, Ca, Env};
 
-fn signal(pid: u32, name: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{name} {pid}");
+/// A running `enroll-agent run` whose stderr is collected.
+struct Daemon(std::process::Child);
+
+impl Daemon {
+    fn start(env: &Env) -> Daemon {
+        let child = Command::new(agent_binary())
+            .args(["-c", env.config.to_str().unwrap(), "run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Daemon(child)
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.0.id().to_string();
+        let ok = Command::new("kill").arg(format!("-{name}")).arg(&pid).status().unwrap().success();
+        assert!(ok, "kill -{name} {pid}");
+    }
+
+    /// Sends SIGTERM and returns the exit code and everything the daemon logged.
+    fn stop(mut self) -> (Option<i32>, String) {
+        self.signal("TERM");
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "run did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        self.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        (status.code(), stderr)
+    }
 }
 
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
@@ -30,74 +57,30 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 #[test]
 fn run_enrolls_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     let env = Env::new(Ca::Enos, "p256");
-    let mut child = Command::new(agent_binary())
-        .args(["-c", env.config.to_str().unwrap(), "run"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the first enrollment", Duration::from_secs(30), || {
-        env.current().join("cert.pem").exists()
-    });
+    let daemon = Daemon::start(&env);
+    wait_for("the first enrollment", Duration::from_secs(30), || env.current().join("cert.pem").exists());
     // Let it reach its sleep, then reload and stop.
     std::thread::sleep(Duration::from_millis(300));
-    signal(child.id(), "HUP");
+    daemon.signal("HUP");
     std::thread::sleep(Duration::from_millis(300));
-    signal(child.id(), "TERM");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "run did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    let (code, stderr) = daemon.stop();
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("next renewal at"), "{stderr}");
     assert!(stderr.contains("reloaded"), "{stderr}");
     assert!(stderr.contains("stopping on signal"), "{stderr}");
-    assert_eq!(
-        env.issuing_calls().len(),
-        1,
-        "one enrollment, no renewal loop"
-    );
+    assert_eq!(env.issuing_calls().len(), 1, "one enrollment, no renewal loop");
 }
 
 #[test]
 fn run_backs_off_while_the_ca_fails_and_enrolls_once_it_recovers() {
     let env = Env::new(Ca::Ezca, "rsa2048");
     env.emu.set_fault(enroll_tests::Fault::Http503, Some(2));
-    let mut child = Command::new(agent_binary())
-        .args(["-c", env.config.to_str().unwrap(), "run"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(
-        "enrollment after two failures",
-        Duration::from_secs(30),
-        || env.current().join("cert.pem").exists(),
-    );
-    signal(child.id(), "TERM");
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    let daemon = Daemon::start(&env);
+    wait_for("enrollment after two failures", Duration::from_secs(30), || {
+        env.current().join("cert.pem").exists()
+    });
+    let (code, stderr) = daemon.stop();
+    assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stderr.matches("retrying in").count(), 2, "{stderr}");
     let calls = env.issuing_calls();
     assert_eq!(calls.len(), 3, "{calls:?}");
@@ -107,8 +90,7 @@ fn run_backs_off_while_the_ca_fails_and_enrolls_once_it_recovers() {
 fn the_after_install_hook_runs_once_per_install_with_the_new_serial() {
     let env = Env::with_config(Ca::Enos, "p256", |_| {});
     let log = env.dir().join("hook.log");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
     config["hooks"] = serde_json::json!({
         "after_install": ["/bin/sh", "-c", "echo \"$ENROLL_AGENT_SERIAL $ENROLL_AGENT_CHAIN\" >> \"$0\"", log]
     });
@@ -120,14 +102,7 @@ fn the_after_install_hook_runs_once_per_install_with_the_new_serial() {
     let second = common::serial_of(&env);
     let chain = env.current().join("chain.pem");
     let lines = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(
-        lines,
-        format!(
-            "{first} {}\n{second} {}\n",
-            chain.display(),
-            chain.display()
-        )
-    );
+    assert_eq!(lines, format!("{first} {}\n{second} {}\n", chain.display(), chain.display()));
 }
 
 #[test]
@@ -136,17 +111,8 @@ fn a_failing_hook_is_reported_and_keeps_the_new_certificate() {
         c["hooks"] = serde_json::json!({"after_install": ["/bin/false"]})
     });
     let run = env.expect(&["enroll"], 0);
-    assert!(
-        run.stderr.contains("hook /bin/false: exited with"),
-        "{run:?}"
-    );
+    assert!(run.stderr.contains("hook /bin/false: exited with"), "{run:?}");
     let status = env.status_json();
     assert_eq!(status["state"], "valid");
-    assert!(
-        status["hook_error"]
-            .as_str()
-            .unwrap()
-            .contains("exited with"),
-        "{status}"
-    );
+    assert!(status["hook_error"].as_str().unwrap().contains("exited with"), "{status}");
 }

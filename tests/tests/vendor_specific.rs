@@ -22,21 +22,11 @@ fn enos_refreshes_an_expired_token_once_and_succeeds() {
         .collect();
     assert_eq!(
         token_calls,
-        [
-            "/apim-token-service/v2.0/token/get 200",
-            "/apim-token-service/v2.0/token/refresh 200"
-        ],
+        ["/apim-token-service/v2.0/token/get 200", "/apim-token-service/v2.0/token/refresh 200"],
         "one token, expired by the CA (code 1203), then refreshed"
     );
     let calls = env.issuing_calls();
-    assert!(
-        calls
-            .iter()
-            .rev()
-            .take(2)
-            .all(|c| c.contains("action=renew")),
-        "{calls:?}"
-    );
+    assert!(calls.iter().rev().take(2).all(|c| c.contains("action=renew")), "{calls:?}");
 }
 
 #[test]
@@ -48,23 +38,14 @@ fn enos_product_key_and_device_key_select_the_device() {
         ca.insert("device_key".into(), env_value("device"));
     });
     // The placeholders are replaced with the emulator's identifiers below.
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
     config["ca"]["product_key"] = env.emu.enos.product_key.clone().into();
     config["ca"]["device_key"] = env.emu.enos.device_key.clone().into();
     std::fs::write(&env.config, config.to_string()).unwrap();
     env.expect(&["enroll"], 0);
-    let apply = env
-        .emu
-        .log()
-        .into_iter()
-        .find(|r| r.path.starts_with("/connect-service/"))
-        .unwrap();
+    let apply = env.emu.log().into_iter().find(|r| r.path.starts_with("/connect-service/")).unwrap();
     assert!(
-        apply
-            .query
-            .iter()
-            .any(|(k, v)| k == "deviceKey" && *v == env.emu.enos.device_key),
+        apply.query.iter().any(|(k, v)| k == "deviceKey" && *v == env.emu.enos.device_key),
         "{:?}",
         apply.query
     );
@@ -82,14 +63,8 @@ fn ezca_falls_back_to_renew_v2_when_v3_is_missing() {
     env.expect(&["renew", "--force"], 0);
     let calls = env.issuing_calls();
     let tail: Vec<_> = calls.iter().rev().take(2).rev().collect();
-    assert!(
-        tail[0].contains("RenewCertificateV3") && tail[0].ends_with("-> 404"),
-        "{calls:?}"
-    );
-    assert!(
-        tail[1].contains("RenewCertificateV2") && tail[1].ends_with("-> 200"),
-        "{calls:?}"
-    );
+    assert!(tail[0].contains("RenewCertificateV3") && tail[0].ends_with("-> 404"), "{calls:?}");
+    assert!(tail[1].contains("RenewCertificateV2") && tail[1].ends_with("-> 200"), "{calls:?}");
     assert_eq!(env.status_json()["state"], "valid");
 }
 
@@ -105,12 +80,8 @@ fn ezca_unwraps_a_json_string_wrapped_answer() {
 fn ezca_enrolls_with_entra_client_credentials() {
     let env = entra_env(false);
     env.expect(&["enroll"], 0);
-    let token_call = env
-        .emu
-        .log()
-        .into_iter()
-        .find(|r| r.path.ends_with("/oauth2/v2.0/token"))
-        .expect("Entra token call");
+    let token_call =
+        env.emu.log().into_iter().find(|r| r.path.ends_with("/oauth2/v2.0/token")).expect("Entra token call");
     assert!(token_call.path.contains(&env.emu.ezca.tenant_id) && token_call.status == 200);
     env.assert_no_secret_in_outputs();
 }
@@ -120,8 +91,7 @@ fn ezca_reports_entra_refusing_the_client_secret() {
     let env = entra_env(true);
     let run = env.expect(&["enroll"], 77);
     assert!(
-        run.stderr
-            .contains("Entra ID refused the client credentials: invalid_client: AADSTS7000215"),
+        run.stderr.contains("Entra ID refused the client credentials: invalid_client: AADSTS7000215"),
         "{run:?}"
     );
     env.assert_no_secret_in_outputs();
@@ -131,14 +101,9 @@ fn ezca_reports_entra_refusing_the_client_secret() {
 fn entra_env(wrong_secret: bool) -> Env {
     let env = Env::new(Ca::Ezca, "rsa2048");
     let secret_path = env.dir().join("client-secret");
-    let secret = if wrong_secret {
-        "not-the-secret".to_string()
-    } else {
-        env.emu.ezca.client_secret.clone()
-    };
+    let secret = if wrong_secret { "not-the-secret".to_string() } else { env.emu.ezca.client_secret.clone() };
     write_secret(&secret_path, &secret);
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
     config["ca"]["bootstrap"] = serde_json::json!({
         "tenant_id": env.emu.ezca.tenant_id,
         "client_id": env.emu.ezca.client_id,
@@ -154,11 +119,7 @@ fn ezca_says_when_the_bootstrap_token_is_refused() {
     let env = Env::new(Ca::Ezca, "rsa2048");
     write_secret(&env.dir().join("bootstrap.token"), "expired-factory-token");
     let run = env.expect(&["enroll"], 77);
-    assert!(
-        run.stderr
-            .contains("the bootstrap token was refused (HTTP 401)"),
-        "{run:?}"
-    );
+    assert!(run.stderr.contains("the bootstrap token was refused (HTTP 401)"), "{run:?}");
     assert!(!run.stderr.contains("expired-factory-token"));
 }
 
@@ -169,12 +130,6 @@ fn ezca_certificate_renewal_does_not_need_the_bootstrap_token() {
     // The factory token is gone (or revoked): the device renews with its certificate alone.
     write_secret(&env.dir().join("bootstrap.token"), "revoked");
     env.expect(&["renew", "--force"], 0);
-    let renew = env
-        .emu
-        .log()
-        .into_iter()
-        .rev()
-        .find(|r| r.path.contains("RenewCertificateV3"))
-        .unwrap();
+    let renew = env.emu.log().into_iter().rev().find(|r| r.path.contains("RenewCertificateV3")).unwrap();
     assert_eq!(renew.status, 200);
 }

@@ -17,8 +17,7 @@ use crate::pki::Issued;
 
 pub const CREDENTIALS: Credentials = Credentials {
     enroll: "EnOS application appKey + appSecret (apim token and per-request signature)",
-    renew:
-        "the same EnOS application appKey + appSecret (EnOS does not accept the device certificate)",
+    renew: "the same EnOS application appKey + appSecret (EnOS does not accept the device certificate)",
 };
 
 const TOKEN_PATH: &str = "/apim-token-service/v2.0/token/get";
@@ -40,11 +39,7 @@ struct Token {
 
 impl<'a> Enos<'a> {
     pub fn new(settings: &'a EnosSettings, http: Http) -> Self {
-        Enos {
-            settings,
-            http,
-            token: None,
-        }
+        Enos { settings, http, token: None }
     }
 
     fn issue_authority(request: &Request) -> &'static str {
@@ -70,11 +65,10 @@ impl<'a> Enos<'a> {
 
     /// §1.2 step A': exchange an expired token; if the service will not, get a new one.
     fn refresh_token(&self, stale: &Token) -> Result<Token> {
-        self.fetch_token(REFRESH_PATH, Some(&stale.value))
-            .or_else(|e| {
-                log::info!("EnOS token refresh failed ({e}); getting a new token");
-                self.fetch_token(TOKEN_PATH, None)
-            })
+        self.fetch_token(REFRESH_PATH, Some(&stale.value)).or_else(|e| {
+            log::info!("EnOS token refresh failed ({e}); getting a new token");
+            self.fetch_token(TOKEN_PATH, None)
+        })
     }
 
     /// `token/get` (no `previous`) or `token/refresh` (with the token being replaced).
@@ -84,10 +78,7 @@ impl<'a> Enos<'a> {
         let secret = self.settings.app_secret.expose();
         let encryption = sha256_hex(&[&self.settings.app_key, &timestamp, secret]);
         let mut members = vec![
-            (
-                "appKey".to_string(),
-                Value::from(self.settings.app_key.as_str()),
-            ),
+            ("appKey".to_string(), Value::from(self.settings.app_key.as_str())),
             ("encryption".to_string(), encryption.into()),
             ("timestamp".to_string(), Value::Number(timestamp)),
         ];
@@ -108,50 +99,35 @@ impl<'a> Enos<'a> {
         }
         let answer = super::parse_json(STEP, &response)?;
         // The doc's sample spells the field "stauts" (protocols.md §1.2).
-        let status = answer
-            .get("status")
-            .or_else(|| answer.get("stauts"))
-            .and_then(Value::as_i64);
+        let status = answer.get("status").or_else(|| answer.get("stauts")).and_then(Value::as_i64);
         if status != Some(0) {
             let msg = answer.get("msg").and_then(Value::as_str).unwrap_or("");
             let status = status.map_or("missing".into(), |s| s.to_string());
             return Err(if status == "1005" {
-                Error::temporary(format!(
-                    "{STEP}: EnOS token service failed: status {status}: {msg}"
-                ))
+                Error::temporary(format!("{STEP}: EnOS token service failed: status {status}: {msg}"))
             } else {
-                Error::refused(format!("{STEP}: EnOS token service refused the app credentials: status {status}: {msg}"))
+                Error::refused(format!(
+                    "{STEP}: EnOS token service refused the app credentials: status {status}: {msg}"
+                ))
             });
         }
-        let data = answer
-            .get("data")
-            .ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no data")))?;
+        let data =
+            answer.get("data").ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no data")))?;
         let value = data
             .get("accessToken")
             .and_then(Value::as_str)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Error::protocol(format!("{STEP}: the answer has no data.accessToken"))
-            })?;
+            .ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no data.accessToken")))?;
         let lifetime = data.get("expire").and_then(Value::as_u64).unwrap_or(7200);
-        Ok(Token {
-            value: Zeroizing::new(value.to_string()),
-            expires_at: crate::time::now() + lifetime,
-        })
+        Ok(Token { value: Zeroizing::new(value.to_string()), expires_at: crate::time::now() + lifetime })
     }
 
     /// The device selection of §1.3 plus the action, as (key, value) query parameters.
     fn query(&self, action: &str) -> Vec<(&'static str, String)> {
-        let mut params = vec![
-            ("action", action.to_string()),
-            ("orgId", self.settings.org_id.clone()),
-        ];
+        let mut params = vec![("action", action.to_string()), ("orgId", self.settings.org_id.clone())];
         match &self.settings.device {
             EnosDevice::Asset(id) => params.push(("assetId", id.clone())),
-            EnosDevice::Product {
-                product_key,
-                device_key,
-            } => {
+            EnosDevice::Product { product_key, device_key } => {
                 params.push(("productKey", product_key.clone()));
                 params.push(("deviceKey", device_key.clone()));
             }
@@ -167,31 +143,19 @@ impl<'a> Enos<'a> {
             let token = self.access_token()?;
             let timestamp = now_ms().to_string();
             let params = self.query(action);
-            let signature = sign_request(
-                &token,
-                &params,
-                body.as_bytes(),
-                &timestamp,
-                self.settings.app_secret.expose(),
-            );
-            let query: Vec<String> = params
-                .iter()
-                .map(|(k, v)| format!("{k}={}", http::query_escape(v)))
-                .collect();
-            let url = format!(
-                "{}?{}",
-                http::join(&self.settings.api_gateway, CERTIFICATES_PATH),
-                query.join("&")
-            );
+            let signature =
+                sign_request(&token, &params, body.as_bytes(), &timestamp, self.settings.app_secret.expose());
+            let query: Vec<String> =
+                params.iter().map(|(k, v)| format!("{k}={}", http::query_escape(v))).collect();
+            let url =
+                format!("{}?{}", http::join(&self.settings.api_gateway, CERTIFICATES_PATH), query.join("&"));
             let headers = [
                 ("Content-Type", "application/json;charset=UTF-8"),
                 ("apim-accesstoken", token.as_str()),
                 ("apim-signature", signature.as_str()),
                 ("apim-timestamp", timestamp.as_str()),
             ];
-            let response = self
-                .http
-                .send(&step, "POST", &url, &headers, Some(body.as_bytes()))?;
+            let response = self.http.send(&step, "POST", &url, &headers, Some(body.as_bytes()))?;
             if !response.is_success() {
                 return Err(gateway_error(&step, &response));
             }
@@ -228,25 +192,15 @@ impl<'a> Enos<'a> {
             None => Vec::new(),
         };
         // The table says certSn, the samples certSN; it is a decimal string (§1.4).
-        let ca_ref = ["certSN", "certSn"]
-            .iter()
-            .find_map(|k| data.get(k))
-            .and_then(|v| match v {
-                Value::String(s) => Some(s.clone()),
-                Value::Number(n) => Some(n.clone()),
-                _ => None,
-            });
+        let ca_ref = ["certSN", "certSn"].iter().find_map(|k| data.get(k)).and_then(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.clone()),
+            _ => None,
+        });
         if ca_ref.as_deref().is_none_or(|s| s.parse::<i64>().is_err()) {
-            return Err(Error::protocol(format!(
-                "{STEP}: certSN is missing or not a number"
-            )));
+            return Err(Error::protocol(format!("{STEP}: certSN is missing or not a number")));
         }
-        Ok(Issued {
-            leaf,
-            intermediates: Vec::new(),
-            roots,
-            ca_ref,
-        })
+        Ok(Issued { leaf, intermediates: Vec::new(), roots, ca_ref })
     }
 }
 
@@ -329,9 +283,8 @@ fn hex(bytes: &[u8]) -> String {
 
 fn now_ms() -> u64 {
     // The effective clock (design.md §5 rule 7), with the system's sub-second part.
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_millis());
+    let millis =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_millis());
     crate::time::now() * 1000 + u64::from(millis)
 }
 
@@ -351,17 +304,11 @@ fn gateway_error(step: &str, response: &http::Response) -> Error {
 fn service_error(step: &str, answer: &Value) -> Error {
     let code = answer.get("code").and_then(Value::as_i64);
     let msg = answer.get("msg").and_then(Value::as_str).unwrap_or("");
-    let request_id = answer
-        .get("requestId")
-        .and_then(Value::as_str)
-        .unwrap_or("-");
+    let request_id = answer.get("requestId").and_then(Value::as_str).unwrap_or("-");
     let Some(code) = code else {
         return Error::protocol(format!("{step}: the answer has no numeric code"));
     };
-    let text = format!(
-        "{step}: EnOS code {code}: {} (requestId {request_id})",
-        http::excerpt(msg)
-    );
+    let text = format!("{step}: EnOS code {code}: {} (requestId {request_id})", http::excerpt(msg));
     match code {
         99500 | 1005 => Error::temporary(text),
         _ => Error::refused(text),
@@ -382,38 +329,23 @@ mod tests {
             ("deviceKey", "dk".to_string()),
         ];
         let body = br#"{"csr":"x"}"#;
-        let expected = sha256_hex(&[
-            "tok",
-            "actionapplydeviceKeydkorgIdo1productKeypk",
-            r#"{"csr":"x"}"#,
-            "123",
-            "sec",
-        ]);
+        let expected =
+            sha256_hex(&["tok", "actionapplydeviceKeydkorgIdo1productKeypk", r#"{"csr":"x"}"#, "123", "sec"]);
         assert_eq!(sign_request("tok", &params, body, "123", "sec"), expected);
-        assert_ne!(
-            sign_request("tok", &params, br#"{"csr": "x"}"#, "123", "sec"),
-            expected
-        );
+        assert_ne!(sign_request("tok", &params, br#"{"csr": "x"}"#, "123", "sec"), expected);
     }
 
     #[test]
     fn service_codes_map_to_the_documented_exit_classes() {
         let answer = |code: i64| {
             json::parse(
-                format!(r#"{{"code":{code},"msg":"Device cannot be found","requestId":"r1"}}"#)
-                    .as_bytes(),
+                format!(r#"{{"code":{code},"msg":"Device cannot be found","requestId":"r1"}}"#).as_bytes(),
             )
             .unwrap()
         };
         let refused = service_error("apply", &answer(11404));
         assert_eq!(refused.kind(), crate::error::Kind::Refused);
-        assert_eq!(
-            refused.to_string(),
-            "apply: EnOS code 11404: Device cannot be found (requestId r1)"
-        );
-        assert_eq!(
-            service_error("apply", &answer(99500)).kind(),
-            crate::error::Kind::Temporary
-        );
+        assert_eq!(refused.to_string(), "apply: EnOS code 11404: Device cannot be found (requestId r1)");
+        assert_eq!(service_error("apply", &answer(99500)).kind(), crate::error::Kind::Temporary);
     }
 }

@@ -31,9 +31,7 @@ const EKUS: [&str; 2] = ["1.3.6.1.5.5.7.3.2", "1.3.6.1.5.5.7.3.1"];
 pub fn credentials(settings: &EzcaSettings) -> Credentials {
     let bootstrap = match settings.bootstrap {
         EzcaBootstrap::Token(_) => "EZCA bootstrap bearer token (ca.bootstrap.token_file)",
-        EzcaBootstrap::Entra { .. } => {
-            "Entra ID client credentials (ca.bootstrap.client_secret_file)"
-        }
+        EzcaBootstrap::Entra { .. } => "Entra ID client credentials (ca.bootstrap.client_secret_file)",
     };
     let renew = match (settings.renew_auth, &settings.bootstrap) {
         (RenewAuth::Certificate, _) => "the device certificate: RS256 JWT signed by the device key",
@@ -44,10 +42,7 @@ pub fn credentials(settings: &EzcaSettings) -> Credentials {
             "Entra ID client credentials (ca.renew_auth = bootstrap)"
         }
     };
-    Credentials {
-        enroll: bootstrap,
-        renew,
-    }
+    Credentials { enroll: bootstrap, renew }
 }
 
 pub struct Ezca<'a> {
@@ -58,23 +53,16 @@ pub struct Ezca<'a> {
 
 impl<'a> Ezca<'a> {
     pub fn new(settings: &'a EzcaSettings, _all: &'a Settings, http: Http) -> Self {
-        Ezca {
-            settings,
-            valid_days: settings.valid_days,
-            http,
-        }
+        Ezca { settings, valid_days: settings.valid_days, http }
     }
 
     /// The bearer token for issuance calls.
     fn bootstrap_token(&self) -> Result<Zeroizing<String>> {
         match &self.settings.bootstrap {
             EzcaBootstrap::Token(token) => Ok(Zeroizing::new(token.expose().to_string())),
-            EzcaBootstrap::Entra {
-                tenant_id,
-                client_id,
-                client_secret,
-                authority,
-            } => self.entra_token(authority, tenant_id, client_id, client_secret.expose()),
+            EzcaBootstrap::Entra { tenant_id, client_id, client_secret, authority } => {
+                self.entra_token(authority, tenant_id, client_id, client_secret.expose())
+            }
         }
     }
 
@@ -87,10 +75,7 @@ impl<'a> Ezca<'a> {
         secret: &str,
     ) -> Result<Zeroizing<String>> {
         const STEP: &str = "getting an Entra ID token for EZCA";
-        let url = http::join(
-            authority,
-            &format!("/{}/oauth2/v2.0/token", http::query_escape(tenant)),
-        );
+        let url = http::join(authority, &format!("/{}/oauth2/v2.0/token", http::query_escape(tenant)));
         let form = Zeroizing::new(http::form_encode(&[
             ("client_id", client_id),
             ("scope", ENTRA_SCOPE),
@@ -108,16 +93,12 @@ impl<'a> Ezca<'a> {
         if !response.is_success() {
             let detail = answer.ok().map(|a| {
                 let field = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                format!(
-                    "{}: {}",
-                    field("error"),
-                    http::excerpt(&field("error_description"))
-                )
+                format!("{}: {}", field("error"), http::excerpt(&field("error_description")))
             });
             return Err(match (response.status, detail) {
-                (400 | 401, Some(detail)) => Error::refused(format!(
-                    "{STEP}: Entra ID refused the client credentials: {detail}"
-                )),
+                (400 | 401, Some(detail)) => {
+                    Error::refused(format!("{STEP}: Entra ID refused the client credentials: {detail}"))
+                }
                 _ => http::status_error(STEP, &response),
             });
         }
@@ -139,27 +120,16 @@ impl<'a> Ezca<'a> {
             ("TemplateID", self.settings.template_id.as_str().into()),
             ("CSR", request.csr.pem.as_str().into()),
             ("ValidityInDays", self.valid_days.into()),
-            (
-                "EKUs",
-                Value::Array(EKUS.iter().map(|e| (*e).into()).collect()),
-            ),
-            (
-                "KeyUsages",
-                Value::Array(vec!["Key Encipherment".into(), "Digital Signature".into()]),
-            ),
+            ("EKUs", Value::Array(EKUS.iter().map(|e| (*e).into()).collect())),
+            ("KeyUsages", Value::Array(vec!["Key Encipherment".into(), "Digital Signature".into()])),
             ("SelectedLocation", "IoT Device".into()),
         ])
         .to_json();
         let token = self.bootstrap_token()?;
         let auth = Zeroizing::new(format!("Bearer {}", token.as_str()));
         let url = http::join(&self.settings.url, REQUEST_V2);
-        let headers = [
-            ("Content-Type", "application/json"),
-            ("Authorization", auth.as_str()),
-        ];
-        let response = self
-            .http
-            .send(STEP, "POST", &url, &headers, Some(body.as_bytes()))?;
+        let headers = [("Content-Type", "application/json"), ("Authorization", auth.as_str())];
+        let response = self.http.send(STEP, "POST", &url, &headers, Some(body.as_bytes()))?;
         if matches!(response.status, 401 | 403) {
             let whose = match self.settings.bootstrap {
                 EzcaBootstrap::Token(_) => "the bootstrap token was refused",
@@ -191,10 +161,7 @@ impl<'a> Ezca<'a> {
         .to_json();
         let jwt = certificate_jwt(current)?;
         let auth = Zeroizing::new(format!("Bearer {jwt}"));
-        let headers = [
-            ("Content-Type", "application/json"),
-            ("Authorization", auth.as_str()),
-        ];
+        let headers = [("Content-Type", "application/json"), ("Authorization", auth.as_str())];
         let v3 = self.http.send(
             "EZCA RenewCertificateV3",
             "POST",
@@ -273,45 +240,24 @@ fn certificate_jwt(current: &Current) -> Result<String> {
         ("nbf", now.into()),
         ("exp", (now + JWT_LIFETIME_S).into()),
     ]);
-    let signing_input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_json()),
-        URL_SAFE_NO_PAD.encode(claims.to_json())
-    );
-    let signature = current
-        .key
-        .sign(
-            enroll_hal::SignatureScheme::RsaPkcs1Sha256,
-            signing_input.as_bytes(),
-        )
-        .map_err(|e| {
-            Error::from(e).context("signing the EZCA renewal token with the device key")
-        })?;
-    Ok(format!(
-        "{signing_input}.{}",
-        URL_SAFE_NO_PAD.encode(signature)
-    ))
+    let signing_input =
+        format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_json()), URL_SAFE_NO_PAD.encode(claims.to_json()));
+    let signature =
+        current
+            .key
+            .sign(enroll_hal::SignatureScheme::RsaPkcs1Sha256, signing_input.as_bytes())
+            .map_err(|e| Error::from(e).context("signing the EZCA renewal token with the device key"))?;
+    Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature)))
 }
 
 fn uuid_v4() -> Result<String> {
     let mut bytes = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| {
-        Error::new(
-            crate::error::Kind::Internal,
-            "the system random generator failed",
-        )
-    })?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| Error::new(crate::error::Kind::Internal, "the system random generator failed"))?;
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    ))
+    Ok(format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]))
 }
 
 /// Renewal rejections are plain text (§2.4, e.g. "CSR does not match certificate").
@@ -333,24 +279,13 @@ fn issued_from_json(step: &str, response: &Response) -> Result<Issued> {
     let mut answer = super::parse_json(step, response)?;
     if let Value::String(inner) = &answer {
         answer = json::parse(inner.as_bytes()).map_err(|e| {
-            Error::protocol(format!(
-                "{step}: the JSON-string-wrapped answer is not JSON"
-            ))
-            .with_source(e)
+            Error::protocol(format!("{step}: the JSON-string-wrapped answer is not JSON")).with_source(e)
         })?;
     }
     let Value::Object(members) = answer else {
-        return Err(Error::protocol(format!(
-            "{step}: expected a JSON object, found {}",
-            answer.type_name()
-        )));
+        return Err(Error::protocol(format!("{step}: expected a JSON object, found {}", answer.type_name())));
     };
-    let trimmed = Value::Object(
-        members
-            .into_iter()
-            .map(|(k, v)| (k.trim().to_string(), v))
-            .collect(),
-    );
+    let trimmed = Value::Object(members.into_iter().map(|(k, v)| (k.trim().to_string(), v)).collect());
     let leaf = super::pem_field(step, &trimmed, "CertificatePEM")?
         .into_iter()
         .next()
@@ -370,12 +305,9 @@ fn issued_from_json(step: &str, response: &Response) -> Result<Issued> {
 /// V2 renewals answer with PEM text: the leaf first, then whatever CA certificates follow.
 fn issued_from_pem_text(step: &str, response: &Response) -> Result<Issued> {
     let text = String::from_utf8_lossy(&response.body);
-    let mut certs = crate::pki::parse_pem_certs(&text)
-        .map_err(|e| e.context(step.to_string()))?
-        .into_iter();
-    let leaf = certs
-        .next()
-        .ok_or_else(|| Error::protocol(format!("{step}: the answer holds no certificate")))?;
+    let mut certs = crate::pki::parse_pem_certs(&text).map_err(|e| e.context(step.to_string()))?.into_iter();
+    let leaf =
+        certs.next().ok_or_else(|| Error::protocol(format!("{step}: the answer holds no certificate")))?;
     Ok(Issued {
         leaf: leaf.der,
         intermediates: certs.map(|c| c.der).collect(),

@@ -89,19 +89,14 @@ pub fn parse_json(what: &str, response: &crate::http::Response) -> Result<crate:
 /// Reads one PEM certificate out of a JSON field.
 pub fn pem_field(what: &str, value: &crate::json::Value, field: &str) -> Result<Vec<Vec<u8>>> {
     let Some(text) = value.get(field).and_then(|v| v.as_str()) else {
-        return Err(crate::error::Error::protocol(format!(
-            "{what}: the answer has no {field}"
-        )));
+        return Err(crate::error::Error::protocol(format!("{what}: the answer has no {field}")));
     };
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let certs =
-        crate::pki::parse_pem_certs(text).map_err(|e| e.context(format!("{what}: {field}")))?;
+    let certs = crate::pki::parse_pem_certs(text).map_err(|e| e.context(format!("{what}: {field}")))?;
     if certs.is_empty() {
-        return Err(crate::error::Error::protocol(format!(
-            "{what}: {field} holds no certificate"
-        )));
+        return Err(crate::error::Error::protocol(format!("{what}: {field} holds no certificate")));
     }
     Ok(certs.into_iter().map(|c| c.der).collect())
 }

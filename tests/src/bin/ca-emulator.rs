@@ -30,17 +30,12 @@ fn parse_args() -> Result<Args, String> {
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match a.as_str() {
-            "--port" => {
-                opts.port = value("--port")?
-                    .parse()
-                    .map_err(|_| "--port: not a port number")?
-            }
+            "--port" => opts.port = value("--port")?.parse().map_err(|_| "--port: not a port number")?,
             "--dir" => dir = Some(PathBuf::from(value("--dir")?)),
             "--fault" => opts.fault = Some(parse_fault(&value("--fault")?)?),
             "--fault-delay-ms" => {
-                let ms: u64 = value("--fault-delay-ms")?
-                    .parse()
-                    .map_err(|_| "--fault-delay-ms: not a number")?;
+                let ms: u64 =
+                    value("--fault-delay-ms")?.parse().map_err(|_| "--fault-delay-ms: not a number")?;
                 opts.fault_delay = Duration::from_millis(ms);
             }
             "--client-cert" => opts.request_client_cert = true,
@@ -57,13 +52,7 @@ fn parse_args() -> Result<Args, String> {
 /// `NAME` or `NAME:COUNT`.
 fn parse_fault(s: &str) -> Result<(Fault, Option<u32>), String> {
     let (name, count) = match s.split_once(':') {
-        Some((n, c)) => (
-            n,
-            Some(
-                c.parse::<u32>()
-                    .map_err(|_| format!("bad fault count in {s:?}"))?,
-            ),
-        ),
+        Some((n, c)) => (n, Some(c.parse::<u32>().map_err(|_| format!("bad fault count in {s:?}"))?)),
         None => (s, None),
     };
     Ok((name.parse()?, count))
@@ -71,12 +60,7 @@ fn parse_fault(s: &str) -> Result<(Fault, Option<u32>), String> {
 
 fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> io::Result<()> {
     let path = dir.join(name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&path)?;
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&path)?;
     // The mode only applies on creation; an existing file must be tightened too.
     fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
     f.write_all(contents.as_bytes())?;
@@ -87,24 +71,9 @@ fn write_dir(dir: &Path, emu: &Emulator) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     write_file(dir, "tls-root.pem", &emu.tls_root_pem(), 0o644)?;
-    write_file(
-        dir,
-        "enos-app-secret",
-        &format!("{}\n", emu.enos.app_secret),
-        0o600,
-    )?;
-    write_file(
-        dir,
-        "ezca-bootstrap.token",
-        &format!("{}\n", emu.ezca.bootstrap_token),
-        0o600,
-    )?;
-    write_file(
-        dir,
-        "entra-client-secret",
-        &format!("{}\n", emu.ezca.client_secret),
-        0o600,
-    )?;
+    write_file(dir, "enos-app-secret", &format!("{}\n", emu.enos.app_secret), 0o600)?;
+    write_file(dir, "ezca-bootstrap.token", &format!("{}\n", emu.ezca.bootstrap_token), 0o600)?;
+    write_file(dir, "entra-client-secret", &format!("{}\n", emu.ezca.client_secret), 0o600)?;
     let info = json!({
         "url": emu.url(),
         "enos": {

@@ -41,8 +41,7 @@ impl Scratch {
     pub fn new(name: &str) -> Scratch {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("enroll-e2e-{name}-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("enroll-e2e-{name}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
@@ -64,11 +63,7 @@ pub struct Run {
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
+        write!(f, "exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
     }
 }
 
@@ -103,12 +98,7 @@ impl Env {
         Env::with_options(ca, algorithm, Options::default(), tweak)
     }
 
-    pub fn with_options(
-        ca: Ca,
-        algorithm: &str,
-        options: Options,
-        tweak: impl FnOnce(&mut Value),
-    ) -> Env {
+    pub fn with_options(ca: Ca, algorithm: &str, options: Options, tweak: impl FnOnce(&mut Value)) -> Env {
         let emu = Emulator::start(options).expect("start emulator");
         let scratch = Scratch::new(match ca {
             Ca::Enos => "enos",
@@ -153,13 +143,7 @@ impl Env {
         tweak(&mut config);
         let path = dir.join("config.json");
         fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-        Env {
-            ca,
-            emu,
-            scratch,
-            config: path,
-            outputs: Mutex::new(Vec::new()),
-        }
+        Env { ca, emu, scratch, config: path, outputs: Mutex::new(Vec::new()) }
     }
 
     pub fn dir(&self) -> &Path {
@@ -261,10 +245,7 @@ impl Env {
         let outputs = self.outputs.lock().unwrap();
         for secret in self.secrets() {
             for output in outputs.iter() {
-                assert!(
-                    !output.contains(&secret),
-                    "a secret leaked into agent output:\n{output}"
-                );
+                assert!(!output.contains(&secret), "a secret leaked into agent output:\n{output}");
             }
         }
     }
@@ -272,15 +253,9 @@ impl Env {
 
 /// `openssl` run with arguments; returns (success, combined output).
 pub fn openssl(args: &[&str]) -> (bool, String) {
-    let output = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl is installed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = Command::new("openssl").args(args).output().expect("openssl is installed");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     (output.status.success(), text)
 }
 
