@@ -326,6 +326,9 @@ impl<'a> Agent<'a> {
             sans: &self.settings.san,
         };
         let http = self.http()?;
+        if !time::clock_trusted() && !time::has_server_time() {
+            learn_time_from_ca(&http, &backend::from_settings(self.settings, http.clone()).probe_url());
+        }
         let mut ca = backend::from_settings(self.settings, http);
         let outcome = match (purpose, installed) {
             (Purpose::Renew, Some(current)) => {
@@ -433,6 +436,20 @@ impl<'a> Agent<'a> {
             log::warn!("hook {program}: {e}");
         }
         outcome
+    }
+}
+
+/// design.md §5 rule 7: with no trustworthy clock, ask the CA for the time (its `Date` header,
+/// recorded by the HTTP layer) before signing timestamps and judging validity.
+fn learn_time_from_ca(http: &Http, url: &str) {
+    log::warn!(
+        "the system clock ({}) is earlier than this build; asking the CA for the time",
+        time::rfc3339(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+        )
+    );
+    if let Err(e) = http.send("learning the time from the CA", "GET", url, &[], None) {
+        log::warn!("{}", e.chain_line());
     }
 }
 

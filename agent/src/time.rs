@@ -23,6 +23,11 @@ pub fn now() -> u64 {
     effective_now(system_now(), build_time(), offset)
 }
 
+/// Whether the CA's time is known (only learnt while the system clock is untrusted).
+pub fn has_server_time() -> bool {
+    HAVE_SERVER_TIME.load(Ordering::Relaxed)
+}
+
 /// Whether the system clock can be believed.
 pub fn clock_trusted() -> bool {
     system_now() >= build_time()

@@ -5,9 +5,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use enroll_hal::{Algorithm, DeviceKey, SignatureScheme as HalScheme};
-use rustls::client::ResolvesClientCert;
-use rustls::pki_types::CertificateDer;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::sign::{CertifiedKey, Signer, SigningKey};
+use rustls::time_provider::TimeProvider;
+use rustls::{CertificateError, DigitallySignedStruct};
 use rustls::{ClientConfig, RootCertStore, SignatureAlgorithm, SignatureScheme};
 
 use crate::error::{Error, Result};
@@ -51,10 +56,14 @@ pub struct ClientIdentity {
 
 pub fn client_config(roots: RootCertStore, identity: Option<ClientIdentity>) -> Result<Arc<ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider)
+    let server_verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| Error::config(format!("tls.trust_bundle: {e}")))?;
+    let builder = ClientConfig::builder_with_details(provider, Arc::new(EffectiveClock))
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::new(crate::error::Kind::Internal, format!("TLS setup: {e}")))?
-        .with_root_certificates(roots);
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ClockTolerantVerifier(server_verifier)));
     let config = match identity {
         None => builder.with_no_client_auth(),
         Some(identity) => {
@@ -65,6 +74,85 @@ pub fn client_config(roots: RootCertStore, identity: Option<ClientIdentity>) -> 
         }
     };
     Ok(Arc::new(config))
+}
+
+/// rustls asks this for "now": the clock rule's time (design.md §5 rule 7), not the raw system
+/// clock, so a device booted at 1970 judges validity by the build time or the CA's Date.
+#[derive(Debug)]
+struct EffectiveClock;
+
+impl TimeProvider for EffectiveClock {
+    fn current_time(&self) -> Option<UnixTime> {
+        Some(UnixTime::since_unix_epoch(Duration::from_secs(crate::time::now())))
+    }
+}
+
+/// Full WebPKI verification of the CA's server certificate, with one allowance for devices that
+/// have no clock: a certificate "not valid yet" at the build time is accepted if it verifies in
+/// every other respect (roots, chain, name, signatures) at its own notBefore. A device without a
+/// clock cannot tell a newly rotated server certificate from a future-dated one, and refusing
+/// every rotation after the firmware build would cut it off for good. Expired certificates are
+/// still refused: they are expired at any time after the build.
+#[derive(Debug)]
+struct ClockTolerantVerifier(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ClockTolerantVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let result = self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        let not_yet_valid = matches!(
+            result,
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }
+            ))
+        );
+        if !not_yet_valid || crate::time::clock_trusted() {
+            return result;
+        }
+        let Some(latest_start) = std::iter::once(end_entity)
+            .chain(intermediates)
+            .map(|der| crate::pki::Cert::from_der(der).map(|c| c.not_before()))
+            .collect::<Result<Vec<u64>>>()
+            .ok()
+            .and_then(|starts| starts.into_iter().max())
+        else {
+            return result;
+        };
+        log::warn!(
+            "no trustworthy clock: accepting the CA's TLS certificate, which starts after this build, \
+             as of its own start time"
+        );
+        let then = UnixTime::since_unix_epoch(Duration::from_secs(latest_start));
+        self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, then)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 #[derive(Debug)]

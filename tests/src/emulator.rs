@@ -36,6 +36,8 @@ pub struct Options {
     pub enos: EnosConfig,
     /// EZCA identifiers and credentials.
     pub ezca: EzcaConfig,
+    /// notBefore of the HTTPS server certificate, in seconds from now (default one day ago).
+    pub tls_start_offset_s: i64,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             fault: None,
             enos: EnosConfig::generate(),
             ezca: EzcaConfig::generate(),
+            tls_start_offset_s: -86_400,
         }
     }
 }
@@ -125,7 +128,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     pub(crate) fn new(opts: &Options) -> io::Result<Self> {
-        let pki = Pki::generate().map_err(io::Error::other)?;
+        let pki = Pki::generate_with_tls_start(opts.tls_start_offset_s).map_err(io::Error::other)?;
         let mut faults = FaultState::default();
         if let Some((f, n)) = opts.fault {
             faults.set(f, n);

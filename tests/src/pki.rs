@@ -130,12 +130,19 @@ pub struct Pki {
 impl Pki {
     /// Generates every CA and the TLS server certificate (for `localhost` and 127.0.0.1).
     pub fn generate() -> Result<Self, rcgen::Error> {
+        Self::generate_with_tls_start(-86_400)
+    }
+
+    /// As [`Pki::generate`], with the TLS server certificate's notBefore `offset_s` seconds from
+    /// now (positive: a certificate that is not valid yet, as a freshly rotated one looks to a
+    /// device whose clock is behind).
+    pub fn generate_with_tls_start(offset_s: i64) -> Result<Self, rcgen::Error> {
         let enos_root = CertAuthority::root("EnOS", "EnOS Emulator Root CA")?;
         let ezca_root = CertAuthority::root("Keytos EZCA Emulator", "EZCA Emulator Root CA")?;
         let ezca_issuing =
             CertAuthority::intermediate("Keytos EZCA Emulator", "EZCA Emulator Issuing CA", &ezca_root)?;
         let tls_root = CertAuthority::root("enroll-tests", "CA Emulator TLS Root")?;
-        let (tls_server_der, tls_server_key) = tls_server_cert(&tls_root)?;
+        let (tls_server_der, tls_server_key) = tls_server_cert(&tls_root, offset_s)?;
         Ok(Self { enos_root, ezca_root, ezca_issuing, tls_root, tls_server_der, tls_server_key })
     }
 
@@ -150,7 +157,7 @@ impl Pki {
     }
 }
 
-fn tls_server_cert(root: &CertAuthority) -> Result<(Vec<u8>, Vec<u8>), rcgen::Error> {
+fn tls_server_cert(root: &CertAuthority, start_offset_s: i64) -> Result<(Vec<u8>, Vec<u8>), rcgen::Error> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
     p.distinguished_name = DistinguishedName::new();
@@ -160,7 +167,7 @@ fn tls_server_cert(root: &CertAuthority) -> Result<(Vec<u8>, Vec<u8>), rcgen::Er
     p.use_authority_key_identifier_extension = true;
     p.serial_number = Some(random_serial().into());
     let now = OffsetDateTime::now_utc();
-    p.not_before = now - ::time::Duration::days(1);
+    p.not_before = now + ::time::Duration::seconds(start_offset_s);
     p.not_after = now + ::time::Duration::days(365);
     let cert = p.signed_by(&key, &root.cert, &root.key)?;
     Ok((cert.der().to_vec(), key.serialize_der()))
