@@ -25,6 +25,7 @@ const ENTRA_SCOPE: &str = "https://management.core.windows.net/.default";
 /// §2.3: the certificate JWT's audience and lifetime.
 const JWT_AUDIENCE: &str = "https://ezca.io";
 const JWT_LIFETIME_S: u64 = 1800;
+const JWT_BACKDATE_S: u64 = 60;
 /// §2.4 defaults of the official clients: client and server authentication.
 const EKUS: [&str; 2] = ["1.3.6.1.5.5.7.3.2", "1.3.6.1.5.5.7.3.1"];
 
@@ -228,7 +229,8 @@ fn subject_alt_names(request: &Request) -> Value {
 
 /// §2.3: the renewal token, signed in place by the device key.
 fn certificate_jwt(current: &Current) -> Result<String> {
-    let now = crate::time::now();
+    // A minute in the past, so a device clock slightly ahead of EZCA's is not "not yet valid".
+    let not_before = crate::time::now().saturating_sub(JWT_BACKDATE_S);
     let header = json::object([
         ("alg", "RS256".into()),
         ("typ", "JWT".into()),
@@ -237,8 +239,8 @@ fn certificate_jwt(current: &Current) -> Result<String> {
     let claims = json::object([
         ("aud", JWT_AUDIENCE.into()),
         ("jti", uuid_v4()?.into()),
-        ("nbf", now.into()),
-        ("exp", (now + JWT_LIFETIME_S).into()),
+        ("nbf", not_before.into()),
+        ("exp", (not_before + JWT_LIFETIME_S).into()),
     ]);
     let signing_input =
         format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_json()), URL_SAFE_NO_PAD.encode(claims.to_json()));
