@@ -43,6 +43,11 @@ macro_rules! backend_suite {
             fn a_failed_first_enrollment_resumes_with_the_same_key() {
                 suite_resume_same_key(&env());
             }
+
+            #[test]
+            fn forced_enrollment_starts_over_with_the_bootstrap_credential() {
+                suite_forced_enrollment(&env());
+            }
         }
     };
 }
@@ -221,4 +226,19 @@ fn suite_resume_same_key(env: &Env) {
         "the retry used the pending key"
     );
     assert_eq!(fs::read_dir(env.state_dir().join("slots")).unwrap().count(), 1, "no second key was made");
+}
+
+fn suite_forced_enrollment(env: &Env) {
+    env.expect(&["enroll"], 0);
+    let first = env.identity();
+    let run = env.expect(&["enroll", "--force"], 0);
+    assert!(run.stdout.starts_with("enroll: installed certificate serial"), "{run:?}");
+    assert_ne!(env.identity(), first);
+    assert_eq!(fs::read_link(env.state_dir().join("previous")).unwrap(), first.target);
+    let last = env.issuing_calls().pop().unwrap();
+    let expected = match env.ca {
+        Ca::Enos => "?action=apply",
+        Ca::Ezca => "/api/CA/RequestSSLCertificateV2",
+    };
+    assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
 }

@@ -133,3 +133,15 @@ fn ezca_certificate_renewal_does_not_need_the_bootstrap_token() {
     let renew = env.emu.log().into_iter().rev().find(|r| r.path.contains("RenewCertificateV3")).unwrap();
     assert_eq!(renew.status, 200);
 }
+
+#[test]
+fn renewal_without_rotation_keeps_the_key() {
+    let env = Env::with_config(Ca::Enos, "rsa2048", |c| c["key"]["rotate_on_renew"] = false.into());
+    env.expect(&["enroll"], 0);
+    let key = std::fs::read(env.current().join("key.pem")).unwrap();
+    let serial = common::serial_of(&env);
+    env.expect(&["renew", "--force"], 0);
+    assert_ne!(common::serial_of(&env), serial);
+    assert_eq!(std::fs::read(env.current().join("key.pem")).unwrap(), key);
+    assert_eq!(common::mode(&env.current().join("key.pem")), 0o600);
+}
