@@ -450,6 +450,12 @@ fn parse_tls(root: &mut Fields) -> Result<TlsSettings> {
         return Ok(TlsSettings { trust_bundle: None, timeout_s: 30, danger_allow_http: false });
     };
     let trust_bundle = fields.string("trust_bundle")?.map(PathBuf::from);
+    // Checked here so a wrong path fails before anything is created; the content is read when
+    // the first connection is made.
+    if let Some(path) = &trust_bundle {
+        std::fs::File::open(path)
+            .map_err(|e| Error::config(format!("tls.trust_bundle: {}: {e}", path.display())))?;
+    }
     let timeout_s = fields.positive("timeout_s")?.unwrap_or(30);
     if timeout_s > 600 {
         return Err(Error::config("tls.timeout_s: must be at most 600 seconds"));

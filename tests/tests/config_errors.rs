@@ -5,6 +5,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
 
 use common::{Ca, Env};
 use serde_json::Value;
@@ -226,4 +227,29 @@ fn a_crash_between_install_and_state_write_is_reconciled() {
     assert_eq!(fs::read_link(env.state_dir().join("previous")).unwrap(), before.target);
     let old_cert = fs::read(env.state_dir().join(&before.target).join("cert.pem")).unwrap();
     assert_eq!(old_cert, before.files[0].1, "the installed slot was not written into");
+}
+
+#[test]
+fn a_state_directory_owned_by_someone_else_is_refused_naming_the_owner() {
+    let env = Env::new(Ca::Enos, "p256");
+    fs::create_dir(env.state_dir()).unwrap();
+    fs::set_permissions(env.state_dir(), fs::Permissions::from_mode(0o700)).unwrap();
+    let chowned = Command::new("chown").arg("65534").arg(env.state_dir()).status().unwrap().success();
+    assert!(chowned, "chown (the tests run as root in CI)");
+    let run = env.expect(&["enroll"], 74);
+    assert!(run.stderr.contains("owned by uid 65534"), "{run:?}");
+    assert!(run.stderr.contains(env.state_dir().to_str().unwrap()), "{run:?}");
+}
+
+#[test]
+fn a_missing_or_empty_trust_bundle_is_a_config_error_naming_it() {
+    let env =
+        Env::with_config(Ca::Enos, "p256", |c| c["tls"]["trust_bundle"] = "/nonexistent/roots.pem".into());
+    let run = env.expect(&["enroll"], 78);
+    assert!(run.stderr.contains("tls.trust_bundle: /nonexistent/roots.pem"), "{run:?}");
+    assert!(!env.state_dir().exists(), "a config error creates nothing");
+    let env = Env::new(Ca::Enos, "p256");
+    fs::write(env.dir().join("tls-root.pem"), "no certificates here\n").unwrap();
+    let run = env.expect(&["check"], 78);
+    assert!(run.stderr.contains("contains no certificate"), "{run:?}");
 }
