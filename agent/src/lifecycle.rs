@@ -225,7 +225,10 @@ impl<'a> Agent<'a> {
         };
         let now = time::now();
         let renew_at = self.renew_at(&installed);
-        if !force && now < renew_at && self.state.pending.is_none() {
+        // A request the CA accepted is resumed whenever we are asked; a slot kept from a failed
+        // synchronous call waits for the renewal time like everything else.
+        let accepted = self.state.pending.as_ref().is_some_and(|p| p.request_id.is_some());
+        if !force && now < renew_at && !accepted {
             return Ok(Done::NotDue { renew_at });
         }
         if now >= installed.cert.not_after() {

@@ -145,3 +145,16 @@ fn renewal_without_rotation_keeps_the_key() {
     assert_eq!(std::fs::read(env.current().join("key.pem")).unwrap(), key);
     assert_eq!(common::mode(&env.current().join("key.pem")), 0o600);
 }
+
+#[test]
+fn a_failed_forced_renewal_does_not_make_the_next_plain_renew_due() {
+    let env = Env::new(Ca::Enos, "p256");
+    env.expect(&["enroll"], 0);
+    env.emu.set_fault(Fault::Http503, Some(1));
+    env.expect(&["renew", "--force"], 75);
+    let calls = env.issuing_calls().len();
+    let run = env.expect(&["renew"], 0);
+    assert!(run.stdout.contains("not due until"), "{run:?}");
+    assert_eq!(env.issuing_calls().len(), calls);
+    env.expect(&["needs-renewal"], 1);
+}

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use zeroize::Zeroizing;
 
 use super::{CaBackend, Credentials, Current, Outcome, Request};
-use crate::config::{EzcaBootstrap, EzcaSettings, RenewAuth, Settings};
+use crate::config::{EzcaBootstrap, EzcaSettings, RenewAuth};
 use crate::error::{Error, Result};
 use crate::http::{self, Http, Response};
 use crate::json::{self, Value};
@@ -48,13 +48,12 @@ pub fn credentials(settings: &EzcaSettings) -> Credentials {
 
 pub struct Ezca<'a> {
     settings: &'a EzcaSettings,
-    valid_days: u64,
     http: Http,
 }
 
 impl<'a> Ezca<'a> {
-    pub fn new(settings: &'a EzcaSettings, _all: &'a Settings, http: Http) -> Self {
-        Ezca { settings, valid_days: settings.valid_days, http }
+    pub fn new(settings: &'a EzcaSettings, http: Http) -> Self {
+        Ezca { settings, http }
     }
 
     /// The bearer token for issuance calls.
@@ -120,7 +119,7 @@ impl<'a> Ezca<'a> {
             ("CAID", self.settings.ca_id.as_str().into()),
             ("TemplateID", self.settings.template_id.as_str().into()),
             ("CSR", request.csr.pem.as_str().into()),
-            ("ValidityInDays", self.valid_days.into()),
+            ("ValidityInDays", self.settings.valid_days.into()),
             ("EKUs", Value::Array(EKUS.iter().map(|e| (*e).into()).collect())),
             ("KeyUsages", Value::Array(vec!["Key Encipherment".into(), "Digital Signature".into()])),
             ("SelectedLocation", "IoT Device".into()),
@@ -155,7 +154,7 @@ impl<'a> Ezca<'a> {
                 "Payload",
                 json::object([
                     ("CSR", request.csr.pem.as_str().into()),
-                    ("ValidityInDays", self.valid_days.into()),
+                    ("ValidityInDays", self.settings.valid_days.into()),
                 ]),
             ),
         ])

@@ -63,7 +63,7 @@ pub trait CaBackend {
 pub fn from_settings(settings: &Settings, http: Http) -> Box<dyn CaBackend + '_> {
     match &settings.ca {
         Backend::Enos(enos) => Box::new(enos::Enos::new(enos, http)),
-        Backend::Ezca(ezca) => Box::new(ezca::Ezca::new(ezca, settings, http)),
+        Backend::Ezca(ezca) => Box::new(ezca::Ezca::new(ezca, http)),
     }
 }
 
