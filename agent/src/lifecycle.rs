@@ -329,10 +329,10 @@ impl<'a> Agent<'a> {
             sans: &self.settings.san,
         };
         let http = self.http()?;
+        let mut ca = backend::from_settings(self.settings, http.clone());
         if !time::clock_trusted() && !time::has_server_time() {
-            learn_time_from_ca(&http, &backend::from_settings(self.settings, http.clone()).probe_url());
+            learn_time_from_ca(&http, &ca.probe_url());
         }
-        let mut ca = backend::from_settings(self.settings, http);
         let outcome = match (purpose, installed) {
             (Purpose::Renew, Some(current)) => {
                 let current_key = self.provider.load(&current.slot).context("loading the current key")?;
@@ -447,9 +447,7 @@ impl<'a> Agent<'a> {
 fn learn_time_from_ca(http: &Http, url: &str) {
     log::warn!(
         "the system clock ({}) is earlier than this build; asking the CA for the time",
-        time::rfc3339(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-        )
+        time::rfc3339(time::system_now())
     );
     if let Err(e) = http.send("learning the time from the CA", "GET", url, &[], None) {
         log::warn!("{}", e.chain_line());

@@ -1,7 +1,5 @@
 //! `status`, `check` and `needs-renewal`: read-only views of the identity and the setup.
 
-use enroll_hal::Store;
-
 use crate::backend;
 use crate::config::Settings;
 use crate::error::{Context, Error, Result};
@@ -26,8 +24,7 @@ fn snapshot(settings: &Settings) -> Result<Snapshot> {
         let state = State::default();
         return Ok(Snapshot { condition: Condition::None, cert: None, renew_at: None, state, current });
     }
-    // Opening never creates anything here: status is read-only.
-    Store::existing(&settings.state_dir).context("opening the state directory")?;
+    // Checks the directory's mode and owner (exit 74 naming it), like every other command.
     let agent = lifecycle::Agent::open(settings)?;
     let installed = agent.installed();
     let renew_at = installed.as_ref().map(|i| agent.renew_at(i));
@@ -168,12 +165,11 @@ pub fn needs_renewal(settings: &Settings) -> Result<bool> {
 pub fn check(settings: &Settings, online: bool) -> Result<String> {
     let mut lines = vec!["ok: config".to_string()];
     if settings.state_dir.exists() {
-        let store = Store::existing(&settings.state_dir).context("checking the state directory")?;
-        lines.push(format!("ok: state directory {}", store.root().display()));
-        if let Some(slot) = store.current() {
+        let agent = lifecycle::Agent::open(settings)?;
+        lines.push(format!("ok: state directory {}", agent.store().root().display()));
+        if let Some(slot) = agent.store().current() {
             let provider = lifecycle::provider_for(settings);
             let key = provider.load(&slot).context("checking the installed key")?;
-            let agent = lifecycle::Agent::open(settings)?;
             let installed =
                 agent.installed().ok_or_else(|| Error::storage("current/cert.pem is unreadable"))?;
             if key.public_key_spki() != installed.cert.spki_der() {

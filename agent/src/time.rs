@@ -9,7 +9,8 @@ pub fn build_time() -> u64 {
     env!("ENROLL_AGENT_BUILD_UNIX").parse().unwrap_or(0)
 }
 
-fn system_now() -> u64 {
+/// The raw system clock, whether or not it can be believed.
+pub fn system_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 

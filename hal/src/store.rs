@@ -45,8 +45,8 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens an existing state directory without creating anything (for `status`/`check`).
-    pub fn existing(root: &Path) -> Result<Store, Error> {
+    /// Wraps an existing state directory after checking its mode and owner.
+    fn existing(root: &Path) -> Result<Store, Error> {
         check_private_dir(root)?;
         Ok(Store { root: root.to_path_buf() })
     }

@@ -88,13 +88,11 @@ fn run_backs_off_while_the_ca_fails_and_enrolls_once_it_recovers() {
 
 #[test]
 fn the_after_install_hook_runs_once_per_install_with_the_new_serial() {
-    let env = Env::with_config(Ca::Enos, "p256", |_| {});
+    let env = Env::new(Ca::Enos, "p256");
     let log = env.dir().join("hook.log");
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
-    config["hooks"] = serde_json::json!({
+    env.edit_config(|c| c["hooks"] = serde_json::json!({
         "after_install": ["/bin/sh", "-c", "echo \"$ENROLL_AGENT_SERIAL $ENROLL_AGENT_CHAIN\" >> \"$0\"", log]
-    });
-    std::fs::write(&env.config, config.to_string()).unwrap();
+    }));
     env.expect(&["enroll"], 0);
     let first = common::serial_of(&env);
     env.expect(&["enroll"], 0);

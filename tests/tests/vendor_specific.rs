@@ -31,17 +31,13 @@ fn enos_refreshes_an_expired_token_once_and_succeeds() {
 
 #[test]
 fn enos_product_key_and_device_key_select_the_device() {
-    let env = Env::with_config(Ca::Enos, "rsa2048", |c| {
+    let env = Env::new(Ca::Enos, "rsa2048");
+    env.edit_config(|c| {
         let ca = c["ca"].as_object_mut().unwrap();
         ca.remove("asset_id");
-        ca.insert("product_key".into(), env_value("product"));
-        ca.insert("device_key".into(), env_value("device"));
+        ca.insert("product_key".into(), env.emu.enos.product_key.clone().into());
+        ca.insert("device_key".into(), env.emu.enos.device_key.clone().into());
     });
-    // The placeholders are replaced with the emulator's identifiers below.
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
-    config["ca"]["product_key"] = env.emu.enos.product_key.clone().into();
-    config["ca"]["device_key"] = env.emu.enos.device_key.clone().into();
-    std::fs::write(&env.config, config.to_string()).unwrap();
     env.expect(&["enroll"], 0);
     let apply = env.emu.log().into_iter().find(|r| r.path.starts_with("/connect-service/")).unwrap();
     assert!(
@@ -49,10 +45,6 @@ fn enos_product_key_and_device_key_select_the_device() {
         "{:?}",
         apply.query
     );
-}
-
-fn env_value(s: &str) -> serde_json::Value {
-    s.into()
 }
 
 #[test]
@@ -103,14 +95,14 @@ fn entra_env(wrong_secret: bool) -> Env {
     let secret_path = env.dir().join("client-secret");
     let secret = if wrong_secret { "not-the-secret".to_string() } else { env.emu.ezca.client_secret.clone() };
     write_secret(&secret_path, &secret);
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&env.config).unwrap()).unwrap();
-    config["ca"]["bootstrap"] = serde_json::json!({
-        "tenant_id": env.emu.ezca.tenant_id,
-        "client_id": env.emu.ezca.client_id,
-        "client_secret_file": secret_path,
-        "authority": env.emu.url(),
+    env.edit_config(|c| {
+        c["ca"]["bootstrap"] = serde_json::json!({
+            "tenant_id": env.emu.ezca.tenant_id,
+            "client_id": env.emu.ezca.client_id,
+            "client_secret_file": secret_path,
+            "authority": env.emu.url(),
+        })
     });
-    std::fs::write(&env.config, config.to_string()).unwrap();
     env
 }
 

@@ -146,6 +146,13 @@ impl Env {
         Env { ca, emu, scratch, config: path, outputs: Mutex::new(Vec::new()) }
     }
 
+    /// Rewrites the config file (for edits that need the emulator's identifiers).
+    pub fn edit_config(&self, edit: impl FnOnce(&mut Value)) {
+        let mut config: Value = serde_json::from_slice(&fs::read(&self.config).unwrap()).unwrap();
+        edit(&mut config);
+        fs::write(&self.config, config.to_string()).unwrap();
+    }
+
     pub fn dir(&self) -> &Path {
         &self.scratch.0
     }
