@@ -129,15 +129,49 @@ pub struct KeySettings {
     pub rotate_on_renew: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Provider {
     File,
+    /// Keys generated and held by a Redtrust server (design.md §7 "Redtrust").
+    Redtrust(RedtrustSettings),
+}
+
+impl Provider {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::File => "file",
+            Provider::Redtrust(_) => "redtrust",
+        }
+    }
+
+    /// Whether the key lives elsewhere and cannot sign on this device.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Provider::Redtrust(_))
+    }
+}
+
+#[derive(Debug)]
+pub struct RedtrustSettings {
+    /// Root of `/raapi/…` and `/authapi/…`.
+    pub url: String,
+    /// Root of `/authclient/auth/loginrequest` (defaults to `url`).
+    pub auth_url: String,
+    /// Partner name, sent uppercase.
+    pub partner: String,
+    pub hmac_secret: Secret,
+    pub domain: Option<String>,
+    pub redirect_url: String,
+    /// Redtrust's name for the CA that issues (`provider` in csr/create and finalize).
+    pub ca_provider: String,
+    pub hash_type: String,
 }
 
 #[derive(Debug)]
 pub enum Backend {
     Enos(EnosSettings),
     Ezca(EzcaSettings),
+    Sectigo(SectigoSettings),
+    Securosys(SecurosysSettings),
 }
 
 impl Backend {
@@ -145,8 +179,52 @@ impl Backend {
         match self {
             Backend::Enos(_) => "enos",
             Backend::Ezca(_) => "ezca",
+            Backend::Sectigo(_) => "sectigo",
+            Backend::Securosys(_) => "securosys",
         }
     }
+}
+
+/// How an asynchronous CA is polled (design.md §7 "Lifecycle").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Polling {
+    /// First pause between polls; later pauses double up to `MAX_POLL_INTERVAL_S`.
+    pub interval_s: u64,
+    /// How long one `enroll`/`renew` invocation waits before exiting 75 (the request is kept).
+    pub wait_s: u64,
+    /// Counted from the request's creation: past it the request is abandoned.
+    pub timeout_s: u64,
+}
+
+#[derive(Debug)]
+pub struct SectigoSettings {
+    pub url: String,
+    pub customer_uri: String,
+    pub login: String,
+    pub password: Secret,
+    pub org_id: u64,
+    pub cert_type: u64,
+    pub term: u64,
+    pub external_requester: Option<String>,
+    pub comments: Option<String>,
+    pub polling: Polling,
+}
+
+#[derive(Debug)]
+pub struct SecurosysSettings {
+    pub url: String,
+    pub sign_key_name: String,
+    pub key_password: Option<Secret>,
+    pub signature_algorithm: String,
+    pub key_usage: Vec<String>,
+    pub extended_key_usage: Vec<String>,
+    pub approval: bool,
+    pub jwt: Option<Secret>,
+    pub api_key: Option<Secret>,
+    pub valid_days: u64,
+    /// The issuing chain (TSB returns only the leaf), DER, as read from `ca_bundle`.
+    pub ca_bundle: Vec<Vec<u8>>,
+    pub polling: Polling,
 }
 
 #[derive(Debug)]
@@ -233,7 +311,7 @@ impl Settings {
                 .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
             subject: parse_subject(&mut root)?,
             san: parse_sans(&mut root)?,
-            key: parse_key(&mut root)?,
+            key: parse_key(&mut root, tls.danger_allow_http)?,
             ca: parse_backend(&mut root, tls.danger_allow_http)?,
             renewal: parse_renewal(&mut root)?,
             hooks: parse_hooks(&mut root)?,
@@ -254,8 +332,46 @@ impl Settings {
                 ));
             }
         }
+        if let Provider::Redtrust(_) = &self.key.provider {
+            self.redtrust_cross_check()?;
+        }
         if !self.state_dir.is_absolute() {
             return Err(Error::config("state_dir: must be an absolute path"));
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// design.md §7: a Redtrust key is RSA-2048, carries no SANs, and cannot sign on the device.
+    fn redtrust_cross_check(&self) -> Result<()> {
+        if self.key.algorithm != Algorithm::Rsa2048 {
+            return Err(Error::config(
+                "key.algorithm: Redtrust generates RSA-2048 keys only; set it to \"rsa2048\"",
+            ));
+        }
+        if !self.san.is_empty() {
+            return Err(Error::config(
+                "san: Redtrust makes the CSR from subject attributes only; remove the san block",
+            ));
+        }
+        if self.subject.attributes.iter().any(|(a, _)| *a == SubjectAttribute::SerialNumber) {
+            return Err(Error::config(
+                "subject.serialNumber: Redtrust's dn takes CN, O, OU, C, ST and L only",
+            ));
+        }
+        if !self.key.rotate_on_renew {
+            return Err(Error::config(
+                "key.rotate_on_renew: Redtrust makes a new key for every renewal; remove the field or set it to true",
+            ));
+        }
+        if let Backend::Ezca(ezca) = &self.ca {
+            if ezca.renew_auth == RenewAuth::Certificate {
+                return Err(Error::config(
+                    "ca.renew_auth: a Redtrust key cannot sign the EZCA renewal token on this device; \
+                     set ca.renew_auth to \"bootstrap\"",
+                ));
+            }
         }
         Ok(())
     }
@@ -322,7 +438,7 @@ fn parse_sans(root: &mut Fields) -> Result<Sans> {
     Ok(Sans { dns, ip, uri, email })
 }
 
-fn parse_key(root: &mut Fields) -> Result<KeySettings> {
+fn parse_key(root: &mut Fields, allow_http: bool) -> Result<KeySettings> {
     let Some(mut fields) = root.object("key")? else {
         return Err(Error::config("key: missing"));
     };
@@ -342,9 +458,7 @@ fn parse_key(root: &mut Fields) -> Result<KeySettings> {
                 "key.provider: provider {name} is not compiled into this build (cargo feature {name})"
             )))
         }
-        "redtrust" => {
-            return Err(Error::config("key.provider: provider redtrust is not implemented in this version"))
-        }
+        "redtrust" => Provider::Redtrust(parse_redtrust(&mut fields, allow_http)?),
         other => {
             return Err(Error::config(format!(
                 "key.provider: {other:?} is not one of \"file\", \"pkcs11\", \"tpm\", \"redtrust\""
@@ -352,6 +466,9 @@ fn parse_key(root: &mut Fields) -> Result<KeySettings> {
         }
     };
     let rotate_on_renew = fields.boolean("rotate_on_renew")?.unwrap_or(true);
+    if !matches!(provider, Provider::Redtrust(_)) && fields.has("redtrust") {
+        return Err(Error::config("key.redtrust: only used with key.provider \"redtrust\""));
+    }
     fields.finish()?;
     Ok(KeySettings { algorithm, provider, rotate_on_renew })
 }
@@ -363,13 +480,17 @@ fn parse_backend(root: &mut Fields, allow_http: bool) -> Result<Backend> {
     let backend = match fields.required_string("backend")?.as_str() {
         "enos" => Backend::Enos(parse_enos(&mut fields, allow_http)?),
         "ezca" => Backend::Ezca(parse_ezca(&mut fields, allow_http)?),
-        name @ ("sectigo" | "securosys" | "est" | "scep" | "acme") => {
+        "sectigo" => Backend::Sectigo(parse_sectigo(&mut fields, allow_http)?),
+        "securosys" => Backend::Securosys(parse_securosys(&mut fields, allow_http)?),
+        name @ ("est" | "scep" | "acme") => {
             return Err(Error::config(format!(
                 "ca.backend: backend {name} is not implemented in this version"
             )))
         }
         other => {
-            return Err(Error::config(format!("ca.backend: {other:?} is not one of \"enos\", \"ezca\"")))
+            return Err(Error::config(format!(
+                "ca.backend: {other:?} is not one of \"enos\", \"ezca\", \"sectigo\", \"securosys\""
+            )))
         }
     };
     fields.finish()?;
@@ -443,6 +564,113 @@ fn parse_ezca(fields: &mut Fields, allow_http: bool) -> Result<EzcaSettings> {
     };
     boot.finish()?;
     Ok(EzcaSettings { url, ca_id, template_id, valid_days, bootstrap, renew_auth })
+}
+
+/// The most a poll pause grows to (protocols.md §3.5 suggests a 5-minute cap).
+pub const MAX_POLL_INTERVAL_S: u64 = 300;
+
+fn parse_polling(fields: &mut Fields, interval_s: u64, timeout_s: u64) -> Result<Polling> {
+    let polling = Polling {
+        interval_s: fields.positive("poll_interval_s")?.unwrap_or(interval_s),
+        wait_s: fields.positive("poll_wait_s")?.unwrap_or(120),
+        timeout_s: fields.positive("poll_timeout_s")?.unwrap_or(timeout_s),
+    };
+    if polling.timeout_s < polling.interval_s {
+        return Err(Error::config(format!(
+            "{}: must not be smaller than poll_interval_s",
+            fields.path_of("poll_timeout_s")
+        )));
+    }
+    Ok(polling)
+}
+
+fn parse_sectigo(fields: &mut Fields, allow_http: bool) -> Result<SectigoSettings> {
+    Ok(SectigoSettings {
+        url: fields.url("url", Some("https://cert-manager.com"), allow_http)?,
+        customer_uri: fields.required_string("customer_uri")?,
+        login: fields.required_string("login")?,
+        password: fields.secret_file("password_file")?,
+        org_id: fields.required_positive("org_id")?,
+        cert_type: fields.required_positive("cert_type")?,
+        term: fields.required_positive("term")?,
+        external_requester: fields.string("external_requester")?,
+        comments: fields.string("comments")?,
+        polling: parse_polling(fields, 60, 86_400)?,
+    })
+}
+
+fn parse_securosys(fields: &mut Fields, allow_http: bool) -> Result<SecurosysSettings> {
+    let url = fields.url("url", None, allow_http)?;
+    let sign_key_name = fields.required_string("sign_key_name")?;
+    let key_password = fields.optional_secret_file("key_password_file")?;
+    let signature_algorithm =
+        fields.string("signature_algorithm")?.unwrap_or_else(|| "SHA256_WITH_RSA".to_string());
+    let key_usage = fields.enum_names("key_usage")?.unwrap_or_else(|| vec!["DIGITAL_SIGNATURE".into()]);
+    let extended_key_usage =
+        fields.enum_names("extended_key_usage")?.unwrap_or_else(|| vec!["CLIENT_AUTH".into()]);
+    let approval = fields.boolean("approval")?.unwrap_or(false);
+    let jwt = fields.optional_secret_file("jwt_file")?;
+    let api_key = fields.optional_secret_file("api_key_file")?;
+    if jwt.is_none() && api_key.is_none() {
+        return Err(Error::config("ca.jwt_file: missing (give jwt_file, api_key_file, or both)"));
+    }
+    let valid_days = fields.positive("valid_days")?.unwrap_or(365);
+    let ca_bundle = fields.certificate_file("ca_bundle")?;
+    Ok(SecurosysSettings {
+        url,
+        sign_key_name,
+        key_password,
+        signature_algorithm,
+        key_usage,
+        extended_key_usage,
+        approval,
+        jwt,
+        api_key,
+        valid_days,
+        ca_bundle,
+        polling: parse_polling(fields, 10, 3_600)?,
+    })
+}
+
+fn parse_redtrust(key: &mut Fields, allow_http: bool) -> Result<RedtrustSettings> {
+    let Some(mut fields) = key.object("redtrust")? else {
+        return Err(Error::config("key.redtrust: missing (key.provider \"redtrust\" needs it)"));
+    };
+    let url = fields.url("url", None, allow_http)?;
+    let auth_url = match fields.has("auth_url") {
+        true => fields.url("auth_url", None, allow_http)?,
+        false => url.clone(),
+    };
+    let partner = fields.required_string("partner")?;
+    if !partner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(Error::config("key.redtrust.partner: use letters, digits, '_' and '-' only"));
+    }
+    let settings = RedtrustSettings {
+        url,
+        auth_url,
+        partner: partner.to_ascii_uppercase(),
+        hmac_secret: fields.secret_file("hmac_secret_file")?,
+        domain: fields.string("domain")?,
+        redirect_url: {
+            let url = fields.required_string("redirect_url")?;
+            if !url.starts_with("https://") && !url.starts_with("http://") {
+                return Err(Error::config("key.redtrust.redirect_url: must be an absolute http(s) URL"));
+            }
+            url
+        },
+        ca_provider: fields.required_string("ca_provider")?,
+        hash_type: match fields.string("hash_type")?.as_deref() {
+            None => "SHA256".to_string(),
+            Some(h @ ("SHA256" | "SHA384" | "SHA512")) => h.to_string(),
+            Some(other) => {
+                return Err(Error::config(format!(
+                    "key.redtrust.hash_type: {other:?} is not one of \"SHA256\", \"SHA384\", \"SHA512\""
+                )))
+            }
+        },
+    };
+    fields.finish()?;
+    Ok(settings)
 }
 
 fn parse_tls(root: &mut Fields) -> Result<TlsSettings> {
@@ -654,6 +882,45 @@ impl<'a> Fields<'a> {
             return Err(Error::config(format!("{}: {url:?} has no host or has a query", self.path_of(key))));
         }
         Ok(url.trim_end_matches('/').to_string())
+    }
+
+    fn required_positive(&mut self, key: &str) -> Result<u64> {
+        self.positive(key)?.ok_or_else(|| Error::config(format!("{}: missing", self.path_of(key))))
+    }
+
+    /// Upper-case enum names such as `DIGITAL_SIGNATURE` (Securosys TSB).
+    fn enum_names(&mut self, key: &str) -> Result<Option<Vec<String>>> {
+        let list = self.string_list(key)?;
+        if let Some(bad) = list.iter().flatten().find(|v| {
+            v.is_empty() || !v.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        }) {
+            return Err(Error::config(format!(
+                "{}: {bad:?} is not an enum name such as \"DIGITAL_SIGNATURE\"",
+                self.path_of(key)
+            )));
+        }
+        Ok(list)
+    }
+
+    fn optional_secret_file(&mut self, key: &str) -> Result<Option<Secret>> {
+        match self.has(key) {
+            true => self.secret_file(key).map(Some),
+            false => Ok(None),
+        }
+    }
+
+    /// A PEM file of one or more certificates, read now (so a bad file fails before anything is
+    /// created), returned as DER.
+    fn certificate_file(&mut self, key: &str) -> Result<Vec<Vec<u8>>> {
+        let path = self.required_string(key)?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::config(format!("{}: {path}: {e}", self.path_of(key))))?;
+        let certs = crate::pki::parse_pem_certs(&text)
+            .map_err(|e| Error::config(format!("{}: {path}: {e}", self.path_of(key))))?;
+        if certs.is_empty() {
+            return Err(Error::config(format!("{}: {path}: holds no certificate", self.path_of(key))));
+        }
+        Ok(certs.into_iter().map(|c| c.der).collect())
     }
 
     fn secret_file(&mut self, key: &str) -> Result<Secret> {

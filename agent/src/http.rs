@@ -77,8 +77,10 @@ impl Http {
             Ok(response) => response,
             Err(ureq::Error::Status(_, response)) => response,
             Err(ureq::Error::Transport(transport)) => {
-                return Err(Error::temporary(format!("{what}: {method} {url}: could not reach the CA"))
-                    .with_source(transport));
+                // The query may carry a signature (Redtrust's hmac): keep it out of messages.
+                let shown = url.split('?').next().unwrap_or(url);
+                return Err(Error::temporary(format!("{what}: {method} {shown}: could not reach the CA"))
+                    .with_source(TransportError::from(&transport)));
             }
         };
         self.read(what, response)
@@ -104,6 +106,33 @@ impl Http {
         Ok(Response { status, body, content_type, location })
     }
 }
+
+/// ureq's transport error without the URL it carries (which may hold a query signature).
+#[derive(Debug)]
+struct TransportError(String);
+
+impl From<&ureq::Transport> for TransportError {
+    fn from(transport: &ureq::Transport) -> Self {
+        let mut text = transport.kind().to_string();
+        if let Some(message) = transport.message() {
+            text.push_str(&format!(": {message}"));
+        }
+        let mut cause = std::error::Error::source(transport);
+        while let Some(inner) = cause {
+            text.push_str(&format!(": {inner}"));
+            cause = inner.source();
+        }
+        TransportError(text)
+    }
+}
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TransportError {}
 
 /// The common reading of an HTTP failure status (design.md §7): 408/429/5xx are temporary,
 /// other 4xx are refusals. Backends call this after handling their own codes.

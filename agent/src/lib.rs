@@ -15,6 +15,7 @@ pub mod http;
 pub mod json;
 pub mod lifecycle;
 pub mod pki;
+pub mod redtrust;
 pub mod report;
 pub mod secret;
 pub mod state;

@@ -9,21 +9,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use enroll_hal::remote::RemoteKeyProvider;
 use enroll_hal::soft::FileKeyProvider;
 use enroll_hal::{DeviceKey, KeyProvider, Store};
 
-use crate::backend::{self, Current, Outcome, Request};
-use crate::config::{Provider, RenewalPolicy, Settings};
-use crate::csr;
+use crate::backend::{self, Current, Outcome, Poll, Request};
+use crate::config::{Provider, RenewalPolicy, Settings, MAX_POLL_INTERVAL_S};
+use crate::csr::{self, Csr};
 use crate::error::{Context, Error, Kind, Result};
 use crate::http::Http;
-use crate::pki::{self, Cert, Expectation, Issued};
+use crate::pki::{self, Cert, Expectation, Issued, Verified};
+use crate::redtrust::Redtrust;
 use crate::state::{Pending, Purpose, State};
 use crate::time;
 
 /// A renewal is never started sooner than this after an install, whatever the certificate says
 /// (a CA issuing very short or back-dated certificates must not make us hammer it).
 const MIN_RENEWAL_INTERVAL_S: u64 = 60;
+/// The CSR a remote provider made, kept in its pending slot (Redtrust).
+const REQUEST_CSR: &str = "request.csr";
 /// How long a hook may run before it is killed.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -117,10 +121,23 @@ pub struct Agent<'a> {
     pub state: State,
 }
 
+/// A new identity in the making: its slot, its key and the CSR that proves the key.
+struct Prepared {
+    slot: PathBuf,
+    key: Arc<dyn DeviceKey>,
+    csr: Csr,
+}
+
 pub fn provider_for(settings: &Settings) -> Box<dyn KeyProvider> {
     match settings.key.provider {
         Provider::File => Box::new(FileKeyProvider),
+        Provider::Redtrust(_) => Box::new(RemoteKeyProvider::new("redtrust", settings.key.algorithm)),
     }
+}
+
+fn csr_from_pem(text: &str) -> Option<Csr> {
+    let parsed = pem::parse(text).ok().filter(|p| p.tag() == "CERTIFICATE REQUEST")?;
+    Some(Csr { der: parsed.contents().to_vec(), pem: text.to_string() })
 }
 
 impl<'a> Agent<'a> {
@@ -257,82 +274,215 @@ impl<'a> Agent<'a> {
         }
     }
 
-    /// Drops an outstanding request (enroll --force) and its key.
+    /// Drops an outstanding request (enroll --force) and its key, withdrawing it at the CA where
+    /// the API can.
     fn abandon_pending(&mut self) -> Result<()> {
-        if let Some(pending) = self.state.pending.take() {
-            log::info!("abandoning the pending {} request in slot {}", pending.purpose.name(), pending.slot);
-            let slot = self.slot_path(&pending.slot);
-            if Some(&slot) != self.store.current().as_ref() {
-                let _ = self.provider.delete(&slot);
-                self.store.remove_slot(&slot).context("removing the abandoned slot")?;
+        let Some(pending) = self.state.pending.take() else {
+            return Ok(());
+        };
+        log::info!("abandoning the pending {} request in slot {}", pending.purpose.name(), pending.slot);
+        if let Some(id) = &pending.request_id {
+            match self.http() {
+                Ok(http) => {
+                    let mut ca = backend::from_settings(self.settings, http);
+                    if ca.polling().is_some() {
+                        if let Err(e) = ca.cancel(id) {
+                            log::warn!("could not withdraw request {id}: {}", e.chain_line());
+                        }
+                    }
+                }
+                Err(e) => log::warn!("could not withdraw request {id}: {}", e.chain_line()),
             }
-            self.save()?;
         }
-        Ok(())
+        let slot = self.slot_path(&pending.slot);
+        if Some(&slot) != self.store.current().as_ref() {
+            let _ = self.provider.delete(&slot);
+            self.store.remove_slot(&slot).context("removing the abandoned slot")?;
+        }
+        self.save()
     }
 
     fn slot_path(&self, name: &str) -> PathBuf {
         self.store.root().join("slots").join(name)
     }
 
-    /// The slot and key for the next request: the pending one if a previous run left it (so a
-    /// restart never makes a second key), else a new slot with a new (or reused) key. The slot is
-    /// recorded in state.json before the key is made.
-    fn request_slot(
+    /// The pending slot a previous run left, if it still holds a usable key.
+    fn resumable_slot(&mut self) -> Option<(PathBuf, Arc<dyn DeviceKey>)> {
+        let pending = self.state.pending.clone()?;
+        let slot = self.slot_path(&pending.slot);
+        match self.provider.load(&slot) {
+            Ok(key) if key.algorithm() == self.settings.key.algorithm => {
+                log::info!(
+                    "resuming the pending {} request with the key in {}",
+                    pending.purpose.name(),
+                    slot.display()
+                );
+                return Some((slot, key));
+            }
+            _ => log::warn!("the pending slot {} has no usable key; starting over", slot.display()),
+        }
+        if Some(&slot) != self.store.current().as_ref() {
+            let _ = self.store.remove_slot(&slot);
+        }
+        self.state.pending = None;
+        None
+    }
+
+    /// A new slot, recorded in state.json before any key is made for it.
+    fn new_pending_slot(&mut self, purpose: Purpose) -> Result<PathBuf> {
+        let slot = self.store.create_slot().context("creating a slot for the new identity")?;
+        let name = slot.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        self.state.pending =
+            Some(Pending { request_id: None, key_ref: None, slot: name, since: time::now(), purpose });
+        self.save()?;
+        Ok(slot)
+    }
+
+    /// Slot, key and CSR for a device-held key: the pending ones if a previous run left them (a
+    /// restart never makes a second key), else a new (or, without rotation, reused) key.
+    fn local_request(&mut self, purpose: Purpose, installed: Option<&Installed>) -> Result<Prepared> {
+        let (slot, key) = match self.resumable_slot() {
+            Some(resumed) => resumed,
+            None => {
+                let slot = self.new_pending_slot(purpose)?;
+                let reuse = purpose == Purpose::Renew && !self.settings.key.rotate_on_renew;
+                let key = match installed.filter(|_| reuse) {
+                    Some(current) => {
+                        self.provider.reuse(&current.slot, &slot).context("reusing the current key")?;
+                        self.provider.load(&slot).context("loading the reused key")?
+                    }
+                    None => self
+                        .provider
+                        .generate(self.settings.key.algorithm, &slot)
+                        .context(format!("generating a {} key", self.settings.key.algorithm.name()))?,
+                };
+                (slot, key)
+            }
+        };
+        let csr = csr::build(key.as_ref(), &self.settings.subject, &self.settings.san)
+            .context("building the CSR")?;
+        Ok(Prepared { slot, key, csr })
+    }
+
+    /// Slot, key and CSR for a Redtrust key: Redtrust generates the key and makes the CSR
+    /// (`csr/create`, v2 with `thumbprintToRenew` for a renewal). The CSR and the request code
+    /// are kept so a crash before `csr/finalize` resumes without a second key.
+    fn remote_request(
         &mut self,
         purpose: Purpose,
         installed: Option<&Installed>,
-    ) -> Result<(PathBuf, Arc<dyn DeviceKey>)> {
-        if let Some(pending) = self.state.pending.clone() {
-            let slot = self.slot_path(&pending.slot);
-            match self.provider.load(&slot) {
-                Ok(key) if key.algorithm() == self.settings.key.algorithm => {
-                    log::info!(
-                        "resuming the pending {} request with the key in {}",
-                        pending.purpose.name(),
-                        slot.display()
-                    );
-                    return Ok((slot, key));
-                }
-                _ => {
-                    log::warn!("the pending slot {} has no usable key; starting over", slot.display());
-                    let _ = self.store.remove_slot(&slot);
-                }
+        redtrust: &mut Redtrust,
+    ) -> Result<Prepared> {
+        if let Some((slot, key)) = self.resumable_slot() {
+            let has_code = self.state.pending.as_ref().is_some_and(|p| p.key_ref.is_some());
+            let csr = std::fs::read_to_string(slot.join(REQUEST_CSR)).ok().and_then(|t| csr_from_pem(&t));
+            if let (true, Some(csr)) = (has_code, csr) {
+                return Ok(Prepared { slot, key, csr });
             }
+            log::warn!("the pending slot {} has no Redtrust request; starting over", slot.display());
+            let _ = self.store.remove_slot(&slot);
+            self.state.pending = None;
         }
-        let slot = self.store.create_slot().context("creating a slot for the new identity")?;
-        let name = slot.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        self.state.pending = Some(Pending { request_id: None, slot: name, since: time::now(), purpose });
+        let slot = self.new_pending_slot(purpose)?;
+        let renewing = installed.filter(|_| purpose == Purpose::Renew).map(|i| i.cert.thumbprint_sha1_hex());
+        let created = redtrust
+            .create(&self.settings.subject, renewing.as_deref())
+            .context("having Redtrust generate the key and CSR")?;
+        let spki = pki::verify_csr(&created.csr_der).context("checking the CSR Redtrust made")?;
+        let csr = Csr { pem: pki::pem_of("CERTIFICATE REQUEST", &created.csr_der), der: created.csr_der };
+        self.store
+            .write_slot_file(&slot, REQUEST_CSR, csr.pem.as_bytes(), 0o600)
+            .context("recording the Redtrust CSR")?;
+        let key = enroll_hal::remote::record(&slot, self.settings.key.algorithm, &spki)
+            .context("recording the Redtrust key")?;
+        if let Some(pending) = self.state.pending.as_mut() {
+            pending.key_ref = Some(created.request_code);
+        }
         self.save()?;
-        let reuse = purpose == Purpose::Renew && !self.settings.key.rotate_on_renew;
-        let key = match installed.filter(|_| reuse) {
-            Some(current) => {
-                self.provider.reuse(&current.slot, &slot).context("reusing the current key")?;
-                self.provider.load(&slot).context("loading the reused key")?
-            }
-            None => self
-                .provider
-                .generate(self.settings.key.algorithm, &slot)
-                .context(format!("generating a {} key", self.settings.key.algorithm.name()))?,
-        };
-        Ok((slot, key))
+        Ok(Prepared { slot, key, csr })
     }
 
     fn obtain(&mut self, purpose: Purpose, installed: Option<&Installed>) -> Result<Done> {
-        let (slot, key) = self.request_slot(purpose, installed)?;
-        let csr = csr::build(key.as_ref(), &self.settings.subject, &self.settings.san)
-            .context("building the CSR")?;
+        let http = self.http()?;
+        let mut redtrust = match &self.settings.key.provider {
+            Provider::Redtrust(settings) => Some(Redtrust::new(settings, http.clone())),
+            Provider::File => None,
+        };
+        let result = self.obtain_with(purpose, installed, &http, redtrust.as_mut());
+        if let Some(session) = redtrust.as_mut() {
+            session.logout();
+        }
+        result
+    }
+
+    fn obtain_with(
+        &mut self,
+        purpose: Purpose,
+        installed: Option<&Installed>,
+        http: &Http,
+        redtrust: Option<&mut Redtrust>,
+    ) -> Result<Done> {
+        let mut ca = backend::from_settings(self.settings, http.clone());
+        if !time::clock_trusted() && !time::has_server_time() {
+            learn_time_from_ca(http, &ca.probe_url());
+        }
+        let (prepared, redtrust) = match redtrust {
+            Some(session) => (self.remote_request(purpose, installed, session)?, Some(session)),
+            None => (self.local_request(purpose, installed)?, None),
+        };
+        // A certificate this slot already received (a crash before finalize or install) is not
+        // requested a second time.
+        let (issued, polled) = match self.received(&prepared.slot) {
+            Some(issued) => (issued, false),
+            None => self.request(ca.as_mut(), purpose, installed, &prepared)?,
+        };
+        let known_ca: Vec<Cert> = installed.map(|i| i.ca.clone()).unwrap_or_default();
+        let verified = match self.verify(prepared.key.public_key_spki(), &issued, &known_ca) {
+            Ok(verified) => verified,
+            Err(e) => {
+                if polled {
+                    // Polling again would fetch the same unusable certificate.
+                    self.end_request()?;
+                }
+                return Err(e);
+            }
+        };
+        self.write_identity(&prepared.slot, &verified)?;
+        let uri = match redtrust {
+            Some(session) => Some(self.finalize_remote(session, &verified.leaf)?),
+            None => prepared.key.uri(),
+        };
+        if let Some(uri) = uri {
+            self.store
+                .write_slot_file(&prepared.slot, "key.uri", format!("{uri}\n").as_bytes(), 0o644)
+                .context("writing the new identity")?;
+        }
+        self.commit(&prepared.slot, &verified, issued.ca_ref.clone(), purpose)
+    }
+
+    /// Sends the request, or resumes the one the CA accepted earlier; waits for asynchronous CAs.
+    /// Answers the certificate and whether it came from polling.
+    fn request(
+        &mut self,
+        ca: &mut dyn backend::CaBackend,
+        purpose: Purpose,
+        installed: Option<&Installed>,
+        prepared: &Prepared,
+    ) -> Result<(Issued, bool)> {
+        if let Some(id) = self.state.pending.as_ref().and_then(|p| p.request_id.clone()) {
+            if ca.polling().is_some() {
+                log::info!("resuming request {id} at {}", ca.name());
+                return self.await_issue(ca, &id).map(|issued| (issued, true));
+            }
+            log::warn!("request {id} was made with another CA configuration; starting a new one");
+            self.end_request()?;
+        }
         let request = Request {
-            csr: &csr,
+            csr: &prepared.csr,
             algorithm: self.settings.key.algorithm,
             subject: &self.settings.subject,
             sans: &self.settings.san,
         };
-        let http = self.http()?;
-        let mut ca = backend::from_settings(self.settings, http.clone());
-        if !time::clock_trusted() && !time::has_server_time() {
-            learn_time_from_ca(&http, &ca.probe_url());
-        }
         let outcome = match (purpose, installed) {
             (Purpose::Renew, Some(current)) => {
                 let current_key = self.provider.load(&current.slot).context("loading the current key")?;
@@ -343,58 +493,148 @@ impl<'a> Agent<'a> {
             _ => ca.enroll(&request).context(format!("enrolling with {}", ca.name()))?,
         };
         match outcome {
-            Outcome::Issued(issued) => {
-                let known_ca: Vec<Cert> = installed.map(|i| i.ca.clone()).unwrap_or_default();
-                self.install(&slot, key.as_ref(), &issued, &known_ca, purpose)
-            }
+            Outcome::Issued(issued) => Ok((issued, false)),
             Outcome::Pending { request_id } => {
+                // design.md §5 rule 4: recorded before waiting, so a restart resumes it.
                 if let Some(pending) = self.state.pending.as_mut() {
                     pending.request_id = Some(request_id.clone());
+                    pending.since = time::now();
                 }
                 self.save()?;
-                Err(Error::temporary(format!(
-                    "request {request_id} is pending at the CA; it will be resumed"
-                )))
+                self.await_issue(ca, &request_id).map(|issued| (issued, true))
             }
         }
     }
 
-    fn install(
-        &mut self,
-        slot: &Path,
-        key: &dyn DeviceKey,
-        issued: &Issued,
-        known_ca: &[Cert],
-        purpose: Purpose,
-    ) -> Result<Done> {
-        let now = time::now();
+    /// Polls request `id` for at most `poll_wait_s` (this run) and `poll_timeout_s` (since the
+    /// request was made), pausing `poll_interval_s`, doubling up to `MAX_POLL_INTERVAL_S`.
+    fn await_issue(&mut self, ca: &mut dyn backend::CaBackend, id: &str) -> Result<Issued> {
+        let Some(polling) = ca.polling() else {
+            return Err(Error::new(
+                Kind::Internal,
+                format!("{} answered a request id but does not poll", ca.name()),
+            ));
+        };
+        let since = self.state.pending.as_ref().map_or_else(time::now, |p| p.since);
+        let started = std::time::Instant::now();
+        let mut pause = polling.interval_s;
+        loop {
+            if time::now() >= since + polling.timeout_s {
+                return Err(self.give_up(ca, id, polling.timeout_s));
+            }
+            let words = match ca.poll(id).context(format!("asking {} about request {id}", ca.name()))? {
+                Poll::Issued(issued) => return Ok(issued),
+                Poll::Ended(error) => {
+                    self.end_request()?;
+                    return Err(error.context(format!("request {id} ended without a certificate")));
+                }
+                Poll::NotYet(words) => words,
+            };
+            if started.elapsed().as_secs() + pause > polling.wait_s {
+                return Err(Error::temporary(format!(
+                    "request {id} is still pending at {} ({words}); the next run resumes it",
+                    ca.name()
+                )));
+            }
+            log::info!("request {id} is not ready ({words}); asking again in {pause} s");
+            std::thread::sleep(Duration::from_secs(pause));
+            pause = (pause * 2).min(MAX_POLL_INTERVAL_S.max(polling.interval_s));
+        }
+    }
+
+    /// `poll_timeout_s` has passed: withdraw the request where the CA can and forget it.
+    fn give_up(&mut self, ca: &mut dyn backend::CaBackend, id: &str, timeout_s: u64) -> Error {
+        let withdrawn = match ca.cancel(id) {
+            Ok(()) => "",
+            Err(e) => {
+                log::warn!("could not withdraw request {id}: {}", e.chain_line());
+                " (withdrawing it failed)"
+            }
+        };
+        if let Err(e) = self.end_request() {
+            return e;
+        }
+        Error::temporary(format!(
+            "request {id} got no certificate within poll_timeout_s ({timeout_s} s); it was abandoned{withdrawn} \
+             and the next run makes a new request"
+        ))
+    }
+
+    /// Forgets the CA's request id; the slot and its key stay for the next request.
+    fn end_request(&mut self) -> Result<()> {
+        if let Some(pending) = self.state.pending.as_mut() {
+            pending.request_id = None;
+        }
+        self.save()
+    }
+
+    /// The certificate a pending slot already holds (written before finalize or install).
+    fn received(&self, slot: &Path) -> Option<Issued> {
+        let read = |name: &str| std::fs::read_to_string(slot.join(name)).ok();
+        let chain = pki::parse_pem_certs(&read("chain.pem")?).ok()?;
+        let (leaf, intermediates) = chain.split_first()?;
+        let roots = read("ca.pem").and_then(|t| pki::parse_pem_certs(&t).ok()).unwrap_or_default();
+        log::info!("{} already holds a certificate; installing it without a new request", slot.display());
+        Some(Issued {
+            leaf: leaf.der.clone(),
+            intermediates: intermediates.iter().map(|c| c.der.clone()).collect(),
+            roots: roots.into_iter().map(|c| c.der).collect(),
+            ca_ref: self.state.pending.as_ref().and_then(|p| p.request_id.clone()),
+        })
+    }
+
+    /// design.md §5 rule 2.
+    fn verify(&self, spki: &[u8], issued: &Issued, known_ca: &[Cert]) -> Result<Verified> {
         let expectation = Expectation {
-            spki: key.public_key_spki(),
+            spki,
             subject: &self.settings.subject,
             sans: &self.settings.san,
             known_ca,
-            now,
+            now: time::now(),
         };
         let verified = pki::verify_issued(issued, &expectation).context("checking the issued certificate")?;
         for warning in &verified.warnings {
             log::warn!("{warning}");
         }
+        Ok(verified)
+    }
+
+    fn write_identity(&self, slot: &Path, verified: &Verified) -> Result<()> {
         let chain: String = std::iter::once(&verified.leaf).chain(&verified.chain).map(Cert::pem).collect();
         let ca: String = verified.ca.iter().map(Cert::pem).collect();
         let write = |name: &str, text: &str| self.store.write_slot_file(slot, name, text.as_bytes(), 0o644);
-        write("cert.pem", &verified.leaf.pem()).context("writing the new identity")?;
-        write("chain.pem", &chain).context("writing the new identity")?;
         if !ca.is_empty() {
             write("ca.pem", &ca).context("writing the new identity")?;
         }
-        if let Some(uri) = key.uri() {
-            write("key.uri", &format!("{uri}\n")).context("writing the new identity")?;
-        }
-        self.store.install(slot, &[]).context("installing the new identity")?;
+        // chain.pem last: its presence marks the slot as holding a received certificate.
+        write("cert.pem", &verified.leaf.pem()).context("writing the new identity")?;
+        write("chain.pem", &chain).context("writing the new identity")
+    }
 
+    /// Hands the certificate back to Redtrust (`csr/finalize`); answers the key's URI.
+    fn finalize_remote(&mut self, redtrust: &mut Redtrust, leaf: &Cert) -> Result<String> {
+        let Some(code) = self.state.pending.as_ref().and_then(|p| p.key_ref.clone()) else {
+            return Err(Error::new(Kind::Internal, "the Redtrust request code was lost"));
+        };
+        let thumbprint = redtrust
+            .finalize(&code, &leaf.der, &leaf.thumbprint_sha1_hex())
+            .context("handing the certificate to Redtrust")?;
+        Ok(crate::redtrust::key_uri(&thumbprint))
+    }
+
+    /// Swaps `current` to the verified slot and records the install.
+    fn commit(
+        &mut self,
+        slot: &Path,
+        verified: &Verified,
+        ca_ref: Option<String>,
+        purpose: Purpose,
+    ) -> Result<Done> {
+        self.store.install(slot, &[]).context("installing the new identity")?;
+        let now = time::now();
         let leaf = &verified.leaf;
         self.state.pending = None;
-        self.state.ca_ref = issued.ca_ref.clone();
+        self.state.ca_ref = ca_ref;
         self.state.renew_at = Some(renewal_time(
             leaf.not_before(),
             leaf.not_after(),

@@ -127,6 +127,36 @@ impl Cert {
     }
 }
 
+/// Checks a CSR someone else made (Redtrust's server-side key) is signed by the key it carries,
+/// and returns that key's SubjectPublicKeyInfo (DER).
+pub fn verify_csr(der: &[u8]) -> Result<Vec<u8>> {
+    let request = x509_cert::request::CertReq::from_der(der)
+        .map_err(|e| Error::protocol(format!("the CSR does not parse: {e}")))?;
+    let spki = &request.info.public_key;
+    let curve =
+        spki.algorithm.parameters.as_ref().and_then(|p| p.decode_as::<der::asn1::ObjectIdentifier>().ok());
+    let algorithm = verification_algorithm(&request.algorithm.oid.to_string(), curve).ok_or_else(|| {
+        Error::protocol(format!("the CSR is signed with an unsupported algorithm {}", request.algorithm.oid))
+    })?;
+    let (Some(tbs), Some(signature), Some(public_key)) =
+        (first_element(der), request.signature.as_bytes(), spki.subject_public_key.as_bytes())
+    else {
+        return Err(Error::protocol("the CSR is not a complete signed request"));
+    };
+    UnparsedPublicKey::new(algorithm, public_key)
+        .verify(tbs, signature)
+        .map_err(|_| Error::protocol("the CSR's signature does not verify with its own public key"))?;
+    spki.to_der().map_err(|e| Error::protocol(format!("the CSR's public key does not encode: {e}")))
+}
+
+/// PEM with LF line endings and the given label.
+pub fn pem_of(label: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(label, der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
 pub fn to_pem(der: &[u8]) -> String {
     pem::encode_config(
         &pem::Pem::new("CERTIFICATE", der.to_vec()),
@@ -199,6 +229,36 @@ fn read_header(der: &[u8]) -> Option<(u8, usize, usize)> {
     }
     let len = der.get(2..2 + count)?.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
     Some((tag, len, 2 + count))
+}
+
+/// Sorts certificates a CA returned in an unknown order (Sectigo's `x509` format is observed
+/// root-first, protocols.md §3.3) into an [`Issued`]: the leaf is the one certificate that issued
+/// none of the others, roots are self-issued, the rest are intermediates.
+pub fn sort_returned(certs: Vec<Cert>, ca_ref: Option<String>) -> Result<Issued> {
+    let issues_another = |c: &Cert| {
+        certs.iter().any(|other| {
+            other.der != c.der && other.parsed.tbs_certificate.issuer == c.parsed.tbs_certificate.subject
+        })
+    };
+    let self_issued = |c: &Cert| c.parsed.tbs_certificate.issuer == c.parsed.tbs_certificate.subject;
+    let leaves: Vec<&Cert> = certs.iter().filter(|c| !issues_another(c) && !self_issued(c)).collect();
+    let leaf = match leaves.as_slice() {
+        [leaf] => leaf.der.clone(),
+        [] => return Err(Error::protocol("the returned certificates hold no end-entity certificate")),
+        _ => {
+            return Err(Error::protocol(
+                "the returned certificates hold more than one end-entity certificate",
+            ))
+        }
+    };
+    let (roots, intermediates): (Vec<&Cert>, Vec<&Cert>) =
+        certs.iter().filter(|c| c.der != leaf).partition(|c| self_issued(c));
+    Ok(Issued {
+        leaf,
+        intermediates: intermediates.into_iter().map(|c| c.der.clone()).collect(),
+        roots: roots.into_iter().map(|c| c.der.clone()).collect(),
+        ca_ref,
+    })
 }
 
 /// What the CA returned for one request.

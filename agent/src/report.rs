@@ -80,7 +80,8 @@ fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
             json::object([
                 ("algorithm", settings.key.algorithm.name().into()),
                 ("provider", lifecycle::provider_for(settings).name().into()),
-                ("uri", Value::Null),
+                ("uri", key_uri(snap).into()),
+                ("remote", settings.key.provider.is_remote().into()),
             ]),
         ),
         ("backend", settings.ca.name().into()),
@@ -98,7 +99,8 @@ fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
             json::object([
                 ("cert", path("cert.pem").into()),
                 ("chain", path("chain.pem").into()),
-                ("key", path("key.pem").into()),
+                // A remote key has no file on this device.
+                ("key", (!settings.key.provider.is_remote()).then(|| path("key.pem")).into()),
             ]),
         ),
     ])
@@ -128,11 +130,15 @@ fn status_text(settings: &Settings, snap: &Snapshot) -> String {
             ));
         }
     }
-    lines.push(format!(
-        "key:         {} ({} provider)",
-        settings.key.algorithm.name(),
-        lifecycle::provider_for(settings).name()
-    ));
+    let provider = lifecycle::provider_for(settings).name();
+    lines.push(match key_uri(snap) {
+        Some(uri) if settings.key.provider.is_remote() => format!(
+            "key:         {} held remotely by {provider} ({uri}); it never leaves that server",
+            settings.key.algorithm.name()
+        ),
+        Some(uri) => format!("key:         {} ({provider} provider, {uri})", settings.key.algorithm.name()),
+        None => format!("key:         {} ({provider} provider)", settings.key.algorithm.name()),
+    });
     lines.push(format!("backend:     {}", settings.ca.name()));
     lines.push(format!("enrolls with {}", credentials.enroll));
     lines.push(format!("renews with  {}", credentials.renew));
@@ -149,10 +155,23 @@ fn status_text(settings: &Settings, snap: &Snapshot) -> String {
     if let Some(hook) = &snap.state.hook_error {
         lines.push(format!("hook error:  {hook}"));
     }
-    if snap.cert.is_some() {
-        lines.push(format!("identity:    {}/{{cert,chain,key}}.pem", snap.current.display()));
+    match (snap.cert.is_some(), settings.key.provider.is_remote()) {
+        (true, false) => {
+            lines.push(format!("identity:    {}/{{cert,chain,key}}.pem", snap.current.display()))
+        }
+        (true, true) => {
+            lines.push(format!("identity:    {}/{{cert,chain}}.pem + key.uri", snap.current.display()))
+        }
+        _ => {}
     }
     lines.join("\n") + "\n"
+}
+
+/// `current/key.uri`: where a hardware or remote key lives.
+fn key_uri(snap: &Snapshot) -> Option<String> {
+    snap.cert.as_ref()?;
+    let text = std::fs::read_to_string(snap.current.join("key.uri")).ok()?;
+    Some(text.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// `needs-renewal`: true when enrollment or renewal is due (or a request is pending).

@@ -23,6 +23,8 @@ pub struct State {
 pub struct Pending {
     /// The CA's request id, once it gave one (asynchronous CAs).
     pub request_id: Option<String>,
+    /// The remote key provider's handle for the key being certified (Redtrust requestCode).
+    pub key_ref: Option<String>,
     /// Slot directory name under `slots/`.
     pub slot: String,
     pub since: u64,
@@ -49,6 +51,7 @@ impl State {
         let pending = self.pending.as_ref().map_or(Value::Null, |p| {
             json::object([
                 ("request_id", p.request_id.clone().into()),
+                ("key_ref", p.key_ref.clone().into()),
                 ("slot", p.slot.as_str().into()),
                 ("since", p.since.into()),
                 ("purpose", p.purpose.name().into()),
@@ -82,6 +85,7 @@ impl State {
             None | Some(Value::Null) => None,
             Some(p) => Some(Pending {
                 request_id: p.get("request_id").and_then(Value::as_str).map(str::to_string),
+                key_ref: p.get("key_ref").and_then(Value::as_str).map(str::to_string),
                 slot: p.get("slot").and_then(Value::as_str).ok_or("pending.slot is missing")?.to_string(),
                 since: p.get("since").and_then(Value::as_u64).ok_or("pending.since is missing")?,
                 purpose: match p.get("purpose").and_then(Value::as_str) {
@@ -113,6 +117,7 @@ mod tests {
         let state = State {
             pending: Some(Pending {
                 request_id: Some("r-1".into()),
+                key_ref: Some("P775W98SSW4Z1774PMZU".into()),
                 slot: "4".into(),
                 since: 10,
                 purpose: Purpose::Renew,

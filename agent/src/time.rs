@@ -112,6 +112,32 @@ pub fn parse_http_date(text: &str) -> Option<u64> {
     u64::try_from(days).ok().map(|d| d * 86_400 + h * 3600 + mi * 60 + s)
 }
 
+/// Parses RFC 3339 date-times such as `2026-11-22T18:55:00Z`, `…T18:55:00.123+01:00`.
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    let (date, rest) = text.trim().split_once(['T', 't', ' '])?;
+    let mut ymd = date.split('-');
+    let (year, month, day): (i64, u32, u32) =
+        (ymd.next()?.parse().ok()?, ymd.next()?.parse().ok()?, ymd.next()?.parse().ok()?);
+    let zone_at = rest.find(['Z', 'z', '+', '-']).unwrap_or(rest.len());
+    let (clock, zone) = rest.split_at(zone_at);
+    let clock = clock.split('.').next()?;
+    let mut hms = clock.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, mi, s) = (hms.next()??, hms.next()??, hms.next().flatten().unwrap_or(0));
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let offset = match zone {
+        "" | "Z" | "z" => 0,
+        _ => {
+            let sign = if zone.starts_with('-') { -1 } else { 1 };
+            let (oh, om) = zone[1..].split_once(':').unwrap_or((&zone[1..], "0"));
+            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60)
+        }
+    };
+    let unix = days_from_civil(year, month, day) * 86_400 + h * 3600 + mi * 60 + s - offset;
+    u64::try_from(unix).ok()
+}
+
 /// `3d 4h`, `5h 12m`, `40s`: for humans reading `status`.
 pub fn human_duration(seconds: i64) -> String {
     let sign = if seconds < 0 { "-" } else { "" };
@@ -132,6 +158,9 @@ mod tests {
     #[test]
     fn formats_and_parses_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(parse_rfc3339("2026-11-22T18:55:00Z"), Some(1_795_373_700));
+        assert_eq!(parse_rfc3339("2026-11-22T19:55:00.5+01:00"), Some(1_795_373_700));
+        assert_eq!(parse_rfc3339("2026-13-22T18:55:00Z"), None);
         assert_eq!(rfc3339(784_111_777), "1994-11-06T08:49:37Z");
         assert_eq!(rfc3339(1_709_164_800), "2024-02-29T00:00:00Z");
         assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));

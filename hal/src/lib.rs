@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod key;
+pub mod remote;
 pub mod soft;
 pub mod store;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use enroll_hal::{Algorithm, DeviceKey};
 
-use crate::config::{Backend, Sans, Settings, Subject};
+use crate::config::{Backend, Polling, Sans, Settings, Subject};
 use crate::csr::Csr;
 use crate::error::Result;
 use crate::http::Http;
@@ -16,6 +16,8 @@ use crate::pki::{Cert, Issued};
 
 pub mod enos;
 pub mod ezca;
+pub mod sectigo;
+pub mod securosys;
 
 /// What the backend needs to know about the request besides the CSR.
 pub struct Request<'a> {
@@ -35,11 +37,21 @@ pub struct Current<'a> {
 
 pub enum Outcome {
     Issued(Issued),
-    /// The CA accepted the request and will answer later (Sectigo, Securosys approval, …).
-    #[allow(dead_code)]
+    /// The CA accepted the request and will answer later (Sectigo, Securosys approval, …): the
+    /// lifecycle records the id in state.json before the first [`CaBackend::poll`].
     Pending {
         request_id: String,
     },
+}
+
+/// The answer to "is request X ready?".
+pub enum Poll {
+    Issued(Issued),
+    /// Not yet; the CA's own words, for the log.
+    NotYet(String),
+    /// The CA will never issue for this request (rejected, expired, cancelled, revoked): the
+    /// request is dropped from state.json and the error reported; the next run starts anew.
+    Ended(crate::error::Error),
 }
 
 /// Which credential a backend uses for what (shown by `status`, documented in README).
@@ -57,6 +69,21 @@ pub trait CaBackend {
     fn credentials(&self) -> Credentials;
     /// The URL `check --online` probes.
     fn probe_url(&self) -> String;
+    /// How to poll, for asynchronous CAs; `None` for CAs that always answer at once.
+    fn polling(&self) -> Option<Polling> {
+        None
+    }
+    /// Asks about a request this CA accepted earlier (only called when `polling` is `Some`).
+    fn poll(&mut self, request_id: &str) -> Result<Poll> {
+        Err(crate::error::Error::new(
+            crate::error::Kind::Internal,
+            format!("{} has no pending requests to poll (request {request_id})", self.name()),
+        ))
+    }
+    /// Withdraws a request the agent gives up on, where the API can (best effort).
+    fn cancel(&mut self, _request_id: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Builds the configured backend.
@@ -64,6 +91,8 @@ pub fn from_settings(settings: &Settings, http: Http) -> Box<dyn CaBackend + '_>
     match &settings.ca {
         Backend::Enos(enos) => Box::new(enos::Enos::new(enos, http)),
         Backend::Ezca(ezca) => Box::new(ezca::Ezca::new(ezca, http)),
+        Backend::Sectigo(sectigo) => Box::new(sectigo::Sectigo::new(sectigo, http)),
+        Backend::Securosys(securosys) => Box::new(securosys::Securosys::new(securosys, http)),
     }
 }
 
@@ -72,6 +101,8 @@ pub fn credentials_of(settings: &Settings) -> Credentials {
     match &settings.ca {
         Backend::Enos(_) => enos::CREDENTIALS,
         Backend::Ezca(ezca) => ezca::credentials(ezca),
+        Backend::Sectigo(_) => sectigo::CREDENTIALS,
+        Backend::Securosys(securosys) => securosys::credentials(securosys),
     }
 }
 
