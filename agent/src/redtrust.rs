@@ -339,7 +339,9 @@ fn envelope_words(response: &Response) -> String {
 }
 
 fn envelope_error(step: &str, response: &Response) -> Error {
-    let message = format!("{step}: HTTP {}: {}", response.status, envelope_words(response));
+    let refused =
+        if matches!(response.status, 401 | 403) { "Redtrust refused the credentials: " } else { "" };
+    let message = format!("{step}: HTTP {}: {refused}{}", response.status, envelope_words(response));
     match response.status {
         408 | 429 | 500..=599 => Error::temporary(message),
         400..=499 => Error::refused(message),

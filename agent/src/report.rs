@@ -54,7 +54,8 @@ fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
     let rfc = |t: Option<u64>| t.map(time::rfc3339);
     let path = |name: &str| snap.current.join(name).display().to_string();
     let credentials = backend::credentials_of(settings);
-    let pending = snap.state.pending.as_ref().map_or(Value::Null, |p| {
+    // Only a request the CA accepted is "pending"; a slot kept so a retry reuses its key is not.
+    let pending = snap.state.pending.as_ref().filter(|p| p.request_id.is_some()).map_or(Value::Null, |p| {
         json::object([
             ("request_id", p.request_id.clone().into()),
             ("since", time::rfc3339(p.since).into()),
@@ -142,11 +143,11 @@ fn status_text(settings: &Settings, snap: &Snapshot) -> String {
     lines.push(format!("backend:     {}", settings.ca.name()));
     lines.push(format!("enrolls with {}", credentials.enroll));
     lines.push(format!("renews with  {}", credentials.renew));
-    lines.push(match &snap.state.pending {
+    lines.push(match snap.state.pending.as_ref().filter(|p| p.request_id.is_some()) {
         Some(p) => format!(
             "pending:     {} request {} since {}",
             p.purpose.name(),
-            p.request_id.as_deref().unwrap_or("(not yet accepted by the CA)"),
+            p.request_id.as_deref().unwrap_or_default(),
             time::rfc3339(p.since)
         ),
         None => "pending:     none".into(),

@@ -194,7 +194,8 @@ fn sectigo_error(step: &str, response: &Response) -> Error {
     let Some((code, description)) = error_body(response) else {
         return http::status_error(step, response);
     };
-    let message = format!("{step}: HTTP {}: Sectigo code {code}: {description}", response.status);
+    let refused = if matches!(response.status, 401 | 403) { "Sectigo refused the API account: " } else { "" };
+    let message = format!("{step}: HTTP {}: {refused}Sectigo code {code}: {description}", response.status);
     match response.status {
         _ if code == CA_UNAVAILABLE => Error::temporary(message),
         408 | 429 | 500..=599 => Error::temporary(message),

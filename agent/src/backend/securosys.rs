@@ -213,7 +213,9 @@ fn securosys_error(step: &str, response: &Response) -> Error {
     let Some((code, reason, message)) = error_body(response) else {
         return http::status_error(step, response);
     };
-    let text = format!("{step}: HTTP {}: Securosys errorCode {code} {reason}: {message}", response.status);
+    let refused = if matches!(response.status, 401 | 403) { "TSB refused the credentials: " } else { "" };
+    let text =
+        format!("{step}: HTTP {}: {refused}Securosys errorCode {code} {reason}: {message}", response.status);
     match response.status {
         408 | 429 | 500..=599 => Error::temporary(text),
         400..=499 => Error::refused(text),
