@@ -1,5 +1,5 @@
-//! The in-process emulator: EnOS and EZCA on ONE HTTPS server (their paths do not collide),
-//! plus a control API (`/_emulator/…`) and a request log.
+//! The in-process emulator: EnOS, EZCA, Sectigo SCM, Securosys TSB and Redtrust on ONE HTTPS
+//! server (their paths do not collide), plus a control API (`/_emulator/…`) and a request log.
 //!
 //! ```no_run
 //! use enroll_tests::{Emulator, Fault, Options};
@@ -12,6 +12,9 @@ use crate::enos::{EnosConfig, EnosState};
 use crate::ezca::{EzcaConfig, EzcaState};
 use crate::fault::{Endpoint, Fault, FaultState, Phase};
 use crate::pki::Pki;
+use crate::redtrust::{RedtrustConfig, RedtrustState};
+use crate::sectigo::{SectigoConfig, SectigoState};
+use crate::securosys::{SecurosysConfig, SecurosysState};
 use crate::server::{self, HttpsServer, Request, Response};
 use serde_json::{json, Value};
 use std::io;
@@ -36,6 +39,15 @@ pub struct Options {
     pub enos: EnosConfig,
     /// EZCA identifiers and credentials.
     pub ezca: EzcaConfig,
+    /// Sectigo SCM identifiers and credentials.
+    pub sectigo: SectigoConfig,
+    /// Securosys TSB key name and credentials.
+    pub securosys: SecurosysConfig,
+    /// Redtrust partner identifiers and HMAC secret.
+    pub redtrust: RedtrustConfig,
+    /// Polls an asynchronous request stays pending (Sectigo collect calls, Securosys PENDING
+    /// GETs) before it completes; default 1. Changeable at run time.
+    pub pending_polls: u32,
     /// notBefore of the HTTPS server certificate, in seconds from now (default one day ago).
     pub tls_start_offset_s: i64,
 }
@@ -49,6 +61,10 @@ impl Default for Options {
             fault: None,
             enos: EnosConfig::generate(),
             ezca: EzcaConfig::generate(),
+            sectigo: SectigoConfig::generate(),
+            securosys: SecurosysConfig::generate(),
+            redtrust: RedtrustConfig::generate(),
+            pending_polls: 1,
             tls_start_offset_s: -86_400,
         }
     }
@@ -63,7 +79,9 @@ pub struct LoggedRequest {
     pub path: String,
     /// Decoded query parameters.
     pub query: Vec<(String, String)>,
-    /// Selected headers: Content-Type, Authorization, apim-accesstoken, apim-timestamp, apim-signature.
+    /// Selected headers: Content-Type, Authorization, apim-accesstoken, apim-timestamp,
+    /// apim-signature, login, customerUri, x-partner-name, x-request-timestamp; secrets whose
+    /// presence matters (password, X-API-KEY, x-hmac-signature) are recorded as `<present>`.
     pub headers: Vec<(String, String)>,
     /// Status code answered.
     pub status: u16,
@@ -73,16 +91,39 @@ pub struct LoggedRequest {
     pub client_cert: bool,
 }
 
-const LOGGED_HEADERS: &[&str] =
-    &["content-type", "authorization", "apim-accesstoken", "apim-timestamp", "apim-signature"];
+const LOGGED_HEADERS: &[&str] = &[
+    "content-type",
+    "authorization",
+    "apim-accesstoken",
+    "apim-timestamp",
+    "apim-signature",
+    "login",
+    "customeruri",
+    "x-partner-name",
+    "x-request-timestamp",
+];
+
+/// Headers logged only as `<present>`: tests see that they were sent, never their value.
+const REDACTED_HEADERS: &[&str] = &["password", "x-api-key", "x-hmac-signature"];
+
+/// What the log shows instead of a redacted header's value.
+pub const PRESENT: &str = "<present>";
 
 impl LoggedRequest {
     fn new(req: &Request, resp: &Response) -> Self {
         let headers = req
             .headers
             .iter()
-            .filter(|(k, _)| LOGGED_HEADERS.contains(&k.to_ascii_lowercase().as_str()))
-            .cloned()
+            .filter_map(|(k, v)| {
+                let lower = k.to_ascii_lowercase();
+                if LOGGED_HEADERS.contains(&lower.as_str()) {
+                    Some((k.clone(), v.clone()))
+                } else if REDACTED_HEADERS.contains(&lower.as_str()) {
+                    Some((k.clone(), PRESENT.to_string()))
+                } else {
+                    None
+                }
+            })
             .collect();
         let fault = resp.headers.iter().find(|(k, _)| k == FAULT_HEADER).map(|(_, v)| v.clone());
         Self {
@@ -115,6 +156,13 @@ pub(crate) struct Shared {
     pub(crate) ezca_cfg: EzcaConfig,
     pub(crate) enos: Mutex<EnosState>,
     pub(crate) ezca: Mutex<EzcaState>,
+    pub(crate) sectigo_cfg: SectigoConfig,
+    pub(crate) securosys_cfg: SecurosysConfig,
+    pub(crate) redtrust_cfg: RedtrustConfig,
+    pub(crate) sectigo: Mutex<SectigoState>,
+    pub(crate) securosys: Mutex<SecurosysState>,
+    pub(crate) redtrust: Mutex<RedtrustState>,
+    pending_polls: Mutex<u32>,
     faults: Mutex<FaultState>,
     fault_delay: Mutex<Duration>,
     log: Mutex<Vec<LoggedRequest>>,
@@ -140,6 +188,13 @@ impl Shared {
             ezca_cfg: opts.ezca.clone(),
             enos: Mutex::new(EnosState::default()),
             ezca: Mutex::new(EzcaState::default()),
+            sectigo_cfg: opts.sectigo.clone(),
+            securosys_cfg: opts.securosys.clone(),
+            redtrust_cfg: opts.redtrust.clone(),
+            sectigo: Mutex::new(SectigoState::default()),
+            securosys: Mutex::new(SecurosysState::new()),
+            redtrust: Mutex::new(RedtrustState::default()),
+            pending_polls: Mutex::new(opts.pending_polls),
             faults: Mutex::new(faults),
             fault_delay: Mutex::new(opts.fault_delay),
             log: Mutex::new(Vec::new()),
@@ -172,7 +227,17 @@ impl Shared {
             (_, "/api/Certificates/RenewCertificateV3") if post => self.ezca_renew(req, true),
             (_, "/api/Certificates/RenewCertificateV2") if post => self.ezca_renew(req, false),
             (_, p) if post && is_entra_token_path(p) => self.entra_token(req),
+            (_, p) if p.starts_with("/api/ssl/v1/") => self.sectigo(req),
+            (_, p) if p.starts_with("/v1/") => self.securosys(req),
+            (_, p)
+                if p.starts_with("/authclient/")
+                    || p.starts_with("/authapi/")
+                    || p.starts_with("/raapi/") =>
+            {
+                self.redtrust(req)
+            }
             (_, "/_emulator/fault") => self.control_fault(req),
+            (_, "/_emulator/pending-polls") => self.control_pending_polls(req),
             ("GET", "/_emulator/log") => self.control_log(),
             _ => Response::text(404, "Not Found"),
         }
@@ -199,6 +264,26 @@ impl Shared {
             _ => return None,
         };
         Some(tag(r, f))
+    }
+
+    /// Polls an asynchronous request now stays pending (captured when a request is created).
+    pub(crate) fn pending_polls(&self) -> u32 {
+        *lock(&self.pending_polls)
+    }
+
+    /// `GET` → current value; `POST` body `N` sets it.
+    fn control_pending_polls(&self, req: &Request) -> Response {
+        match req.method.as_str() {
+            "GET" => Response::text(200, &format!("{}\n", self.pending_polls())),
+            "POST" => match String::from_utf8_lossy(&req.body).trim().parse::<u32>() {
+                Ok(n) => {
+                    *lock(&self.pending_polls) = n;
+                    Response::text(200, &format!("{n}\n"))
+                }
+                Err(_) => Response::text(400, "body must be a non-negative integer"),
+            },
+            _ => Response::text(405, "use GET or POST"),
+        }
     }
 
     /// Records a genuinely issued leaf for [`crate::Emulator::issued`].
@@ -304,6 +389,12 @@ pub struct Emulator {
     pub enos: EnosConfig,
     /// EZCA identifiers and credentials (ca_id, template_id, bootstrap_token, tenant_id, client_id, client_secret).
     pub ezca: EzcaConfig,
+    /// Sectigo identifiers and credentials (customer_uri, login, password, org_id, cert_type, terms).
+    pub sectigo: SectigoConfig,
+    /// Securosys key name and credentials (sign_key_name, key_password, jwt, api_key, …).
+    pub securosys: SecurosysConfig,
+    /// Redtrust partner settings (partner, hmac_secret, domain, redirect_url, ca_provider, …).
+    pub redtrust: RedtrustConfig,
 }
 
 impl Emulator {
@@ -318,7 +409,15 @@ impl Emulator {
         let handler: server::Handler = Arc::new(move |req: &Request| handler_state.handle(req));
         let server = HttpsServer::start(opts.port, tls, handler)?;
         let _ = shared.url.set(format!("https://{}", server.addr()));
-        Ok(Self { shared, server, enos: opts.enos, ezca: opts.ezca })
+        Ok(Self {
+            shared,
+            server,
+            enos: opts.enos,
+            ezca: opts.ezca,
+            sectigo: opts.sectigo,
+            securosys: opts.securosys,
+            redtrust: opts.redtrust,
+        })
     }
 
     /// Base URL, `https://127.0.0.1:PORT` (the agent's `url` / `api_gateway` / EZCA `authority`).
@@ -351,6 +450,68 @@ impl Emulator {
         self.shared.pki.ezca_issuing.pem()
     }
 
+    /// PEM of the Sectigo root CA (last block of a `collect` chain).
+    pub fn sectigo_root_pem(&self) -> String {
+        self.shared.pki.sectigo_root.pem()
+    }
+
+    /// PEM of the Sectigo issuing CA (the leaves' issuer).
+    pub fn sectigo_issuing_pem(&self) -> String {
+        self.shared.pki.sectigo_issuing.pem()
+    }
+
+    /// PEM of the Securosys root CA.
+    pub fn securosys_root_pem(&self) -> String {
+        self.shared.pki.securosys_root.pem()
+    }
+
+    /// PEM of the Securosys issuing CA (the RSA "CA key in the HSM").
+    pub fn securosys_issuing_pem(&self) -> String {
+        self.shared.pki.securosys_issuing.pem()
+    }
+
+    /// The Securosys chain an agent's `ca_bundle` holds: issuing CA PEM, then root PEM
+    /// (TSB returns only the leaf, protocols.md §4.4).
+    pub fn securosys_ca_bundle_pem(&self) -> String {
+        format!("{}{}", self.securosys_issuing_pem(), self.securosys_root_pem())
+    }
+
+    /// Sets how many polls a new asynchronous request stays pending (Sectigo collect calls,
+    /// Securosys PENDING GETs); also `POST /_emulator/pending-polls`.
+    pub fn set_pending_polls(&self, n: u32) {
+        *lock(&self.shared.pending_polls) = n;
+    }
+
+    /// Sectigo `enroll` + `renewById` calls accepted (a faulty answer creates nothing).
+    pub fn sectigo_requests(&self) -> usize {
+        lock(&self.shared.sectigo).accepted()
+    }
+
+    /// Securosys `synchronous/sign` + `sign` calls accepted.
+    pub fn securosys_requests(&self) -> usize {
+        lock(&self.shared.securosys).accepted()
+    }
+
+    /// Successful Securosys `DELETE /v1/request/{id}` calls.
+    pub fn securosys_cancelled(&self) -> usize {
+        lock(&self.shared.securosys).cancelled()
+    }
+
+    /// Keys the Redtrust server generated (`csr/create` calls answered successfully).
+    pub fn redtrust_keys(&self) -> usize {
+        lock(&self.shared.redtrust).keys()
+    }
+
+    /// Redtrust sessions (access tokens issued by login or refresh) not logged out.
+    pub fn redtrust_sessions_open(&self) -> usize {
+        lock(&self.shared.redtrust).sessions_open()
+    }
+
+    /// Successful Redtrust `csr/finalize` calls.
+    pub fn redtrust_finalized(&self) -> usize {
+        lock(&self.shared.redtrust).finalized()
+    }
+
     /// Arms `fault` for the next `count` matching calls (`None` = until cleared).
     pub fn set_fault(&self, fault: Fault, count: Option<u32>) {
         lock(&self.shared.faults).set(fault, count);
@@ -381,7 +542,7 @@ impl Emulator {
         lock(&self.shared.log).clear();
     }
 
-    /// DER of every leaf issued so far by either CA (faulty deliveries excluded), oldest first.
+    /// DER of every leaf issued so far by any CA (faulty deliveries excluded), oldest first.
     pub fn issued(&self) -> Vec<Vec<u8>> {
         lock(&self.shared.issued).clone()
     }
@@ -399,7 +560,16 @@ impl Emulator {
 
 fn client_roots(pki: &Pki) -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();
-    for ca in [&pki.enos_root, &pki.ezca_root, &pki.ezca_issuing] {
+    let cas = [
+        &pki.enos_root,
+        &pki.ezca_root,
+        &pki.ezca_issuing,
+        &pki.sectigo_root,
+        &pki.sectigo_issuing,
+        &pki.securosys_root,
+        &pki.securosys_issuing,
+    ];
+    for ca in cas {
         // Our own freshly generated CA certificates always parse.
         let _ = roots.add(ca.der().to_vec().into());
     }

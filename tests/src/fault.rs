@@ -2,6 +2,9 @@
 //!
 //! A fault is armed for the next N matching calls or until cleared. It only fires on the
 //! endpoints it applies to ([`Fault::applies_to`]); other calls neither trigger nor consume it.
+//! "Status" faults (`pending-forever`, `approval-rejected`, `request-expired`, `request-failed`,
+//! `sectigo-revoked`) are taken on the first poll of an asynchronous request and stay with that
+//! request (sticky), whatever is armed later.
 //! Faulty answers never change the emulated CA's state: a certificate that was not delivered
 //! properly is not recorded as the device's current certificate, so a client may retry.
 
@@ -21,11 +24,55 @@ pub enum Endpoint {
     EzcaRenewV3,
     /// EZCA `RenewCertificateV2`.
     EzcaRenewV2,
+    /// Sectigo `POST /api/ssl/v1/enroll` and `POST /api/ssl/v1/renewById/{sslId}` (protocols.md §3.3).
+    SectigoRequest,
+    /// Sectigo `GET /api/ssl/v1/collect/{sslId}` (and `GET /api/ssl/v1/{sslId}` for status faults).
+    SectigoCollect,
+    /// Securosys `POST /v1/certificate/synchronous/sign` (protocols.md §4.4).
+    SecurosysSyncSign,
+    /// Securosys `POST /v1/certificate/sign` (approval flow, §4.4).
+    SecurosysSign,
+    /// Securosys `GET /v1/request/{id}` (§4.5).
+    SecurosysRequest,
+    /// Redtrust `GET /authclient/auth/loginrequest` (HMAC partner login, protocols.md §5).
+    RedtrustLogin,
+    /// Redtrust `/raapi/v1/csr/create` and `/raapi/v2/csr/create`.
+    RedtrustCreate,
+    /// Redtrust `PUT /raapi/v1/csr/finalize`.
+    RedtrustFinalize,
 }
 
 impl Endpoint {
-    fn is_issuing(self) -> bool {
-        self != Endpoint::EnosToken
+    /// Calls that create a request or issue at once: the generic early faults and the
+    /// JSON answer faults fire here.
+    fn creates_request(self) -> bool {
+        use Endpoint::*;
+        matches!(
+            self,
+            EnosCert
+                | EzcaIssue
+                | EzcaRenewV3
+                | EzcaRenewV2
+                | SectigoRequest
+                | SecurosysSyncSign
+                | SecurosysSign
+                | RedtrustCreate
+        )
+    }
+
+    /// Calls that deliver a certificate: `wrong-key-cert` and `expired-cert` fire here.
+    fn delivers_cert(self) -> bool {
+        use Endpoint::*;
+        matches!(
+            self,
+            EnosCert
+                | EzcaIssue
+                | EzcaRenewV3
+                | EzcaRenewV2
+                | SectigoCollect
+                | SecurosysSyncSign
+                | SecurosysRequest
+        )
     }
 }
 
@@ -80,6 +127,13 @@ faults! {
     EzcaV3404 = "ezca-v3-404", "RenewCertificateV3 answers 404 (clients fall back to V2).";
     EzcaWrapped = "ezca-wrapped", "RenewCertificateV3 body JSON-string-wrapped.";
     Oversized = "oversized", "200 with a 2 MiB body.";
+    PendingForever = "pending-forever", "Sectigo: the sslId never becomes collectable; Securosys: the request stays PENDING (sticky per request).";
+    ApprovalRejected = "approval-rejected", "Sectigo: status Declined, collect 400 -183; Securosys: status REJECTED with rejectedBy (sticky per request).";
+    RequestExpired = "request-expired", "Sectigo: status Expired, collect 400 -183; Securosys: status EXPIRED (sticky per request).";
+    RequestFailed = "request-failed", "Securosys: status FAILED (sticky per request).";
+    SectigoRevoked = "sectigo-revoked", "Sectigo collect answers 400 -110 (revoked, can't be downloaded); sticky per sslId.";
+    RedtrustTokenExpired = "redtrust-token-expired", "The next bearer-authenticated Redtrust RA call answers 401 TOKEN_EXPIRED; that access token stays dead.";
+    RedtrustFinalize500 = "redtrust-finalize-500", "Redtrust csr/finalize answers HTTP 500 without recording anything.";
 }
 
 impl Fault {
@@ -88,12 +142,21 @@ impl Fault {
         use Fault::*;
         match self {
             None => false,
-            RejectAuth => true,
+            RejectAuth => ep.creates_request() || ep == Endpoint::EnosToken || ep == Endpoint::RedtrustLogin,
             Enos99400 | Enos11404 | Enos11833 | Enos99500 | EnosTokenExpired | Gateway401 | Gateway429 => {
                 ep == Endpoint::EnosCert
             }
             EzcaV3404 | EzcaWrapped => ep == Endpoint::EzcaRenewV3,
-            _ => ep.is_issuing(),
+            WrongKeyCert | ExpiredCert => ep.delivers_cert(),
+            PendingForever | ApprovalRejected | RequestExpired => {
+                matches!(ep, Endpoint::SectigoCollect | Endpoint::SecurosysRequest)
+            }
+            RequestFailed => ep == Endpoint::SecurosysRequest,
+            SectigoRevoked => ep == Endpoint::SectigoCollect,
+            RedtrustTokenExpired => matches!(ep, Endpoint::RedtrustCreate | Endpoint::RedtrustFinalize),
+            RedtrustFinalize500 => ep == Endpoint::RedtrustFinalize,
+            // Generic early faults (http5xx/429, timeout, oversized) and JSON answer faults.
+            _ => ep.creates_request(),
         }
     }
 
@@ -103,6 +166,11 @@ impl Fault {
         match self {
             // Service-level answers come after the gateway accepted the signature.
             EnosTokenExpired | Enos99400 | Enos11404 | Enos11833 | Enos99500 => Phase::Authenticated,
+            // Request fates are decided on a request's first poll, after authentication.
+            PendingForever | ApprovalRejected | RequestExpired | RequestFailed | SectigoRevoked => {
+                Phase::Authenticated
+            }
+            RedtrustTokenExpired | RedtrustFinalize500 => Phase::Authenticated,
             MalformedJson | TruncatedJson | TruncatedBody | WrongKeyCert | ExpiredCert | EzcaWrapped => {
                 Phase::Answer
             }
@@ -203,5 +271,45 @@ mod tests {
             assert_eq!(s.take(Endpoint::EzcaIssue, Phase::Early), Some(Fault::Http500));
         }
         assert_eq!(s.take(Endpoint::EnosToken, Phase::Early), None);
+    }
+
+    #[test]
+    fn new_vendor_routing() {
+        use Endpoint::*;
+        // Generic faults: request-creating calls only, never polls or logins.
+        for ep in [SectigoRequest, SecurosysSyncSign, SecurosysSign, RedtrustCreate] {
+            assert!(Fault::Http500.applies_to(ep) && Fault::MalformedJson.applies_to(ep), "{ep:?}");
+        }
+        for ep in [SectigoCollect, SecurosysRequest, RedtrustLogin, RedtrustFinalize] {
+            assert!(!Fault::Http500.applies_to(ep) && !Fault::TruncatedJson.applies_to(ep), "{ep:?}");
+        }
+        assert!(Fault::RejectAuth.applies_to(RedtrustLogin) && !Fault::RejectAuth.applies_to(SectigoCollect));
+        // Certificates are delivered by collect, sync sign and the EXECUTED request.
+        for ep in [SectigoCollect, SecurosysSyncSign, SecurosysRequest, EnosCert] {
+            assert!(Fault::WrongKeyCert.applies_to(ep) && Fault::ExpiredCert.applies_to(ep), "{ep:?}");
+        }
+        assert!(
+            !Fault::WrongKeyCert.applies_to(SecurosysSign) && !Fault::WrongKeyCert.applies_to(SectigoRequest)
+        );
+        assert!(
+            Fault::RequestFailed.applies_to(SecurosysRequest)
+                && !Fault::RequestFailed.applies_to(SectigoCollect)
+        );
+        assert!(
+            Fault::SectigoRevoked.applies_to(SectigoCollect)
+                && !Fault::SectigoRevoked.applies_to(SecurosysRequest)
+        );
+        assert!(
+            Fault::RedtrustFinalize500.applies_to(RedtrustFinalize)
+                && !Fault::RedtrustFinalize500.applies_to(RedtrustCreate)
+        );
+        let mut s = FaultState::default();
+        s.set(Fault::PendingForever, Some(1));
+        assert_eq!(
+            s.take(SectigoCollect, Phase::Early),
+            None,
+            "status faults are taken after authentication"
+        );
+        assert_eq!(s.take(SecurosysRequest, Phase::Authenticated), Some(Fault::PendingForever));
     }
 }

@@ -5,10 +5,19 @@
 //!   `/connect-service/v2.0/certificates?action={apply,renew}`, `/enos/CA/cacert/{RSA,ECC}`;
 //! - EZCA (protocols.md §2): `/{tenant}/oauth2/v2.0/token` (Entra client credentials),
 //!   `/api/CA/RequestSSLCertificateV2`, `/api/Certificates/RenewCertificate{V3,V2}`;
-//! - control: `POST|GET|DELETE /_emulator/fault`, `GET /_emulator/log` (JSON lines).
+//! - Sectigo SCM (protocols.md §3): `/api/ssl/v1/{enroll,collect/…,renewById/…,revoke/…,types}`
+//!   and `GET /api/ssl/v1/{sslId}`, authenticated by the `login`/`password`/`customerUri` headers;
+//! - Securosys TSB (protocols.md §4): `/v1/certificate/synchronous/sign`, `/v1/certificate/sign`,
+//!   `GET|DELETE /v1/request/{id}` with JWT bearer and `X-API-KEY`;
+//! - Redtrust (protocols.md §5): HMAC partner login `/authclient/auth/loginrequest`,
+//!   `/authapi/v1/{login_by_temp_token,refresh-token,logout}`, `/raapi/v{1,2}/csr/create`,
+//!   `/raapi/v1/csr/finalize` (server-side RSA keys);
+//! - control: `POST|GET|DELETE /_emulator/fault`, `POST|GET /_emulator/pending-polls`,
+//!   `GET /_emulator/log` (JSON lines).
 //!
 //! Certificates are real: signed by CAs generated at start-up ([`pki`]). Authentication is
-//! checked as documented (EnOS token + request signature, EZCA bearer / certificate JWT).
+//! checked as documented (EnOS token + request signature, EZCA bearer / certificate JWT,
+//! Sectigo headers, Securosys JWT / API key, Redtrust HMAC).
 //! Faults ([`Fault`]) make the CAs misbehave on demand.
 
 #![forbid(unsafe_code)]
@@ -19,6 +28,9 @@ pub mod enos;
 pub mod ezca;
 pub mod fault;
 pub mod pki;
+pub mod redtrust;
+pub mod sectigo;
+pub mod securosys;
 pub mod server;
 pub mod util;
 
@@ -26,6 +38,9 @@ pub use emulator::{Emulator, LoggedRequest, Options};
 pub use enos::EnosConfig;
 pub use ezca::EzcaConfig;
 pub use fault::Fault;
+pub use redtrust::RedtrustConfig;
+pub use sectigo::SectigoConfig;
+pub use securosys::SecurosysConfig;
 
 #[cfg(test)]
 mod selftest;

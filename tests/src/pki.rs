@@ -3,17 +3,20 @@
 //! - EnOS root CA: EnOS returns only `caCert` (protocols.md §1.4), so EnOS leaves are signed
 //!   directly by this root.
 //! - EZCA root + issuing CA: EZCA returns `IssuingCACertificate` and `RootCertificate` (§2.4).
+//! - Sectigo root + issuing CA: `collect` returns leaf, issuing and root (protocols.md §3.3).
+//! - Securosys root + issuing CA: the issuing CA's key is the RSA-2048 "CA key in the HSM"
+//!   (`signKeyName`), since the TSB signature algorithms are `SHA*_WITH_RSA` (§4.4).
 //! - TLS root: signs the emulator's HTTPS server certificate for `localhost` and 127.0.0.1.
 //!
-//! All CA keys are ECDSA P-256. Leaves are made from a PKCS#10 CSR whose self-signature is
+//! All other CA keys are ECDSA P-256. Leaves are made from a PKCS#10 CSR whose self-signature is
 //! verified; the subject and the SAN extension are copied from the CSR byte for byte.
 
 use crate::util;
 use ::time::OffsetDateTime;
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, CustomExtension, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
-    PKCS_ECDSA_P256_SHA256,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SignatureAlgorithm,
+    SubjectPublicKeyInfo, PKCS_ECDSA_P256_SHA256, PKCS_RSA_SHA256,
 };
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -56,6 +59,16 @@ impl CertAuthority {
     /// An intermediate (issuing) CA signed by `parent`, path length 0.
     fn intermediate(org: &str, cn: &str, parent: &CertAuthority) -> Result<Self, rcgen::Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        Self::intermediate_with_key(org, cn, parent, key)
+    }
+
+    /// An intermediate CA with the given key (e.g. RSA, which ring cannot generate).
+    fn intermediate_with_key(
+        org: &str,
+        cn: &str,
+        parent: &CertAuthority,
+        key: KeyPair,
+    ) -> Result<Self, rcgen::Error> {
         let mut params = ca_params(org, cn, BasicConstraints::Constrained(0));
         params.not_after -= ::time::Duration::days(1);
         params.use_authority_key_identifier_extension = true;
@@ -78,6 +91,31 @@ impl CertAuthority {
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }
+
+    /// The CA's SubjectPublicKeyInfo, DER.
+    pub fn spki_der(&self) -> Vec<u8> {
+        self.key.public_key_der()
+    }
+
+    /// The CA key loaded for signing with `alg` (an RSA key can sign with SHA-256/384/512).
+    fn key_for(&self, alg: &'static SignatureAlgorithm) -> Result<KeyPair, String> {
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from(self.key.serialize_der());
+        KeyPair::from_pkcs8_der_and_sign_algo(&der, alg)
+            .map_err(|e| format!("the CA key cannot sign with {alg:?}: {e}"))
+    }
+}
+
+/// A fresh RSA key of `bits` bits, PKCS#8 DER (rcgen with ring cannot generate RSA keys).
+pub fn rsa_pkcs8(bits: usize) -> Result<Vec<u8>, String> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, bits).map_err(|e| e.to_string())?;
+    Ok(key.to_pkcs8_der().map_err(|e| e.to_string())?.as_bytes().to_vec())
+}
+
+/// An rcgen key pair for an RSA PKCS#8 key, signing with `alg` (one of the `PKCS_RSA_*`).
+pub fn rsa_key_pair(pkcs8: &[u8], alg: &'static SignatureAlgorithm) -> Result<KeyPair, String> {
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(pkcs8.to_vec());
+    KeyPair::from_pkcs8_der_and_sign_algo(&der, alg).map_err(|e| e.to_string())
 }
 
 fn ca_params(org: &str, cn: &str, bc: BasicConstraints) -> CertificateParams {
@@ -121,6 +159,14 @@ pub struct Pki {
     pub ezca_root: CertAuthority,
     /// EZCA issuing CA (signs EZCA leaves).
     pub ezca_issuing: CertAuthority,
+    /// Sectigo root CA.
+    pub sectigo_root: CertAuthority,
+    /// Sectigo issuing CA (signs Sectigo leaves; chain = leaf + issuing + root).
+    pub sectigo_issuing: CertAuthority,
+    /// Securosys root CA (P-256).
+    pub securosys_root: CertAuthority,
+    /// Securosys issuing CA: the RSA-2048 "CA key in the HSM" named by `signKeyName`.
+    pub securosys_issuing: CertAuthority,
     /// Root that signs the HTTPS server certificate.
     pub tls_root: CertAuthority,
     tls_server_der: Vec<u8>,
@@ -141,9 +187,35 @@ impl Pki {
         let ezca_root = CertAuthority::root("Keytos EZCA Emulator", "EZCA Emulator Root CA")?;
         let ezca_issuing =
             CertAuthority::intermediate("Keytos EZCA Emulator", "EZCA Emulator Issuing CA", &ezca_root)?;
+        let sectigo_root = CertAuthority::root("Sectigo Emulator", "Sectigo Emulator Root CA")?;
+        let sectigo_issuing =
+            CertAuthority::intermediate("Sectigo Emulator", "Sectigo Emulator Issuing CA", &sectigo_root)?;
+        let securosys_root = CertAuthority::root("Securosys Emulator", "Securosys Emulator Root CA")?;
+        let rsa = rsa_pkcs8(2048).map_err(|_| rcgen::Error::KeyGenerationUnavailable)?;
+        let hsm_key = KeyPair::from_pkcs8_der_and_sign_algo(
+            &rustls::pki_types::PrivatePkcs8KeyDer::from(rsa),
+            &PKCS_RSA_SHA256,
+        )?;
+        let securosys_issuing = CertAuthority::intermediate_with_key(
+            "Securosys Emulator",
+            "CA.iot.acme.example",
+            &securosys_root,
+            hsm_key,
+        )?;
         let tls_root = CertAuthority::root("enroll-tests", "CA Emulator TLS Root")?;
         let (tls_server_der, tls_server_key) = tls_server_cert(&tls_root, offset_s)?;
-        Ok(Self { enos_root, ezca_root, ezca_issuing, tls_root, tls_server_der, tls_server_key })
+        Ok(Self {
+            enos_root,
+            ezca_root,
+            ezca_issuing,
+            sectigo_root,
+            sectigo_issuing,
+            securosys_root,
+            securosys_issuing,
+            tls_root,
+            tls_server_der,
+            tls_server_key,
+        })
     }
 
     /// The HTTPS server certificate chain (leaf only; the client trusts `tls_root`).
@@ -387,17 +459,31 @@ pub fn issue_leaf(
     profile: &LeafProfile,
     fault: LeafFault,
 ) -> Result<IssuedCert, String> {
+    issue_leaf_with(csr, issuer, profile, fault, None)
+}
+
+/// As [`issue_leaf`], the issuer signing with `alg` instead of its key's default algorithm
+/// (Securosys `signatureAlgorithm` with the RSA CA key).
+pub fn issue_leaf_with(
+    csr: &ParsedCsr,
+    issuer: &CertAuthority,
+    profile: &LeafProfile,
+    fault: LeafFault,
+    alg: Option<&'static SignatureAlgorithm>,
+) -> Result<IssuedCert, String> {
+    let re_keyed = alg.map(|a| issuer.key_for(a)).transpose()?;
+    let issuer_key = re_keyed.as_ref().unwrap_or(&issuer.key);
     let mut params = leaf_params(csr, issuer, profile, fault)?;
     let serial = random_serial();
     params.serial_number = Some(SerialNumber::from_slice(&serial.to_be_bytes()));
     let not_after = to_system(params.not_after);
     let cert = if fault == LeafFault::WrongKey {
         let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
-        params.signed_by(&other, &issuer.cert, &issuer.key)
+        params.signed_by(&other, &issuer.cert, issuer_key)
     } else {
         let spki = SubjectPublicKeyInfo::from_der(&csr.spki_der)
             .map_err(|e| format!("unsupported public key: {e}"))?;
-        params.signed_by(&spki, &issuer.cert, &issuer.key)
+        params.signed_by(&spki, &issuer.cert, issuer_key)
     }
     .map_err(|e| format!("signing failed: {e}"))?;
     let der = cert.der().to_vec();

@@ -762,3 +762,795 @@ fn optional_client_certificates_reach_the_log() {
     let log = emu.log();
     assert_eq!(log.iter().map(|l| l.client_cert).collect::<Vec<_>>(), vec![false, true]);
 }
+
+// ---------------------------------------------------------------- Sectigo (protocols.md §3)
+
+fn sectigo_headers(emu: &Emulator) -> Vec<(String, String)> {
+    vec![
+        ("Content-Type".into(), "application/json;charset=utf-8".into()),
+        ("Accept".into(), "application/json".into()),
+        ("login".into(), emu.sectigo.login.clone()),
+        ("password".into(), emu.sectigo.password.clone()),
+        ("customerUri".into(), emu.sectigo.customer_uri.clone()),
+    ]
+}
+
+fn sectigo_call(emu: &Emulator, method: &str, target: &str, body: &[u8]) -> crate::server::Response {
+    let h = sectigo_headers(emu);
+    let refs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    emu.handle(&request(method, target, &refs, body))
+}
+
+fn sectigo_enroll_body(emu: &Emulator, csr: &str) -> Value {
+    json!({
+        "orgId": emu.sectigo.org_id, "csr": csr, "certType": emu.sectigo.cert_type, "term": 365,
+        "externalRequester": "ops@acme.example", "comments": "enroll via API",
+    })
+}
+
+/// Enrolls `csr`; returns the sslId.
+fn sectigo_enroll(emu: &Emulator, csr: &str) -> u64 {
+    let r =
+        sectigo_call(emu, "POST", "/api/ssl/v1/enroll", sectigo_enroll_body(emu, csr).to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = json_of(&r);
+    assert!(v["renewId"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+    v["sslId"].as_u64().unwrap()
+}
+
+/// (HTTP status, Sectigo code or 0 for an empty 200).
+fn sectigo_code(r: &crate::server::Response) -> (u16, i64) {
+    if r.body.is_empty() {
+        return (r.status, 0);
+    }
+    (r.status, json_of(r)["code"].as_i64().unwrap_or(1))
+}
+
+fn pem_blocks(text: &str) -> Vec<String> {
+    ::pem::parse_many(text).unwrap().iter().map(|p| crate::pki::cert_pem(p.contents())).collect()
+}
+
+fn cert_spki(pem: &str) -> Vec<u8> {
+    let der = ::pem::parse(pem).unwrap().into_contents();
+    x509_parser::parse_x509_certificate(&der).unwrap().1.public_key().raw.to_vec()
+}
+
+#[test]
+fn sectigo_enroll_pending_collect_forms_and_chain_order() {
+    let emu = Emulator::start(Options::default()).unwrap();
+    emu.set_pending_polls(5);
+    let (key, csr) = crate::pki::tests::p256_csr("sensor-0042", &["sensor-0042.devices.acme.example"]);
+    let id = sectigo_enroll(&emu, &csr);
+    let details = |emu: &Emulator| json_of(&sectigo_call(emu, "GET", &format!("/api/ssl/v1/{id}"), b""));
+    assert_eq!(details(&emu)["status"], "Requested");
+    // Five not-ready answers, each documented form once, in turn.
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        let target = if i % 2 == 0 {
+            format!("/api/ssl/v1/collect/{id}/x509")
+        } else {
+            format!("/api/ssl/v1/collect/{id}?format=x509")
+        };
+        seen.push(sectigo_code(&sectigo_call(&emu, "GET", &target, b"")));
+    }
+    assert_eq!(seen, vec![(400, -1400), (400, -183), (200, 0), (400, -109), (400, -103)]);
+    let d = details(&emu);
+    assert_eq!((d["status"].as_str(), d["serialNumber"].as_str()), (Some("Applied"), None), "{d}");
+    assert!(emu.issued().is_empty());
+    // Ready: path form, root → issuing → leaf.
+    let r = sectigo_call(&emu, "GET", &format!("/api/ssl/v1/collect/{id}/x509"), b"");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers.iter().find(|(k, _)| k == "Content-Type").unwrap().1, "application/octet-stream");
+    assert!(r.headers.iter().any(|(k, v)| k == "Content-Disposition" && v.starts_with("attachment")));
+    let chain = pem_blocks(&String::from_utf8_lossy(&r.body));
+    assert_eq!(chain.len(), 3);
+    assert_eq!(
+        (chain[0].as_str(), chain[1].as_str()),
+        (emu.sectigo_root_pem().as_str(), emu.sectigo_issuing_pem().as_str())
+    );
+    let leaf = chain[2].clone();
+    assert_eq!(cert_spki(&leaf), key.public_key_der());
+    let dir = TempDir::new();
+    openssl_verify(&dir, &emu.sectigo_root_pem(), Some(&emu.sectigo_issuing_pem()), &leaf);
+    let der = ::pem::parse(&leaf).unwrap().into_contents();
+    let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let days = (x.validity().not_after.timestamp() - x.validity().not_before.timestamp()) / 86400;
+    assert_eq!(days, 365, "lifetime is the term");
+    assert!(x.subject().to_string().contains("CN=sensor-0042"));
+    // Query form and the other formats; the same certificate every time.
+    let co = sectigo_call(&emu, "GET", &format!("/api/ssl/v1/collect/{id}?format=x509CO"), b"");
+    assert_eq!(pem_blocks(&String::from_utf8_lossy(&co.body)), vec![leaf.clone()]);
+    let ior = sectigo_call(&emu, "GET", &format!("/api/ssl/v1/collect/{id}/x509IOR"), b"");
+    assert_eq!(
+        pem_blocks(&String::from_utf8_lossy(&ior.body)),
+        vec![emu.sectigo_issuing_pem(), emu.sectigo_root_pem()]
+    );
+    assert_eq!(
+        sectigo_code(&sectigo_call(&emu, "GET", &format!("/api/ssl/v1/collect/{id}/bin"), b"")),
+        (400, -126)
+    );
+    assert_eq!(sectigo_code(&sectigo_call(&emu, "GET", "/api/ssl/v1/collect/999/x509", b"")), (400, -123));
+    let d = details(&emu);
+    assert_eq!(d["status"], "Issued");
+    assert_eq!(
+        d["serialNumber"].as_str().map(|s| u64::from_str_radix(s, 16).unwrap()),
+        Some(x.serial.to_u64_digits()[0])
+    );
+    assert_eq!((emu.issued().len(), emu.sectigo_requests()), (1, 1));
+}
+
+#[test]
+fn sectigo_auth_and_enroll_validation() {
+    let emu = Emulator::start(Options::default()).unwrap();
+    let (_, csr) = crate::pki::tests::p256_csr("dev-1", &["dev-1.example", "alt.example"]);
+    let body = sectigo_enroll_body(&emu, &csr).to_string();
+    for (name, value) in [("password", "wrong"), ("login", "nobody"), ("customerUri", "surfnet")] {
+        let mut h = sectigo_headers(&emu);
+        h.iter_mut().find(|(k, _)| k == name).unwrap().1 = value.into();
+        let refs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let r = emu.handle(&request("POST", "/api/ssl/v1/enroll", &refs, body.as_bytes()));
+        assert_eq!((r.status, json_of(&r)), (401, json!({"code": -16, "description": "Unknown user"})));
+    }
+    let no_uri = emu.handle(&request(
+        "GET",
+        "/api/ssl/v1/types",
+        &[("login", &emu.sectigo.login), ("password", &emu.sectigo.password)],
+        b"",
+    ));
+    assert_eq!(no_uri.status, 401);
+    // The log shows login and customerUri, and only that a password was sent.
+    let log = emu.log();
+    let h = &log[2].headers;
+    assert!(h.contains(&("password".into(), "<present>".into())), "{h:?}");
+    assert!(h.contains(&("customerUri".into(), "surfnet".into())));
+    assert!(!format!("{log:?}").contains(&emu.sectigo.password));
+    let send = |b: Value| sectigo_call(&emu, "POST", "/api/ssl/v1/enroll", b.to_string().as_bytes());
+    let with = |k: &str, v: Value| {
+        let mut b = sectigo_enroll_body(&emu, &csr);
+        b[k] = v;
+        send(b)
+    };
+    assert_eq!(json_of(&with("term", json!(90))), json!({"code": -36, "description": "Invalid term"}));
+    assert_eq!(
+        json_of(&with("orgId", json!(999))),
+        json!({"code": -1021, "description": "This operation cannot be performed for Organization '999'."})
+    );
+    assert_eq!(sectigo_code(&with("certType", json!(424))), (400, -39));
+    assert_eq!(
+        sectigo_code(&with(
+            "csr",
+            json!("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+        )),
+        (400, -10)
+    );
+    assert_eq!(sectigo_code(&with("subjAltNames", json!("dev-1.example,evil.example"))), (400, -1601));
+    let mut b = sectigo_enroll_body(&emu, &csr);
+    b.as_object_mut().unwrap().remove("csr");
+    assert_eq!(json_of(&send(b)), json!({"code": -7, "description": "Field 'csr' is missing"}));
+    assert_eq!(emu.sectigo_requests(), 0);
+    assert_eq!(with("subjAltNames", json!("alt.example, dev-1.example")).status, 200);
+    let types = json_of(&sectigo_call(&emu, "GET", "/api/ssl/v1/types", b""));
+    assert_eq!(types[0]["terms"], json!([365, 730]));
+    assert_eq!(emu.sectigo_requests(), 1);
+}
+
+#[test]
+fn sectigo_renew_by_id_and_revoke() {
+    let emu = Emulator::start(Options { pending_polls: 0, ..Options::default() }).unwrap();
+    let (key, csr) = crate::pki::tests::p256_csr("gw-9", &[]);
+    let id = sectigo_enroll(&emu, &csr);
+    let renew =
+        |id: u64, body: &[u8]| sectigo_call(&emu, "POST", &format!("/api/ssl/v1/renewById/{id}"), body);
+    assert_eq!(json_of(&renew(id, b"")), json!({"code": -130, "description": "SSL state is not ISSUED"}));
+    assert_eq!(sectigo_code(&renew(4242, b"")), (400, -123));
+    let collect = |id: u64| sectigo_call(&emu, "GET", &format!("/api/ssl/v1/collect/{id}/pemco"), b"");
+    let first = String::from_utf8(collect(id).body).unwrap();
+    assert_eq!(cert_spki(&first), key.public_key_der());
+    // New key through renewById with a CSR: a new sslId that is collected again.
+    let (key2, csr2) = crate::pki::tests::p256_csr("gw-9", &[]);
+    let new_id = json_of(&renew(id, json!({"csr": csr2}).to_string().as_bytes()))["sslId"].as_u64().unwrap();
+    assert_ne!(new_id, id);
+    assert_eq!(cert_spki(&String::from_utf8(collect(new_id).body).unwrap()), key2.public_key_der());
+    // Without a CSR the old request is re-certified (same key).
+    let same_id = json_of(&renew(id, b""))["sslId"].as_u64().unwrap();
+    assert_eq!(cert_spki(&String::from_utf8(collect(same_id).body).unwrap()), key.public_key_der());
+    assert_eq!(emu.sectigo_requests(), 3);
+    // Revoke: 204, then collect -110, details Revoked, renew -130, revoke again -159.
+    let revoke = |id: u64| {
+        sectigo_call(
+            &emu,
+            "POST",
+            &format!("/api/ssl/v1/revoke/{id}"),
+            json!({"reasonCode": 4, "reason": "superseded"}).to_string().as_bytes(),
+        )
+    };
+    assert_eq!(revoke(id).status, 204);
+    assert_eq!(sectigo_code(&collect(id)), (400, -110));
+    assert_eq!(json_of(&sectigo_call(&emu, "GET", &format!("/api/ssl/v1/{id}"), b""))["status"], "Revoked");
+    assert_eq!(sectigo_code(&renew(id, b"")), (400, -130));
+    assert_eq!(sectigo_code(&revoke(id)), (400, -159));
+}
+
+#[test]
+fn sectigo_faults_are_sticky_per_request() {
+    let emu = Emulator::start(Options { pending_polls: 0, ..Options::default() }).unwrap();
+    let (key, csr) = crate::pki::tests::p256_csr("f-1", &[]);
+    let collect = |id: u64| sectigo_call(&emu, "GET", &format!("/api/ssl/v1/collect/{id}/x509"), b"");
+    let status =
+        |id: u64| json_of(&sectigo_call(&emu, "GET", &format!("/api/ssl/v1/{id}"), b""))["status"].clone();
+    // approval-rejected: Declined and not collectable, even after the fault is used up.
+    let declined = sectigo_enroll(&emu, &csr);
+    emu.set_fault(Fault::ApprovalRejected, Some(1));
+    assert_eq!(
+        json_of(&collect(declined)),
+        json!({"code": -183, "description": "Certificate is not collectable"})
+    );
+    assert_eq!(emu.current_fault(), None);
+    assert_eq!(status(declined), "Declined");
+    assert_eq!(sectigo_code(&collect(declined)), (400, -183));
+    // request-expired decided by a details poll.
+    let expired = sectigo_enroll(&emu, &csr);
+    emu.set_fault(Fault::RequestExpired, Some(1));
+    assert_eq!(status(expired), "Expired");
+    assert_eq!(sectigo_code(&collect(expired)), (400, -183));
+    // sectigo-revoked.
+    let revoked = sectigo_enroll(&emu, &csr);
+    emu.set_fault(Fault::SectigoRevoked, Some(1));
+    assert_eq!(
+        json_of(&collect(revoked)),
+        json!({"code": -110, "description": "Certificate has been revoked and can't be downloaded"})
+    );
+    // pending-forever until cleared, and the request stays pending after clearing.
+    let forever = sectigo_enroll(&emu, &csr);
+    emu.set_fault(Fault::PendingForever, None);
+    for _ in 0..7 {
+        let (s, code) = sectigo_code(&collect(forever));
+        assert!(matches!((s, code), (400, -1400 | -183 | -109 | -103) | (200, 0)), "{s} {code}");
+    }
+    emu.clear_fault();
+    for _ in 0..6 {
+        assert!(!String::from_utf8_lossy(&collect(forever).body).contains("CERTIFICATE"));
+    }
+    assert_eq!(status(forever), "Applied");
+    // An unaffected request is served normally.
+    let normal = sectigo_enroll(&emu, &csr);
+    assert_eq!(collect(normal).status, 200);
+    assert_eq!(emu.issued().len(), 1);
+    // wrong-key-cert: a certificate for another key, not recorded; the next collect is genuine.
+    let wrong = sectigo_enroll(&emu, &csr);
+    emu.set_fault(Fault::WrongKeyCert, Some(1));
+    let bad = pem_blocks(&String::from_utf8(collect(wrong).body).unwrap());
+    assert_ne!(cert_spki(&bad[2]), key.public_key_der());
+    assert_eq!(emu.issued().len(), 1);
+    let good = pem_blocks(&String::from_utf8(collect(wrong).body).unwrap());
+    assert_eq!(cert_spki(&good[2]), key.public_key_der());
+    assert_eq!(emu.issued().len(), 2);
+    // Request-creating faults: http500, reject-auth, malformed-json (nothing is created).
+    let before = emu.sectigo_requests();
+    let enroll = || {
+        sectigo_call(
+            &emu,
+            "POST",
+            "/api/ssl/v1/enroll",
+            sectigo_enroll_body(&emu, &csr).to_string().as_bytes(),
+        )
+    };
+    emu.set_fault(Fault::Http500, Some(1));
+    assert_eq!(enroll().status, 500);
+    emu.set_fault(Fault::RejectAuth, Some(1));
+    assert_eq!(sectigo_code(&enroll()), (401, -16));
+    emu.set_fault(Fault::MalformedJson, Some(1));
+    let r = enroll();
+    assert!(serde_json::from_slice::<Value>(&r.body).is_err());
+    assert_eq!(emu.sectigo_requests(), before);
+    // Status faults do not fire on request-creating calls.
+    emu.set_fault(Fault::ApprovalRejected, Some(1));
+    assert_eq!(enroll().status, 200);
+    assert_eq!(emu.current_fault(), Some((Fault::ApprovalRejected, Some(1))));
+}
+
+#[test]
+fn pending_polls_control_endpoint() {
+    let emu = Emulator::start(Options::default()).unwrap();
+    let set = |b: &[u8]| emu.handle(&request("POST", "/_emulator/pending-polls", &[], b));
+    assert_eq!(set(b"2").status, 200);
+    assert_eq!(set(b"x").status, 400);
+    assert_eq!(
+        String::from_utf8(emu.handle(&request("GET", "/_emulator/pending-polls", &[], b"")).body).unwrap(),
+        "2\n"
+    );
+    let (_, csr) = crate::pki::tests::p256_csr("pp", &[]);
+    let id = sectigo_enroll(&emu, &csr);
+    let collect = || sectigo_call(&emu, "GET", &format!("/api/ssl/v1/collect/{id}/x509"), b"").status;
+    assert_eq!([collect(), collect(), collect()], [400, 400, 200]);
+}
+
+// ---------------------------------------------------------------- Securosys (protocols.md §4)
+
+fn tsb_headers(emu: &Emulator) -> Vec<(String, String)> {
+    vec![
+        ("Content-Type".into(), "application/json".into()),
+        ("Authorization".into(), bearer(&emu.securosys.jwt)),
+        ("X-API-KEY".into(), emu.securosys.api_key.clone()),
+    ]
+}
+
+fn tsb_call_with(
+    emu: &Emulator,
+    headers: &[(String, String)],
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> crate::server::Response {
+    let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    emu.handle(&request(method, target, &refs, body))
+}
+
+fn tsb_call(emu: &Emulator, method: &str, target: &str, body: &Value) -> crate::server::Response {
+    let b = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
+    tsb_call_with(emu, &tsb_headers(emu), method, target, &b)
+}
+
+fn tsb_error(r: &crate::server::Response) -> (u16, i64) {
+    (r.status, json_of(r)["errorCode"].as_i64().unwrap_or(0))
+}
+
+fn tsb_submit(emu: &Emulator, csr: &str) -> String {
+    let body = json!({"signCertificateRequest": crate::securosys::sign_body(&emu.securosys, "dev-a", csr)});
+    let r = tsb_call(emu, "POST", "/v1/certificate/sign", &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    json_of(&r)["signRequestId"].as_str().unwrap().to_string()
+}
+
+fn tsb_status(emu: &Emulator, id: &str) -> Value {
+    let r = tsb_call(emu, "GET", &format!("/v1/request/{id}"), &Value::Null);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    json_of(&r)
+}
+
+#[test]
+fn securosys_sync_sign_checks_and_auth() {
+    let emu = Emulator::start(Options::default()).unwrap();
+    let dir = TempDir::new();
+    let (key, csr) = crate::pki::tests::p256_csr("dev-a", &["dev-a.example"]);
+    let body = crate::securosys::sign_body(&emu.securosys, "dev-a", &csr);
+    assert!(body["keyPassword"].as_array().unwrap().iter().all(|c| c.as_str().unwrap().chars().count() == 1));
+    let r = tsb_call(&emu, "POST", "/v1/certificate/synchronous/sign", &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = json_of(&r);
+    assert_eq!(v["label"], json!(emu.securosys.sign_key_name));
+    let leaf = v["certificate"].as_str().unwrap();
+    assert_eq!(pem_blocks(leaf).len(), 1, "TSB returns only the leaf");
+    assert_eq!(cert_spki(leaf), key.public_key_der());
+    let bundle = emu.securosys_ca_bundle_pem();
+    assert_eq!(pem_blocks(&bundle), vec![emu.securosys_issuing_pem(), emu.securosys_root_pem()]);
+    openssl_verify(&dir, &emu.securosys_root_pem(), Some(&emu.securosys_issuing_pem()), leaf);
+    let der = ::pem::parse(leaf).unwrap().into_contents();
+    let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert_eq!(x.signature_algorithm.algorithm.to_id_string(), "1.2.840.113549.1.1.11");
+    let days = (x.validity().not_after.timestamp() - x.validity().not_before.timestamp()) / 86400;
+    assert_eq!(days, 90);
+    assert!(x.extended_key_usage().unwrap().unwrap().value.client_auth);
+    assert!(!x.extended_key_usage().unwrap().unwrap().value.server_auth);
+    // SHA384_WITH_RSA is honoured.
+    let mut b384 = body.clone();
+    b384["signatureAlgorithm"] = json!("SHA384_WITH_RSA");
+    let c384 = json_of(&tsb_call(&emu, "POST", "/v1/certificate/synchronous/sign", &b384))["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let der = ::pem::parse(&c384).unwrap().into_contents();
+    assert_eq!(
+        x509_parser::parse_x509_certificate(&der).unwrap().1.signature_algorithm.algorithm.to_id_string(),
+        "1.2.840.113549.1.1.12"
+    );
+    // Authentication: wrong API key 631, missing JWT 401.
+    let mut h = tsb_headers(&emu);
+    h[2].1 = "wrong".into();
+    let r = tsb_call_with(&emu, &h, "POST", "/v1/certificate/synchronous/sign", body.to_string().as_bytes());
+    assert_eq!(
+        json_of(&r),
+        json!({"errorCode": 631, "reason": "res.error.invalid.api.key", "message": "Invalid API key"})
+    );
+    assert_eq!(r.status, 401);
+    let h: Vec<_> = tsb_headers(&emu).into_iter().filter(|(k, _)| k != "Authorization").collect();
+    let r = tsb_call_with(&emu, &h, "GET", "/v1/request/x", b"");
+    assert_eq!((r.status, json_of(&r)["reason"].as_str()), (401, Some("res.error.unauthorized")));
+    let log = emu.log();
+    assert!(log[0].headers.contains(&("X-API-KEY".into(), "<present>".into())));
+    assert!(!format!("{log:?}").contains(&emu.securosys.api_key));
+    // Body checks.
+    let send = |k: &str, val: Value| {
+        let mut b = body.clone();
+        b[k] = val;
+        tsb_error(&tsb_call(&emu, "POST", "/v1/certificate/synchronous/sign", &b))
+    };
+    let pw = emu.securosys.key_password.clone().unwrap();
+    assert_eq!(send("keyPassword", json!(pw)), (400, 620), "a plain string is not a char array");
+    assert_eq!(send("keyPassword", json!(["x"])), (400, 620));
+    assert_eq!(send("keyPassword", Value::Null), (400, 620));
+    assert_eq!(send("signKeyName", json!("other")), (400, 650));
+    assert_eq!(send("certificateSigningRequest", json!("garbage")), (400, 628));
+    assert_eq!(send("signatureAlgorithm", json!("SHA256_WITH_ECDSA")), (400, 611));
+    assert_eq!(send("certificateAuthority", json!(true)), (400, 611));
+    assert_eq!(send("commonName", json!("dev-b")), (400, 611));
+    assert_eq!(send("extendedKeyUsage", json!(["TELEPATHY"])), (400, 611));
+    let wrapped = json!({"signCertificateRequest": body});
+    assert_eq!(tsb_error(&tsb_call(&emu, "POST", "/v1/certificate/synchronous/sign", &wrapped)).0, 400);
+    assert_eq!((emu.securosys_requests(), emu.issued().len()), (2, 2));
+}
+
+#[test]
+fn securosys_approval_flow_and_cancel() {
+    let emu = Emulator::start(Options::default()).unwrap();
+    let (key, csr) = crate::pki::tests::p256_csr("dev-a", &[]);
+    // The flat body is refused on the approval endpoint.
+    let flat = crate::securosys::sign_body(&emu.securosys, "dev-a", &csr);
+    let r = tsb_call(&emu, "POST", "/v1/certificate/sign", &flat);
+    assert_eq!((tsb_error(&r), json_of(&r)["reason"].as_str()), ((400, 400), Some("res.error.bad.request")));
+    let id = tsb_submit(&emu, &csr);
+    assert_eq!(id.len(), 36);
+    let v = tsb_status(&emu, &id);
+    assert_eq!(
+        (v["status"].as_str(), v["result"].is_null(), v["executionTime"].is_null()),
+        (Some("PENDING"), true, true)
+    );
+    assert_eq!(v["notYetApprovedBy"].as_array().unwrap().len(), 1);
+    let v = tsb_status(&emu, &id);
+    assert_eq!((v["status"].as_str(), v["approvedBy"].as_array().unwrap().len()), (Some("APPROVED"), 1));
+    assert!(v["result"].is_null());
+    assert!(emu.issued().is_empty());
+    let v = tsb_status(&emu, &id);
+    assert_eq!(v["status"], "EXECUTED", "{v}");
+    let leaf = v["result"].as_str().unwrap().to_string();
+    assert_eq!(cert_spki(&leaf), key.public_key_der());
+    assert!(v["executionTime"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(tsb_status(&emu, &id)["result"].as_str(), Some(leaf.as_str()), "EXECUTED is stable");
+    assert_eq!(emu.issued().len(), 1);
+    // Unknown id → 404 651; DELETE → CANCELLED.
+    let r = tsb_call(&emu, "GET", "/v1/request/00000000-0000-4000-8000-000000000000", &Value::Null);
+    assert_eq!(tsb_error(&r), (404, 651));
+    let other = tsb_submit(&emu, &csr);
+    assert_eq!(tsb_call(&emu, "DELETE", &format!("/v1/request/{other}"), &Value::Null).status, 200);
+    assert_eq!(tsb_status(&emu, &other)["status"], "CANCELLED");
+    assert_eq!(tsb_error(&tsb_call(&emu, "DELETE", "/v1/request/nope", &Value::Null)), (404, 651));
+    assert_eq!((emu.securosys_requests(), emu.securosys_cancelled()), (2, 1));
+}
+
+#[test]
+fn securosys_status_and_delivery_faults() {
+    let emu = Emulator::start(Options { pending_polls: 0, ..Options::default() }).unwrap();
+    let (key, csr) = crate::pki::tests::p256_csr("dev-a", &[]);
+    for (fault, status) in [
+        (Fault::ApprovalRejected, "REJECTED"),
+        (Fault::RequestExpired, "EXPIRED"),
+        (Fault::RequestFailed, "FAILED"),
+    ] {
+        let id = tsb_submit(&emu, &csr);
+        emu.set_fault(fault, Some(1));
+        let v = tsb_status(&emu, &id);
+        assert_eq!(v["status"], status);
+        assert_eq!(emu.current_fault(), None);
+        assert_eq!(tsb_status(&emu, &id)["status"], status, "sticky");
+        if fault == Fault::ApprovalRejected {
+            let who = v["rejectedBy"][0].as_str().unwrap();
+            assert!(base64::engine::general_purpose::STANDARD.decode(who).is_ok());
+            assert!(v["approvedBy"].as_array().unwrap().is_empty());
+        }
+    }
+    let forever = tsb_submit(&emu, &csr);
+    emu.set_fault(Fault::PendingForever, None);
+    for _ in 0..4 {
+        assert_eq!(tsb_status(&emu, &forever)["status"], "PENDING");
+    }
+    emu.clear_fault();
+    assert_eq!(tsb_status(&emu, &forever)["status"], "PENDING");
+    // wrong-key-cert on the EXECUTED result: not recorded, the next GET is genuine.
+    let id = tsb_submit(&emu, &csr);
+    assert_eq!(tsb_status(&emu, &id)["status"], "APPROVED");
+    emu.set_fault(Fault::WrongKeyCert, Some(1));
+    let bad = tsb_status(&emu, &id);
+    assert_ne!(cert_spki(bad["result"].as_str().unwrap()), key.public_key_der());
+    assert!(emu.issued().is_empty());
+    let good = tsb_status(&emu, &id);
+    assert_eq!(cert_spki(good["result"].as_str().unwrap()), key.public_key_der());
+    assert_eq!(emu.issued().len(), 1);
+    // Request-creating calls: expired-cert (sync), http503, reject-auth, truncated-json.
+    let body = crate::securosys::sign_body(&emu.securosys, "dev-a", &csr);
+    emu.set_fault(Fault::ExpiredCert, Some(1));
+    let v = json_of(&tsb_call(&emu, "POST", "/v1/certificate/synchronous/sign", &body));
+    let der = ::pem::parse(v["certificate"].as_str().unwrap()).unwrap().into_contents();
+    assert!(!x509_parser::parse_x509_certificate(&der).unwrap().1.validity().is_valid());
+    let before = emu.securosys_requests();
+    emu.set_fault(Fault::Http503, Some(1));
+    assert_eq!(tsb_call(&emu, "POST", "/v1/certificate/synchronous/sign", &body).status, 503);
+    emu.set_fault(Fault::RejectAuth, Some(1));
+    let wrapped = json!({"signCertificateRequest": body});
+    assert_eq!(tsb_call(&emu, "POST", "/v1/certificate/sign", &wrapped).status, 401);
+    emu.set_fault(Fault::TruncatedJson, Some(1));
+    let r = tsb_call(&emu, "POST", "/v1/certificate/sign", &wrapped);
+    assert!(serde_json::from_slice::<Value>(&r.body).is_err());
+    assert_eq!(emu.securosys_requests(), before);
+    // A status fault is not taken by a request-creating call.
+    emu.set_fault(Fault::RequestFailed, Some(1));
+    tsb_submit(&emu, &csr);
+    assert_eq!(emu.current_fault(), Some((Fault::RequestFailed, Some(1))));
+}
+
+// ---------------------------------------------------------------- Redtrust (protocols.md §5)
+
+fn rt_call(
+    emu: &Emulator,
+    method: &str,
+    target: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> crate::server::Response {
+    let auth = token.map(bearer);
+    let mut h = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        h.push(("Authorization", a.as_str()));
+    }
+    let b = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
+    emu.handle(&request(method, target, &h, &b))
+}
+
+fn rt_login_request(emu: &Emulator, ts: i64, secret: &str) -> crate::server::Response {
+    let (target, headers) = crate::redtrust::login_request_target(&emu.redtrust, ts, secret);
+    let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    emu.handle(&request("GET", &target, &refs, b""))
+}
+
+/// (HTTP status, envelope errorCode).
+fn rt_code(r: &crate::server::Response) -> (u16, String) {
+    let v = json_of(r);
+    (r.status, v["errorCode"].as_str().unwrap_or_default().to_string())
+}
+
+/// The temporary token from a successful login request's Location.
+fn rt_tkn(emu: &Emulator) -> String {
+    let r = rt_login_request(emu, util::now_s(), &emu.redtrust.hmac_secret);
+    assert_eq!(r.status, 302, "{}", String::from_utf8_lossy(&r.body));
+    let loc = r.headers.iter().find(|(k, _)| k == "Location").unwrap().1.clone();
+    loc.split_once("tkn=").unwrap().1.to_string()
+}
+
+/// A full login; returns (accessToken, refreshToken).
+fn rt_login(emu: &Emulator) -> (String, String) {
+    let tkn = rt_tkn(emu);
+    let r = rt_call(emu, "POST", "/authapi/v1/login_by_temp_token", None, &json!({"temporalToken": tkn}));
+    let v = json_of(&r);
+    assert_eq!((r.status, v["messageType"].as_str()), (200, Some("SUCCESS")), "{v}");
+    (v["data"]["accessToken"].as_str().unwrap().into(), v["data"]["refreshToken"].as_str().unwrap().into())
+}
+
+fn rt_create_body(emu: &Emulator, cn: &str) -> Value {
+    json!({
+        "dn": [{"attribute": "cn", "value": cn}, {"attribute": "o", "value": "Acme"}, {"attribute": "c", "value": "NL"}],
+        "hashType": "SHA384", "keyLength": "2048", "keyType": "RSA", "provider": emu.redtrust.ca_provider,
+        "info": {"device": cn},
+    })
+}
+
+/// csr/create (v1 or v2); returns (requestCode, CSR DER).
+fn rt_create(emu: &Emulator, token: &str, path: &str, body: &Value) -> (String, Vec<u8>) {
+    let r = rt_call(emu, "POST", path, Some(token), body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = json_of(&r);
+    assert_eq!((v["messageType"].as_str(), v["errorCode"].as_str()), (Some("SUCCESS"), Some("OK")));
+    let csr = base64::engine::general_purpose::STANDARD.decode(v["data"]["csr"].as_str().unwrap()).unwrap();
+    (v["data"]["requestCode"].as_str().unwrap().to_string(), csr)
+}
+
+/// Issues a leaf for `csr_der` with the Sectigo emulator of the same run (pending 0); DER.
+fn issue_elsewhere(emu: &Emulator, csr_der: &[u8]) -> Vec<u8> {
+    emu.set_pending_polls(0);
+    let pem = crate::pki::pem_encode("CERTIFICATE REQUEST", csr_der);
+    let id = sectigo_enroll(emu, &pem);
+    let r = sectigo_call(emu, "GET", &format!("/api/ssl/v1/collect/{id}/x509CO"), b"");
+    assert_eq!(r.status, 200);
+    ::pem::parse(&r.body).unwrap().into_contents()
+}
+
+fn rt_finalize(emu: &Emulator, token: &str, code: &str, der: &[u8]) -> crate::server::Response {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let body = json!({"dataInB64": b64, "provider": emu.redtrust.ca_provider, "requestCode": code});
+    rt_call(emu, "PUT", "/raapi/v1/csr/finalize", Some(token), &body)
+}
+
+#[test]
+fn redtrust_hmac_login_and_token_lifecycle() {
+    let emu = Emulator::start(Options::default()).unwrap();
+    let now = util::now_s();
+    let secret = emu.redtrust.hmac_secret.clone();
+    let r = rt_login_request(&emu, now, &secret);
+    assert_eq!((r.status, r.body.len()), (302, 0));
+    let loc = r.headers.iter().find(|(k, _)| k == "Location").unwrap().1.clone();
+    assert!(loc.starts_with(&format!("{}?tkn=", emu.redtrust.redirect_url)), "{loc}");
+    assert_eq!(rt_code(&rt_login_request(&emu, now, "wrong-secret")), (401, "INVALID_SIGNATURE".into()));
+    assert_eq!(rt_code(&rt_login_request(&emu, now - 400, &secret)), (401, "TIMESTAMP_OUT_OF_RANGE".into()));
+    // The MAC must be in the header too, and the partner known in both places.
+    let (target, headers) = crate::redtrust::login_request_target(&emu.redtrust, now, &secret);
+    let only_query = emu.handle(&request(
+        "GET",
+        &target,
+        &[("x-partner-name", &headers[0].1), ("x-request-timestamp", &headers[1].1)],
+        b"",
+    ));
+    assert_eq!(rt_code(&only_query), (401, "INVALID_SIGNATURE".into()));
+    let mut other = emu.redtrust.clone();
+    other.partner = "OTHER".into();
+    let (t, h) = crate::redtrust::login_request_target(&other, now, &secret);
+    let refs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(rt_code(&emu.handle(&request("GET", &t, &refs, b""))), (401, "UNKNOWN_PARTNER".into()));
+    let mut other = emu.redtrust.clone();
+    other.redirect_url = "https://evil.invalid/".into();
+    let (t, h) = crate::redtrust::login_request_target(&other, now, &secret);
+    let refs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(
+        rt_code(&emu.handle(&request("GET", &t, &refs, b""))),
+        (401, "REDIRECT_NOT_REGISTERED".into())
+    );
+    let log = emu.log();
+    assert!(log[0].headers.contains(&("x-hmac-signature".into(), "<present>".into())));
+    assert!(log[0].headers.contains(&("x-partner-name".into(), emu.redtrust.partner.clone())));
+    // Temporary tokens are single use; POST (v4.42) and GET (seed v4.33) both work.
+    let tkn = loc.split_once("tkn=").unwrap().1.to_string();
+    let login = |m: &str, t: &str| {
+        rt_call(&emu, m, "/authapi/v1/login_by_temp_token", None, &json!({"temporalToken": t}))
+    };
+    let v = json_of(&login("POST", &tkn));
+    assert_eq!(v["messageType"], "SUCCESS", "{v}");
+    assert!(v["data"]["expiration"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(rt_code(&login("POST", &tkn)), (401, "INVALID_TEMPORAL_TOKEN".into()));
+    assert_eq!(json_of(&login("GET", &rt_tkn(&emu)))["messageType"], "SUCCESS");
+    assert!(emu
+        .log()
+        .iter()
+        .any(|l| l.method == "GET" && l.path == "/authapi/v1/login_by_temp_token" && l.status == 200));
+    assert_eq!(emu.redtrust_sessions_open(), 2);
+    // Refresh rotates both tokens.
+    let (access, refresh) =
+        (v["data"]["accessToken"].as_str().unwrap(), v["data"]["refreshToken"].as_str().unwrap());
+    let r = rt_call(&emu, "PUT", "/authapi/v1/refresh-token", None, &json!({"refreshToken": refresh}));
+    let nv = json_of(&r);
+    assert_eq!(nv["errorCode"], "OK", "{nv}");
+    let new_access = nv["data"]["accessToken"].as_str().unwrap().to_string();
+    assert_ne!(new_access, access);
+    let again = rt_call(&emu, "PUT", "/authapi/v1/refresh-token", None, &json!({"refreshToken": refresh}));
+    assert_eq!(rt_code(&again), (401, "INVALID_REFRESH_TOKEN".into()));
+    let bad_create = rt_call(&emu, "POST", "/raapi/v1/csr/create", Some(access), &json!({}));
+    assert_eq!(rt_code(&bad_create), (401, "INVALID_TOKEN".into()));
+    assert_eq!(
+        rt_code(&rt_call(&emu, "POST", "/raapi/v1/csr/create", Some(&new_access), &json!({}))),
+        (400, "UNKNOWN_PROVIDER".into()),
+        "the new access token passes authentication"
+    );
+    // Logout kills the token.
+    let r = rt_call(&emu, "DELETE", "/authapi/v1/logout", Some(&new_access), &Value::Null);
+    assert_eq!(
+        (json_of(&r)["messageType"].as_str(), json_of(&r)["data"].clone()),
+        (Some("SUCCESS"), json!({}))
+    );
+    assert_eq!(
+        rt_code(&rt_call(&emu, "POST", "/raapi/v1/csr/create", Some(&new_access), &json!({}))),
+        (401, "INVALID_TOKEN".into())
+    );
+    assert_eq!(emu.redtrust_sessions_open(), 1);
+    // reject-auth on the login request.
+    emu.set_fault(Fault::RejectAuth, Some(1));
+    assert_eq!(rt_code(&rt_login_request(&emu, util::now_s(), &secret)), (401, "INVALID_SIGNATURE".into()));
+    assert_eq!(rt_login_request(&emu, util::now_s(), &secret).status, 302);
+}
+
+#[test]
+fn redtrust_create_finalize_and_renew() {
+    let emu = Emulator::start(Options::default()).unwrap();
+    let (token, _) = rt_login(&emu);
+    let (code, csr_der) = rt_create(&emu, &token, "/raapi/v1/csr/create", &rt_create_body(&emu, "sensor-rt"));
+    assert!(code.len() == 20 && code.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()), "{code}");
+    let csr = crate::pki::parse_csr(&csr_der).unwrap();
+    assert_eq!(csr.key, crate::pki::KeyKind::Rsa(2048));
+    assert_eq!(csr.sig_alg, "1.2.840.113549.1.1.12", "hashType SHA384");
+    let (_, name) =
+        <x509_parser::x509::X509Name as x509_parser::prelude::FromDer<_>>::from_der(&csr.subject_der)
+            .unwrap();
+    assert_eq!(name.to_string(), "CN=sensor-rt, O=Acme, C=NL");
+    let leaf = issue_elsewhere(&emu, &csr_der);
+    let r = rt_finalize(&emu, &token, &code, &leaf);
+    let v = json_of(&r);
+    assert_eq!(v["errorCode"], "OK", "{v}");
+    assert_eq!(v["data"]["thumbprint"].as_str(), Some(util::thumbprint(&leaf).as_str()));
+    let id = v["data"]["idCertificate"].as_u64().unwrap();
+    assert_eq!(rt_code(&rt_finalize(&emu, &token, &code, &leaf)), (404, "REQUEST_NOT_FOUND".into()));
+    // A certificate for another key, garbage, unknown requests, wrong provider, no cn.
+    let (code2, _) = rt_create(&emu, &token, "/raapi/v1/csr/create", &rt_create_body(&emu, "sensor-rt"));
+    assert_eq!(rt_code(&rt_finalize(&emu, &token, &code2, &leaf)), (400, "CERTIFICATE_KEY_MISMATCH".into()));
+    assert_eq!(
+        rt_code(&rt_finalize(&emu, &token, &code2, b"not a certificate")),
+        (400, "INVALID_CERTIFICATE".into())
+    );
+    assert_eq!(rt_code(&rt_finalize(&emu, &token, "NOPE", &leaf)), (404, "REQUEST_NOT_FOUND".into()));
+    let mut b = rt_create_body(&emu, "x");
+    b["provider"] = json!("CAMERFIRMA");
+    assert_eq!(
+        rt_code(&rt_call(&emu, "POST", "/raapi/v1/csr/create", Some(&token), &b)),
+        (400, "UNKNOWN_PROVIDER".into())
+    );
+    let mut b = rt_create_body(&emu, "x");
+    b["dn"] = json!([{"attribute": "o", "value": "Acme"}]);
+    assert_eq!(
+        rt_code(&rt_call(&emu, "POST", "/raapi/v1/csr/create", Some(&token), &b)),
+        (400, "BAD_REQUEST".into())
+    );
+    // Renewal: v2 with thumbprintToRenew only.
+    let thumb = util::thumbprint(&leaf);
+    let mut renew = rt_create_body(&emu, "sensor-rt");
+    renew["thumbprintToRenew"] = json!(thumb);
+    assert_eq!(
+        rt_code(&rt_call(&emu, "POST", "/raapi/v1/csr/create", Some(&token), &renew)),
+        (400, "BAD_REQUEST".into())
+    );
+    let plain = rt_create_body(&emu, "sensor-rt");
+    assert_eq!(
+        rt_code(&rt_call(&emu, "POST", "/raapi/v2/csr/create", Some(&token), &plain)),
+        (400, "BAD_REQUEST".into())
+    );
+    let mut unknown = renew.clone();
+    unknown["thumbprintToRenew"] = json!("AB".repeat(20));
+    assert_eq!(
+        rt_code(&rt_call(&emu, "POST", "/raapi/v2/csr/create", Some(&token), &unknown)),
+        (404, "CERTIFICATE_NOT_FOUND".into())
+    );
+    let (code3, csr3) = rt_create(&emu, &token, "/raapi/v2/csr/create", &renew);
+    assert_ne!(crate::pki::parse_csr(&csr3).unwrap().spki_der, csr.spki_der, "a new server-side key");
+    let leaf3 = issue_elsewhere(&emu, &csr3);
+    let v = json_of(&rt_finalize(&emu, &token, &code3, &leaf3));
+    assert_eq!(
+        v["data"]["idCertificate"].as_u64(),
+        Some(id),
+        "the renewed certificate replaces the old record"
+    );
+    assert_eq!(v["data"]["thumbprint"].as_str(), Some(util::thumbprint(&leaf3).as_str()));
+    assert_eq!(
+        rt_code(&rt_call(&emu, "POST", "/raapi/v2/csr/create", Some(&token), &renew)),
+        (404, "CERTIFICATE_NOT_FOUND".into())
+    );
+    assert_eq!((emu.redtrust_keys(), emu.redtrust_finalized()), (3, 2));
+}
+
+#[test]
+fn redtrust_faults_and_expiry() {
+    let emu = Emulator::start(Options::default()).unwrap();
+    let (token, refresh) = rt_login(&emu);
+    let body = rt_create_body(&emu, "sensor-f");
+    emu.set_fault(Fault::RedtrustTokenExpired, Some(1));
+    let create = |t: &str| rt_call(&emu, "POST", "/raapi/v1/csr/create", Some(t), &body);
+    assert_eq!(rt_code(&create(&token)), (401, "TOKEN_EXPIRED".into()));
+    assert_eq!(rt_code(&create(&token)), (401, "TOKEN_EXPIRED".into()), "the token stays dead");
+    let r = rt_call(&emu, "PUT", "/authapi/v1/refresh-token", None, &json!({"refreshToken": refresh}));
+    let fresh = json_of(&r)["data"]["accessToken"].as_str().unwrap().to_string();
+    let (code, csr) = rt_create(&emu, &fresh, "/raapi/v1/csr/create", &body);
+    assert_eq!(emu.redtrust_keys(), 1);
+    // finalize-500 records nothing; the same finalize then succeeds.
+    let leaf = issue_elsewhere(&emu, &csr);
+    emu.set_fault(Fault::RedtrustFinalize500, Some(1));
+    assert_eq!(rt_finalize(&emu, &fresh, &code, &leaf).status, 500);
+    assert_eq!(emu.redtrust_finalized(), 0);
+    assert_eq!(rt_code(&rt_finalize(&emu, &fresh, &code, &leaf)), (200, "OK".into()));
+    // Generic faults on create generate no key.
+    emu.set_fault(Fault::Http500, Some(1));
+    assert_eq!(create(&fresh).status, 500);
+    emu.set_fault(Fault::MalformedJson, Some(1));
+    assert!(serde_json::from_slice::<Value>(&create(&fresh).body).is_err());
+    assert_eq!(emu.redtrust_keys(), 1);
+    // Natural expiry of the access token.
+    let mut opts = Options::default();
+    opts.redtrust.token_lifetime_s = 0;
+    let short = Emulator::start(opts).unwrap();
+    let (t, _) = rt_login(&short);
+    assert_eq!(
+        rt_code(&rt_call(&short, "POST", "/raapi/v1/csr/create", Some(&t), &json!({}))),
+        (401, "TOKEN_EXPIRED".into())
+    );
+}

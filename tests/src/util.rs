@@ -85,6 +85,21 @@ pub fn imf_fixdate(t: SystemTime) -> String {
     )
 }
 
+/// RFC 3339 / ISO-8601 UTC time with seconds, e.g. `2024-01-23T11:43:43Z` (Securosys
+/// `executionTime`, Redtrust `expiration`).
+pub fn rfc3339_utc(t: SystemTime) -> String {
+    let secs = since_epoch(t).as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Lowercase hex HMAC-SHA256 of `msg` under `key` (Redtrust partner signature, protocols.md §5).
+pub fn hmac_sha256_hex(key: &[u8], msg: &[u8]) -> String {
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    hex_lower(ring::hmac::sign(&k, msg).as_ref())
+}
+
 /// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -171,6 +186,17 @@ mod tests {
     fn fixdate_matches_rfc_example() {
         let t = UNIX_EPOCH + Duration::from_secs(784_111_777);
         assert_eq!(imf_fixdate(t), "Sun, 06 Nov 1994 08:49:37 GMT");
+    }
+
+    #[test]
+    fn rfc3339_and_hmac() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_706_010_223);
+        assert_eq!(rfc3339_utc(t), "2024-01-23T11:43:43Z");
+        // RFC 4231 test case 2.
+        assert_eq!(
+            hmac_sha256_hex(b"Jefe", b"what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]

@@ -60,6 +60,12 @@ backend_suite!(ezca_rsa2048, Ca::Ezca, "rsa2048", no_tweak);
 backend_suite!(ezca_p256_bootstrap_renewal, Ca::Ezca, "p256", |c: &mut serde_json::Value| {
     c["ca"]["renew_auth"] = "bootstrap".into();
 });
+backend_suite!(sectigo_p256, Ca::Sectigo, "p256", no_tweak);
+backend_suite!(sectigo_rsa2048, Ca::Sectigo, "rsa2048", no_tweak);
+backend_suite!(securosys_rsa2048, Ca::Securosys, "rsa2048", no_tweak);
+backend_suite!(securosys_p256_with_approval, Ca::Securosys, "p256", |c: &mut serde_json::Value| {
+    c["ca"]["approval"] = true.into();
+});
 
 fn suite_first_enroll(env: &Env) {
     let run = env.expect(&["enroll"], 0);
@@ -94,13 +100,7 @@ fn suite_first_enroll(env: &Env) {
     let status = env.status_json();
     assert_eq!(status["state"], "valid");
     assert!(status["subject"].as_str().unwrap().contains("CN=sensor-0042"), "{status}");
-    assert_eq!(
-        status["backend"],
-        match env.ca {
-            Ca::Enos => "enos",
-            Ca::Ezca => "ezca",
-        }
-    );
+    assert_eq!(status["backend"], env.ca.name());
     assert_eq!(status["key"]["algorithm"], env_algorithm(env));
     assert_eq!(status["pending"], serde_json::Value::Null);
     assert_eq!(status["last_error"], serde_json::Value::Null);
@@ -113,6 +113,15 @@ fn suite_first_enroll(env: &Env) {
 fn env_algorithm(env: &Env) -> String {
     let config: serde_json::Value = serde_json::from_slice(&fs::read(&env.config).unwrap()).unwrap();
     config["key"]["algorithm"].as_str().unwrap().to_string()
+}
+
+/// The Securosys call that signs: synchronous, or the approval flow's.
+fn sign_path(env: &Env) -> &'static str {
+    let config: serde_json::Value = serde_json::from_slice(&fs::read(&env.config).unwrap()).unwrap();
+    match config["ca"]["approval"].as_bool() {
+        Some(true) => "POST /v1/certificate/sign ",
+        _ => "POST /v1/certificate/synchronous/sign ",
+    }
 }
 
 fn suite_second_enroll(env: &Env) {
@@ -149,6 +158,8 @@ fn suite_forced_renewal(env: &Env) {
         (Ca::Enos, _) => "?action=renew",
         (Ca::Ezca, "rsa2048") => "/api/Certificates/RenewCertificateV3",
         (Ca::Ezca, _) => "/api/CA/RequestSSLCertificateV2",
+        (Ca::Sectigo, _) => "POST /api/ssl/v1/renewById/",
+        (Ca::Securosys, _) => sign_path(env),
     };
     assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
     assert_eq!(env.status_json()["renewals"], 1);
@@ -239,6 +250,8 @@ fn suite_forced_enrollment(env: &Env) {
     let expected = match env.ca {
         Ca::Enos => "?action=apply",
         Ca::Ezca => "/api/CA/RequestSSLCertificateV2",
+        Ca::Sectigo => "POST /api/ssl/v1/enroll",
+        Ca::Securosys => sign_path(env),
     };
     assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
 }

@@ -102,8 +102,48 @@ fn providers_and_backends_not_in_this_build_say_so() {
     config_error(
         Ca::Enos,
         "p256",
-        |c| c["ca"]["backend"] = "sectigo".into(),
-        "ca.backend: backend sectigo is not implemented in this version",
+        |c| c["ca"]["backend"] = "est".into(),
+        "ca.backend: backend est is not implemented in this version",
+    );
+}
+
+#[test]
+fn sectigo_and_securosys_fields_are_checked_by_path() {
+    config_error(
+        Ca::Sectigo,
+        "p256",
+        |c| c["ca"]["org_id"] = "12345".into(),
+        "ca.org_id: expected a number, found a string",
+    );
+    config_error(
+        Ca::Sectigo,
+        "p256",
+        |c| {
+            c["ca"].as_object_mut().unwrap().remove("cert_type");
+        },
+        "ca.cert_type: missing",
+    );
+    config_error(
+        Ca::Sectigo,
+        "p256",
+        |c| c["ca"]["poll_timeout_s"] = 0.into(),
+        "ca.poll_timeout_s: must be a whole number of at least 1",
+    );
+    config_error(
+        Ca::Securosys,
+        "p256",
+        |c| {
+            let ca = c["ca"].as_object_mut().unwrap();
+            ca.remove("jwt_file");
+            ca.remove("api_key_file");
+        },
+        "ca.jwt_file: missing (give jwt_file, api_key_file, or both)",
+    );
+    config_error(
+        Ca::Securosys,
+        "p256",
+        |c| c["ca"]["key_usage"] = serde_json::json!(["digitalSignature"]),
+        r#"ca.key_usage: "digitalSignature" is not an enum name such as "DIGITAL_SIGNATURE""#,
     );
 }
 

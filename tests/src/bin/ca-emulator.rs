@@ -1,10 +1,15 @@
-//! `ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--client-cert]`
+//! `ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert]`
 //!
-//! Starts the EnOS + EZCA emulator (see the `enroll_tests` crate docs), writes what a client
-//! needs into DIR (0700): `tls-root.pem`, `enos-app-secret`, `ezca-bootstrap.token`,
-//! `entra-client-secret` (secrets 0600, one trailing newline), `emulator.json` (URL and
-//! identifiers, no secrets), `agent-enos.json` and `agent-ezca.json` (enroll-agent configs for
-//! this emulator), prints `ca-emulator ready <url>` and serves until killed.
+//! Starts the EnOS + EZCA + Sectigo + Securosys + Redtrust emulator (see the `enroll_tests`
+//! crate docs), writes what a client needs into DIR (0700): `tls-root.pem`,
+//! `securosys-ca-bundle.pem` (issuing then root); secrets (0600, one trailing newline)
+//! `enos-app-secret`, `ezca-bootstrap.token`, `entra-client-secret`, `sectigo-password`,
+//! `securosys-jwt`, `securosys-api-key`, `securosys-key-password`, `redtrust-hmac-secret`;
+//! `emulator.json` (URL and identifiers, no secrets); enroll-agent configs for this emulator:
+//! `agent-enos.json`, `agent-ezca.json`, `agent-sectigo.json`, `agent-securosys.json`
+//! (synchronous sign), `agent-securosys-approval.json` (approval flow) and
+//! `agent-redtrust-enos.json` (Redtrust key, EnOS CA). Prints `ca-emulator ready <url>` and
+//! serves until killed.
 
 use enroll_tests::{Emulator, Fault, Options};
 use serde_json::json;
@@ -15,8 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str =
-    "usage: ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--client-cert]";
+const USAGE: &str = "usage: ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert]";
 
 struct Args {
     opts: Options,
@@ -37,6 +41,10 @@ fn parse_args() -> Result<Args, String> {
                 let ms: u64 =
                     value("--fault-delay-ms")?.parse().map_err(|_| "--fault-delay-ms: not a number")?;
                 opts.fault_delay = Duration::from_millis(ms);
+            }
+            "--pending-polls" => {
+                opts.pending_polls =
+                    value("--pending-polls")?.parse().map_err(|_| "--pending-polls: not a number")?
             }
             "--client-cert" => opts.request_client_cert = true,
             "-h" | "--help" => {
@@ -74,6 +82,13 @@ fn write_dir(dir: &Path, emu: &Emulator) -> io::Result<()> {
     write_file(dir, "enos-app-secret", &format!("{}\n", emu.enos.app_secret), 0o600)?;
     write_file(dir, "ezca-bootstrap.token", &format!("{}\n", emu.ezca.bootstrap_token), 0o600)?;
     write_file(dir, "entra-client-secret", &format!("{}\n", emu.ezca.client_secret), 0o600)?;
+    write_file(dir, "sectigo-password", &format!("{}\n", emu.sectigo.password), 0o600)?;
+    write_file(dir, "securosys-jwt", &format!("{}\n", emu.securosys.jwt), 0o600)?;
+    write_file(dir, "securosys-api-key", &format!("{}\n", emu.securosys.api_key), 0o600)?;
+    let key_password = emu.securosys.key_password.clone().unwrap_or_default();
+    write_file(dir, "securosys-key-password", &format!("{key_password}\n"), 0o600)?;
+    write_file(dir, "redtrust-hmac-secret", &format!("{}\n", emu.redtrust.hmac_secret), 0o600)?;
+    write_file(dir, "securosys-ca-bundle.pem", &emu.securosys_ca_bundle_pem(), 0o644)?;
     let info = json!({
         "url": emu.url(),
         "enos": {
@@ -86,9 +101,25 @@ fn write_dir(dir: &Path, emu: &Emulator) -> io::Result<()> {
             "client_id": emu.ezca.client_id, "authority": emu.url(),
             "max_validity_days": emu.ezca.max_validity_days,
         },
+        "sectigo": {
+            "customer_uri": emu.sectigo.customer_uri, "login": emu.sectigo.login,
+            "org_id": emu.sectigo.org_id, "cert_type": emu.sectigo.cert_type, "terms": emu.sectigo.terms,
+        },
+        "securosys": {
+            "sign_key_name": emu.securosys.sign_key_name,
+            "key_password": emu.securosys.key_password.is_some(),
+            "require_jwt": emu.securosys.require_jwt, "require_api_key": emu.securosys.require_api_key,
+        },
+        "redtrust": {
+            "partner": emu.redtrust.partner, "domain": emu.redtrust.domain,
+            "redirect_url": emu.redtrust.redirect_url, "username": emu.redtrust.username,
+            "ca_provider": emu.redtrust.ca_provider, "token_lifetime_s": emu.redtrust.token_lifetime_s,
+        },
         "ca": {
             "enos_root_pem": emu.enos_root_pem(), "ezca_root_pem": emu.ezca_root_pem(),
-            "ezca_issuing_pem": emu.ezca_issuing_pem(),
+            "ezca_issuing_pem": emu.ezca_issuing_pem(), "sectigo_root_pem": emu.sectigo_root_pem(),
+            "sectigo_issuing_pem": emu.sectigo_issuing_pem(), "securosys_root_pem": emu.securosys_root_pem(),
+            "securosys_issuing_pem": emu.securosys_issuing_pem(),
         },
     });
     write_file(dir, "emulator.json", &format!("{info:#}\n"), 0o644)?;
@@ -96,8 +127,10 @@ fn write_dir(dir: &Path, emu: &Emulator) -> io::Result<()> {
 }
 
 /// Ready-to-use enroll-agent configs for this emulator (`agent-enos.json`: P-256 key;
-/// `agent-ezca.json`: RSA-2048 key with certificate renewal), so a demo or a person can run the
-/// real agent against it without editing anything.
+/// `agent-ezca.json`: RSA-2048 key with certificate renewal; `agent-sectigo.json`: P-256;
+/// `agent-securosys.json` / `agent-securosys-approval.json`: P-256, synchronous or approval
+/// flow; `agent-redtrust-enos.json`: Redtrust-held RSA-2048 key issued by EnOS), so a demo or a
+/// person can run the real agent against it without editing anything.
 fn write_agent_configs(dir: &Path, emu: &Emulator) -> io::Result<()> {
     let dir = fs::canonicalize(dir)?;
     let common = |backend: &str, algorithm: &str, ca: serde_json::Value| {
@@ -128,8 +161,58 @@ fn write_agent_configs(dir: &Path, emu: &Emulator) -> io::Result<()> {
             "bootstrap": { "token_file": dir.join("ezca-bootstrap.token") },
         }),
     );
+    let sectigo = common(
+        "sectigo",
+        "p256",
+        json!({
+            "backend": "sectigo", "url": emu.url(), "customer_uri": emu.sectigo.customer_uri,
+            "login": emu.sectigo.login, "password_file": dir.join("sectigo-password"),
+            "org_id": emu.sectigo.org_id, "cert_type": emu.sectigo.cert_type, "term": emu.sectigo.terms[0],
+            "external_requester": "ops@acme.example", "comments": "enroll-agent via ca-emulator",
+            "poll_interval_s": 1, "poll_wait_s": 30,
+        }),
+    );
+    let securosys = |approval: bool| {
+        common(
+            if approval { "securosys-approval" } else { "securosys" },
+            "p256",
+            json!({
+                "backend": "securosys", "url": emu.url(), "sign_key_name": emu.securosys.sign_key_name,
+                "key_password_file": dir.join("securosys-key-password"),
+                "signature_algorithm": "SHA256_WITH_RSA", "key_usage": ["DIGITAL_SIGNATURE"],
+                "extended_key_usage": ["CLIENT_AUTH"], "approval": approval,
+                "jwt_file": dir.join("securosys-jwt"), "api_key_file": dir.join("securosys-api-key"),
+                "valid_days": 90, "ca_bundle": dir.join("securosys-ca-bundle.pem"),
+                "poll_interval_s": 1, "poll_wait_s": 30,
+            }),
+        )
+    };
+    // Redtrust keys: RSA-2048, no SANs (design.md §7); the certificate comes from EnOS.
+    let mut redtrust = common(
+        "redtrust-enos",
+        "rsa2048",
+        json!({
+            "backend": "enos", "api_gateway": emu.url(), "org_id": emu.enos.org_id,
+            "asset_id": emu.enos.asset_id, "app_key": emu.enos.app_key,
+            "app_secret_file": dir.join("enos-app-secret"), "valid_days": 365,
+        }),
+    );
+    redtrust.as_object_mut().map(|o| o.remove("san"));
+    redtrust["key"] = json!({
+        "algorithm": "rsa2048", "provider": "redtrust",
+        "redtrust": {
+            "url": emu.url(), "auth_url": emu.url(), "partner": emu.redtrust.partner,
+            "hmac_secret_file": dir.join("redtrust-hmac-secret"), "domain": emu.redtrust.domain,
+            "redirect_url": emu.redtrust.redirect_url, "ca_provider": emu.redtrust.ca_provider,
+            "hash_type": "SHA256",
+        },
+    });
     write_file(&dir, "agent-enos.json", &format!("{enos:#}\n"), 0o644)?;
-    write_file(&dir, "agent-ezca.json", &format!("{ezca:#}\n"), 0o644)
+    write_file(&dir, "agent-ezca.json", &format!("{ezca:#}\n"), 0o644)?;
+    write_file(&dir, "agent-sectigo.json", &format!("{sectigo:#}\n"), 0o644)?;
+    write_file(&dir, "agent-securosys.json", &format!("{:#}\n", securosys(false)), 0o644)?;
+    write_file(&dir, "agent-securosys-approval.json", &format!("{:#}\n", securosys(true)), 0o644)?;
+    write_file(&dir, "agent-redtrust-enos.json", &format!("{redtrust:#}\n"), 0o644)
 }
 
 fn main() -> ExitCode {

@@ -16,6 +16,20 @@ use serde_json::{json, Value};
 pub enum Ca {
     Enos,
     Ezca,
+    Sectigo,
+    Securosys,
+}
+
+impl Ca {
+    /// The `ca.backend` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ca::Enos => "enos",
+            Ca::Ezca => "ezca",
+            Ca::Sectigo => "sectigo",
+            Ca::Securosys => "securosys",
+        }
+    }
 }
 
 /// The agent binary built by `cargo build --workspace --bins` (scripts/test.sh does that).
@@ -100,10 +114,7 @@ impl Env {
 
     pub fn with_options(ca: Ca, algorithm: &str, options: Options, tweak: impl FnOnce(&mut Value)) -> Env {
         let emu = Emulator::start(options).expect("start emulator");
-        let scratch = Scratch::new(match ca {
-            Ca::Enos => "enos",
-            Ca::Ezca => "ezca",
-        });
+        let scratch = Scratch::new(ca.name());
         let dir = &scratch.0;
         fs::write(dir.join("tls-root.pem"), emu.tls_root_pem()).unwrap();
         let ca_block = match ca {
@@ -128,6 +139,44 @@ impl Env {
                     "template_id": emu.ezca.template_id,
                     "valid_days": 30,
                     "bootstrap": { "token_file": dir.join("bootstrap.token") }
+                })
+            }
+            Ca::Sectigo => {
+                write_secret(&dir.join("sectigo-password"), &emu.sectigo.password);
+                json!({
+                    "backend": "sectigo",
+                    "url": emu.url(),
+                    "customer_uri": emu.sectigo.customer_uri,
+                    "login": emu.sectigo.login,
+                    "password_file": dir.join("sectigo-password"),
+                    "org_id": emu.sectigo.org_id,
+                    "cert_type": emu.sectigo.cert_type,
+                    "term": emu.sectigo.terms[0],
+                    "external_requester": "fleet@acme.example",
+                    "comments": "enroll-agent e2e",
+                    "poll_interval_s": 1,
+                    "poll_wait_s": 10
+                })
+            }
+            Ca::Securosys => {
+                write_secret(&dir.join("securosys-jwt"), &emu.securosys.jwt);
+                write_secret(&dir.join("securosys-api-key"), &emu.securosys.api_key);
+                let password =
+                    emu.securosys.key_password.clone().expect("the emulator's CA key has a password");
+                write_secret(&dir.join("securosys-key-password"), &password);
+                fs::write(dir.join("securosys-ca-bundle.pem"), emu.securosys_ca_bundle_pem()).unwrap();
+                json!({
+                    "backend": "securosys",
+                    "url": emu.url(),
+                    "sign_key_name": emu.securosys.sign_key_name,
+                    "key_password_file": dir.join("securosys-key-password"),
+                    "jwt_file": dir.join("securosys-jwt"),
+                    "api_key_file": dir.join("securosys-api-key"),
+                    "ca_bundle": dir.join("securosys-ca-bundle.pem"),
+                    "valid_days": 30,
+                    "approval": false,
+                    "poll_interval_s": 1,
+                    "poll_wait_s": 10
                 })
             }
         };
@@ -214,7 +263,34 @@ impl Env {
         match self.ca {
             Ca::Enos => self.emu.enos_root_pem(),
             Ca::Ezca => self.emu.ezca_root_pem(),
+            Ca::Sectigo => self.emu.sectigo_root_pem(),
+            Ca::Securosys => self.emu.securosys_root_pem(),
         }
+    }
+
+    /// Switches the key to the Redtrust remote provider of this emulator (RSA-2048, no SANs).
+    pub fn use_redtrust(&self) {
+        write_secret(&self.dir().join("redtrust-hmac"), &self.emu.redtrust.hmac_secret);
+        let redtrust = json!({
+            "url": self.emu.url(),
+            "partner": self.emu.redtrust.partner,
+            "hmac_secret_file": self.dir().join("redtrust-hmac"),
+            "domain": self.emu.redtrust.domain,
+            "redirect_url": self.emu.redtrust.redirect_url,
+            "ca_provider": self.emu.redtrust.ca_provider
+        });
+        self.edit_config(|c| {
+            c["key"] = json!({ "algorithm": "rsa2048", "provider": "redtrust", "redtrust": redtrust });
+            // The emulator generates an RSA key inside csr/create; on a busy 2-core machine that
+            // can take longer than the 2 s the other tests allow.
+            c["tls"]["timeout_s"] = 15.into();
+            c.as_object_mut().unwrap().remove("san");
+        });
+    }
+
+    /// The state.json the agent wrote.
+    pub fn state_json(&self) -> Value {
+        serde_json::from_slice(&fs::read(self.state_dir().join("state.json")).unwrap()).unwrap()
     }
 
     /// Requests that issued or renewed a certificate (the emulator's log).
@@ -226,6 +302,9 @@ impl Env {
                 r.path.starts_with("/connect-service/")
                     || r.path.starts_with("/api/CA/Request")
                     || r.path.starts_with("/api/Certificates/Renew")
+                    || r.path == "/api/ssl/v1/enroll"
+                    || r.path.starts_with("/api/ssl/v1/renewById/")
+                    || r.path.starts_with("/v1/certificate/")
             })
             .map(|r| {
                 let action = r
@@ -245,7 +324,15 @@ impl Env {
             self.emu.enos.app_secret.clone(),
             self.emu.ezca.bootstrap_token.clone(),
             self.emu.ezca.client_secret.clone(),
+            self.emu.sectigo.password.clone(),
+            self.emu.securosys.jwt.clone(),
+            self.emu.securosys.api_key.clone(),
+            self.emu.securosys.key_password.clone().unwrap_or_default(),
+            self.emu.redtrust.hmac_secret.clone(),
         ]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect()
     }
 
     pub fn assert_no_secret_in_outputs(&self) {
