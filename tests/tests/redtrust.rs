@@ -125,7 +125,8 @@ fn a_refused_hmac_login_is_77_and_names_redtrust() {
 #[test]
 fn combinations_a_remote_key_cannot_serve_are_config_errors() {
     let env = redtrust_with(Ca::Enos);
-    let cases: [(&str, fn(&mut Value)); 4] = [
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit); 4] = [
         ("key.algorithm: Redtrust generates RSA-2048 keys only", |c| c["key"]["algorithm"] = "p256".into()),
         ("san: Redtrust makes the CSR from subject attributes only", |c| {
             c["san"] = serde_json::json!({ "dns": ["x.example"] })
