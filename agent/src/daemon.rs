@@ -70,6 +70,9 @@ pub fn run(config_path: &Path) -> Result<()> {
                 failures = 0;
                 next
             }
+            // A configuration fault (such as a PIN the token refused) does not heal by waiting, and
+            // retrying a PIN locks the token: stop with 78 so the service manager does not loop.
+            Err(error) if error.kind() == crate::error::Kind::Config => return Err(error),
             Err(error) => {
                 let pause = lifecycle::backoff(failures, &settings.renewal, lifecycle::random_unit());
                 failures = failures.saturating_add(1);

@@ -122,7 +122,12 @@ impl std::error::Error for Error {
 
 impl From<enroll_hal::Error> for Error {
     fn from(e: enroll_hal::Error) -> Self {
-        Error::new(Kind::Storage, e.to_string()).with_source_of(e)
+        // A refused PIN is a configuration fault; retrying it would lock the token.
+        let kind = match e {
+            enroll_hal::Error::Pin { .. } => Kind::Config,
+            _ => Kind::Storage,
+        };
+        Error::new(kind, e.to_string()).with_source_of(e)
     }
 }
 

@@ -13,6 +13,8 @@ pub enum Error {
     Permissions { path: PathBuf, detail: String },
     /// A key could not be generated, parsed or used.
     Key { step: &'static str, detail: String },
+    /// The token refused the PIN. Never retried automatically: tokens lock after a few wrong PINs.
+    Pin { detail: String },
 }
 
 impl Error {
@@ -31,6 +33,11 @@ impl fmt::Display for Error {
             Error::Io { step, path, .. } => write!(f, "{step} {}", path.display()),
             Error::Permissions { path, detail } => write!(f, "{}: {detail}", path.display()),
             Error::Key { step, detail } => write!(f, "{step}: {detail}"),
+            Error::Pin { detail } => write!(
+                f,
+                "the token refused the PIN ({detail}); not retrying, since tokens lock after a few wrong PINs: \
+                 fix pin_file"
+            ),
         }
     }
 }

@@ -73,6 +73,12 @@ pub trait KeyProvider: Send + Sync {
     /// Makes `to` use the same key as `from` (renewal without rotation).
     fn reuse(&self, from: &Path, to: &Path) -> Result<(), Error>;
     fn delete(&self, slot: &Path) -> Result<(), Error>;
+    /// Deletes keys this provider holds outside the slot directories (token objects, TPM handles)
+    /// whose slot is not in `live`: the orphans a crash between install and cleanup leaves.
+    /// File-based providers keep keys inside the slot, so pruning the directory is enough.
+    fn retain(&self, _live: &[std::path::PathBuf]) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// DER helpers for the two SubjectPublicKeyInfo forms we build.
