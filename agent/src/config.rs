@@ -132,6 +132,10 @@ pub struct KeySettings {
 #[derive(Debug)]
 pub enum Provider {
     File,
+    /// A PKCS#11 token (cargo feature `pkcs11`).
+    Pkcs11(Pkcs11Settings),
+    /// A TPM 2.0 (cargo feature `tpm`).
+    Tpm(TpmSettings),
     /// Keys generated and held by a Redtrust server (design.md §7 "Redtrust").
     Redtrust(RedtrustSettings),
 }
@@ -140,14 +144,43 @@ impl Provider {
     pub fn name(&self) -> &'static str {
         match self {
             Provider::File => "file",
+            Provider::Pkcs11(_) => "pkcs11",
+            Provider::Tpm(_) => "tpm",
             Provider::Redtrust(_) => "redtrust",
         }
+    }
+
+    /// Whether the private key lives in hardware (a token or a TPM) rather than in key.pem.
+    pub fn is_hardware(&self) -> bool {
+        matches!(self, Provider::Pkcs11(_) | Provider::Tpm(_))
     }
 
     /// Whether the key lives elsewhere and cannot sign on this device.
     pub fn is_remote(&self) -> bool {
         matches!(self, Provider::Redtrust(_))
     }
+}
+
+#[derive(Debug)]
+pub struct Pkcs11Settings {
+    /// The module (`.so`) to load.
+    pub module: PathBuf,
+    pub token: TokenSelector,
+    pub pin: Secret,
+    /// Keys are named `<key_label>.<slot number>`.
+    pub key_label: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSelector {
+    Label(String),
+    Slot(u64),
+}
+
+#[derive(Debug)]
+pub struct TpmSettings {
+    /// TCTI as tpm2-tools spell it, e.g. `device:/dev/tpmrm0`.
+    pub tcti: String,
 }
 
 #[derive(Debug)]
@@ -453,11 +486,13 @@ fn parse_key(root: &mut Fields, allow_http: bool) -> Result<KeySettings> {
     };
     let provider = match fields.required_string("provider")?.as_str() {
         "file" => Provider::File,
-        name @ ("pkcs11" | "tpm") => {
+        name @ ("pkcs11" | "tpm") if !hardware_compiled(name) => {
             return Err(Error::config(format!(
                 "key.provider: provider {name} is not compiled into this build (cargo feature {name})"
             )))
         }
+        "pkcs11" => Provider::Pkcs11(parse_pkcs11(&mut fields)?),
+        "tpm" => Provider::Tpm(parse_tpm(&mut fields)?),
         "redtrust" => Provider::Redtrust(parse_redtrust(&mut fields, allow_http)?),
         other => {
             return Err(Error::config(format!(
@@ -466,9 +501,12 @@ fn parse_key(root: &mut Fields, allow_http: bool) -> Result<KeySettings> {
         }
     };
     let rotate_on_renew = fields.boolean("rotate_on_renew")?.unwrap_or(true);
-    if !matches!(provider, Provider::Redtrust(_)) && fields.has("redtrust") {
-        return Err(Error::config("key.redtrust: only used with key.provider \"redtrust\""));
+    for (block, name) in [("redtrust", "redtrust"), ("pkcs11", "pkcs11"), ("tpm", "tpm")] {
+        if provider.name() != name && fields.has(block) {
+            return Err(Error::config(format!("key.{block}: only used with key.provider \"{name}\"")));
+        }
     }
+
     fields.finish()?;
     Ok(KeySettings { algorithm, provider, rotate_on_renew })
 }
@@ -630,6 +668,127 @@ fn parse_securosys(fields: &mut Fields, allow_http: bool) -> Result<SecurosysSet
         ca_bundle,
         polling: parse_polling(fields, 10, 3_600)?,
     })
+}
+
+/// Whether the cargo feature of a hardware provider is in this build.
+fn hardware_compiled(name: &str) -> bool {
+    match name {
+        "pkcs11" => cfg!(feature = "pkcs11"),
+        "tpm" => cfg!(feature = "tpm"),
+        _ => false,
+    }
+}
+
+/// `key.pkcs11`: `module`, `token_label` or `slot`, `pin_file`, `key_label`; or an RFC 7512
+/// `uri` (`pkcs11:token=…;object=…?module-path=…`) for the same things.
+fn parse_pkcs11(key: &mut Fields) -> Result<Pkcs11Settings> {
+    let Some(mut fields) = key.object("pkcs11")? else {
+        return Err(Error::config("key.pkcs11: missing (key.provider \"pkcs11\" needs it)"));
+    };
+    let uri = match fields.string("uri")? {
+        Some(uri) => Some(Pkcs11Uri::parse(&uri).map_err(|e| Error::config(format!("key.pkcs11.uri: {e}")))?),
+        None => None,
+    };
+    let from_uri = |get: fn(&Pkcs11Uri) -> Option<String>| uri.as_ref().and_then(get);
+    let module = fields.string("module")?.or_else(|| from_uri(|u| u.module_path.clone()));
+    let Some(module) = module.map(PathBuf::from) else {
+        return Err(Error::config("key.pkcs11.module: missing (the PKCS#11 module's .so path)"));
+    };
+    if !module.is_absolute() {
+        return Err(Error::config("key.pkcs11.module: must be an absolute path"));
+    }
+    let label = fields.string("token_label")?.or_else(|| from_uri(|u| u.token.clone()));
+    let slot = fields.positive_or_zero("slot")?.or(uri.as_ref().and_then(|u| u.slot_id));
+    let token = match (label, slot) {
+        (Some(label), None) => TokenSelector::Label(label),
+        (None, Some(slot)) => TokenSelector::Slot(slot),
+        (Some(_), Some(_)) => {
+            return Err(Error::config("key.pkcs11.slot: give token_label or slot, not both"))
+        }
+        (None, None) => return Err(Error::config("key.pkcs11.token_label: missing (or give slot)")),
+    };
+    let settings = Pkcs11Settings {
+        module,
+        token,
+        pin: fields.secret_file("pin_file")?,
+        key_label: fields
+            .string("key_label")?
+            .or_else(|| from_uri(|u| u.object.clone()))
+            .unwrap_or_else(|| "enroll-agent".into()),
+    };
+    fields.finish()?;
+    Ok(settings)
+}
+
+/// The parts of an RFC 7512 PKCS#11 URI the config uses.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Pkcs11Uri {
+    token: Option<String>,
+    object: Option<String>,
+    slot_id: Option<u64>,
+    module_path: Option<String>,
+}
+
+impl Pkcs11Uri {
+    fn parse(uri: &str) -> std::result::Result<Pkcs11Uri, String> {
+        let rest = uri.strip_prefix("pkcs11:").ok_or("does not start with \"pkcs11:\"")?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut parsed = Pkcs11Uri::default();
+        for (name, value) in path.split(';').chain(query.split('&')).filter(|a| !a.is_empty()).map(|a| {
+            let (n, v) = a.split_once('=').unwrap_or((a, ""));
+            (n, percent_decode(v))
+        }) {
+            match name {
+                "token" => parsed.token = Some(value),
+                "object" => parsed.object = Some(value),
+                "slot-id" => {
+                    parsed.slot_id =
+                        Some(value.parse().map_err(|_| format!("slot-id {value:?} is not a number"))?)
+                }
+                "module-path" => parsed.module_path = Some(value),
+                // pin-value would put a secret in the config: refuse it (design.md §3).
+                "pin-value" => return Err("pin-value is refused: give the PIN in key.pkcs11.pin_file".into()),
+                _ => {}
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `key.tpm`: `tcti`. Keys are TPM-wrapped blobs in the slot, so no persistent handle is used.
+fn parse_tpm(key: &mut Fields) -> Result<TpmSettings> {
+    let Some(mut fields) = key.object("tpm")? else {
+        return Ok(TpmSettings { tcti: "device:/dev/tpmrm0".into() });
+    };
+    if fields.has("persistent_handle") {
+        return Err(Error::config(
+            "key.tpm.persistent_handle: keys are kept as TPM-wrapped blobs in each slot, not as persistent \
+             handles; remove this field",
+        ));
+    }
+    let tcti = fields.string("tcti")?.unwrap_or_else(|| "device:/dev/tpmrm0".into());
+    fields.finish()?;
+    Ok(TpmSettings { tcti })
 }
 
 fn parse_redtrust(key: &mut Fields, allow_http: bool) -> Result<RedtrustSettings> {
@@ -884,6 +1043,18 @@ impl<'a> Fields<'a> {
         Ok(url.trim_end_matches('/').to_string())
     }
 
+    /// A whole number ≥ 0.
+    fn positive_or_zero(&mut self, key: &str) -> Result<Option<u64>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v @ Value::Number(_)) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| Error::config(format!("{}: must be a whole number", self.path_of(key)))),
+            Some(other) => Err(self.wrong_type(key, "a number", other)),
+        }
+    }
+
     fn required_positive(&mut self, key: &str) -> Result<u64> {
         self.positive(key)?.ok_or_else(|| Error::config(format!("{}: missing", self.path_of(key))))
     }
@@ -1015,6 +1186,20 @@ mod tests {
         assert!(err.contains("key.algorithm") && err.contains("\"bootstrap\""), "{err}");
         let fixed = text.replacen(r#""ca_id""#, r#""renew_auth":"bootstrap","ca_id""#, 1);
         assert!(load(&fixed).is_ok());
+    }
+
+    #[test]
+    fn pkcs11_uris_give_token_object_slot_and_module_and_refuse_inline_pins() {
+        let uri = Pkcs11Uri::parse(
+            "pkcs11:token=agent%20token;object=dev;slot-id=3;type=private?module-path=/usr/lib/m.so",
+        )
+        .unwrap();
+        assert_eq!(uri.token.as_deref(), Some("agent token"));
+        assert_eq!(uri.object.as_deref(), Some("dev"));
+        assert_eq!(uri.slot_id, Some(3));
+        assert_eq!(uri.module_path.as_deref(), Some("/usr/lib/m.so"));
+        assert!(Pkcs11Uri::parse("pkcs11:token=t?pin-value=1234").unwrap_err().contains("pin_file"));
+        assert!(Pkcs11Uri::parse("file:x").is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod csr;
 pub mod daemon;
 pub mod error;
+pub mod hardware;
 pub mod http;
 pub mod json;
 pub mod lifecycle;
@@ -39,11 +40,29 @@ impl Outcome {
     }
 }
 
+/// The key providers compiled into this build.
+fn providers() -> String {
+    let mut names = vec!["file", "redtrust"];
+    if cfg!(feature = "pkcs11") {
+        names.push("pkcs11");
+    }
+    if cfg!(feature = "tpm") {
+        names.push("tpm");
+    }
+    names.join(" ")
+}
+
 /// Runs one parsed command.
 pub fn execute(cli: &cli::Cli) -> Result<Outcome> {
     match &cli.command {
         Command::Help => return Ok(Outcome::ok(cli::HELP.to_string())),
-        Command::Version => return Ok(Outcome::ok(format!("enroll-agent {}\n", env!("CARGO_PKG_VERSION")))),
+        Command::Version => {
+            return Ok(Outcome::ok(format!(
+                "enroll-agent {}\nkey providers: {}\n",
+                env!("CARGO_PKG_VERSION"),
+                providers()
+            )))
+        }
         Command::Run => return daemon::run(&cli.config).map(|_| Outcome::ok(String::new())),
         _ => {}
     }

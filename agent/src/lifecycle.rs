@@ -117,7 +117,8 @@ pub enum Done {
 pub struct Agent<'a> {
     settings: &'a Settings,
     store: Store,
-    provider: Box<dyn KeyProvider>,
+    /// Opened on first use, and only once per run: a token's PIN is never tried twice.
+    provider: std::cell::OnceCell<std::result::Result<Box<dyn KeyProvider>, (Kind, String)>>,
     pub state: State,
 }
 
@@ -128,10 +129,39 @@ struct Prepared {
     csr: Csr,
 }
 
-pub fn provider_for(settings: &Settings) -> Box<dyn KeyProvider> {
-    match settings.key.provider {
-        Provider::File => Box::new(FileKeyProvider),
-        Provider::Redtrust(_) => Box::new(RemoteKeyProvider::new("redtrust", settings.key.algorithm)),
+/// Opens the configured key provider (for a token: loads the module and logs in, once).
+pub fn open_provider(settings: &Settings) -> Result<Box<dyn KeyProvider>> {
+    match &settings.key.provider {
+        Provider::File => Ok(Box::new(FileKeyProvider)),
+        Provider::Redtrust(_) => Ok(Box::new(RemoteKeyProvider::new("redtrust", settings.key.algorithm))),
+        #[cfg(feature = "pkcs11")]
+        Provider::Pkcs11(p11) => crate::hardware::pkcs11(p11),
+        #[cfg(feature = "tpm")]
+        Provider::Tpm(tpm) => crate::hardware::tpm(tpm),
+        #[allow(unreachable_patterns)]
+        other => Err(Error::config(format!(
+            "key.provider: provider {0} is not compiled into this build (cargo feature {0})",
+            other.name()
+        ))),
+    }
+}
+
+/// Test hook, compiled into debug builds only: `ENROLL_AGENT_CRASH_AT=<point>` aborts the process
+/// at that point, so tests can show that every crash leaves one usable identity.
+fn crash_point(point: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("ENROLL_AGENT_CRASH_AT").is_ok_and(|at| at == point) {
+        std::process::abort();
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
+}
+
+/// Destroys the key of a slot about to be removed (best effort: a failure leaves an orphan that
+/// `retain` removes later).
+fn forget_key(provider: &dyn KeyProvider, slot: &Path) {
+    if let Err(e) = provider.delete(slot) {
+        log::warn!("could not delete the key of {}: {e}", slot.display());
     }
 }
 
@@ -145,7 +175,7 @@ impl<'a> Agent<'a> {
     pub fn open(settings: &'a Settings) -> Result<Agent<'a>> {
         let store = Store::open(&settings.state_dir).context("opening the state directory")?;
         let state = load_state(&store)?;
-        let mut agent = Agent { settings, store, provider: provider_for(settings), state };
+        let mut agent = Agent { settings, store, provider: std::cell::OnceCell::new(), state };
         agent.forget_installed_pending()?;
         Ok(agent)
     }
@@ -165,6 +195,10 @@ impl<'a> Agent<'a> {
                 "state.json still listed slot {} as pending although it is installed; clearing it",
                 pending.slot
             );
+            // The CA reference recorded is the old certificate's. An asynchronous CA's request
+            // id names the new one (Sectigo sslId); otherwise the backend falls back to the
+            // certificate itself (EnOS takes its serial).
+            self.state.ca_ref = pending.request_id.clone();
             self.state.pending = None;
             self.save()?;
         }
@@ -173,6 +207,31 @@ impl<'a> Agent<'a> {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The key provider, opened on first use. A failure (a refused PIN) is remembered, so this
+    /// run never tries the token again.
+    pub fn provider(&self) -> Result<&dyn KeyProvider> {
+        let opened = self
+            .provider
+            .get_or_init(|| open_provider(self.settings).map_err(|e| (e.kind(), e.chain_line())));
+        match opened {
+            Ok(provider) => Ok(provider.as_ref()),
+            Err((kind, message)) => Err(Error::new(*kind, message.clone())),
+        }
+    }
+
+    /// Destroys keys of slots nothing refers to any more: the leftovers of a crash between an
+    /// install and its cleanup (design.md §4: at most one orphan, removed by the next run).
+    fn tidy(&self) -> Result<()> {
+        let provider = self.provider()?;
+        let pending = self.state.pending.as_ref().map(|p| self.slot_path(&p.slot));
+        self.store.prune(&pending.iter().map(PathBuf::as_path).collect::<Vec<_>>(), &|slot| {
+            forget_key(provider, slot)
+        });
+        let live: Vec<PathBuf> =
+            [self.store.current(), self.store.previous(), pending].into_iter().flatten().collect();
+        provider.retain(&live).context("removing keys of old slots")
     }
 
     fn save(&self) -> Result<()> {
@@ -222,7 +281,7 @@ impl<'a> Agent<'a> {
     pub fn enroll(&mut self, force: bool) -> Result<Done> {
         let installed = self.installed();
         if let (Some(installed), false) = (&installed, force) {
-            if self.usable(installed) {
+            if self.usable(installed)? {
                 return Ok(Done::AlreadyEnrolled);
             }
         }
@@ -261,15 +320,15 @@ impl<'a> Agent<'a> {
 
     /// Whether the installed identity can be used as it is: valid now and its key loads and
     /// matches the certificate.
-    fn usable(&self, installed: &Installed) -> bool {
+    fn usable(&self, installed: &Installed) -> Result<bool> {
         if time::now() >= installed.cert.not_after() {
-            return false;
+            return Ok(false);
         }
-        match self.provider.load(&installed.slot) {
-            Ok(key) => key.public_key_spki() == installed.cert.spki_der(),
+        match self.provider()?.load(&installed.slot) {
+            Ok(key) => Ok(key.public_key_spki() == installed.cert.spki_der()),
             Err(e) => {
                 log::warn!("the installed key cannot be used: {e}");
-                false
+                Ok(false)
             }
         }
     }
@@ -296,7 +355,9 @@ impl<'a> Agent<'a> {
         }
         let slot = self.slot_path(&pending.slot);
         if Some(&slot) != self.store.current().as_ref() {
-            let _ = self.provider.delete(&slot);
+            if let Ok(provider) = self.provider() {
+                forget_key(provider, &slot);
+            }
             self.store.remove_slot(&slot).context("removing the abandoned slot")?;
         }
         self.save()
@@ -310,7 +371,7 @@ impl<'a> Agent<'a> {
     fn resumable_slot(&mut self) -> Option<(PathBuf, Arc<dyn DeviceKey>)> {
         let pending = self.state.pending.clone()?;
         let slot = self.slot_path(&pending.slot);
-        match self.provider.load(&slot) {
+        match self.provider().ok()?.load(&slot) {
             Ok(key) if key.algorithm() == self.settings.key.algorithm => {
                 log::info!(
                     "resuming the pending {} request with the key in {}",
@@ -348,14 +409,15 @@ impl<'a> Agent<'a> {
                 let reuse = purpose == Purpose::Renew && !self.settings.key.rotate_on_renew;
                 let key = match installed.filter(|_| reuse) {
                     Some(current) => {
-                        self.provider.reuse(&current.slot, &slot).context("reusing the current key")?;
-                        self.provider.load(&slot).context("loading the reused key")?
+                        self.provider()?.reuse(&current.slot, &slot).context("reusing the current key")?;
+                        self.provider()?.load(&slot).context("loading the reused key")?
                     }
                     None => self
-                        .provider
+                        .provider()?
                         .generate(self.settings.key.algorithm, &slot)
                         .context(format!("generating a {} key", self.settings.key.algorithm.name()))?,
                 };
+                crash_point("after-key");
                 (slot, key)
             }
         };
@@ -406,7 +468,7 @@ impl<'a> Agent<'a> {
         let http = self.http()?;
         let mut redtrust = match &self.settings.key.provider {
             Provider::Redtrust(settings) => Some(Redtrust::new(settings, http.clone())),
-            Provider::File => None,
+            Provider::File | Provider::Pkcs11(_) | Provider::Tpm(_) => None,
         };
         let result = self.obtain_with(purpose, installed, &http, redtrust.as_mut());
         if let Some(session) = redtrust.as_mut() {
@@ -426,6 +488,7 @@ impl<'a> Agent<'a> {
         if !time::clock_trusted() && !time::has_server_time() {
             learn_time_from_ca(http, &ca.probe_url());
         }
+        self.tidy()?;
         let (prepared, redtrust) = match redtrust {
             Some(session) => (self.remote_request(purpose, installed, session)?, Some(session)),
             None => (self.local_request(purpose, installed)?, None),
@@ -457,6 +520,7 @@ impl<'a> Agent<'a> {
                 .write_slot_file(&prepared.slot, "key.uri", format!("{uri}\n").as_bytes(), 0o644)
                 .context("writing the new identity")?;
         }
+        crash_point("after-write");
         self.commit(&prepared.slot, &verified, issued.ca_ref.clone(), purpose)
     }
 
@@ -485,7 +549,7 @@ impl<'a> Agent<'a> {
         };
         let outcome = match (purpose, installed) {
             (Purpose::Renew, Some(current)) => {
-                let current_key = self.provider.load(&current.slot).context("loading the current key")?;
+                let current_key = self.provider()?.load(&current.slot).context("loading the current key")?;
                 let current =
                     Current { cert: &current.cert, key: current_key, ca_ref: self.state.ca_ref.as_deref() };
                 ca.renew(&request, &current).context(format!("renewing with {}", ca.name()))?
@@ -630,7 +694,19 @@ impl<'a> Agent<'a> {
         ca_ref: Option<String>,
         purpose: Purpose,
     ) -> Result<Done> {
-        self.store.install(slot, &[]).context("installing the new identity")?;
+        let provider = self.provider()?;
+        self.store
+            .install(slot, &[], &|old| {
+                crash_point("before-old-key-deleted");
+                forget_key(provider, old)
+            })
+            .context("installing the new identity")?;
+        crash_point("after-install");
+        let live: Vec<PathBuf> =
+            [self.store.current(), self.store.previous()].into_iter().flatten().collect();
+        if let Err(e) = provider.retain(&live) {
+            log::warn!("could not remove keys of old slots: {e}");
+        }
         let now = time::now();
         let leaf = &verified.leaf;
         self.state.pending = None;

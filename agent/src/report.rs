@@ -80,7 +80,7 @@ fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
             "key",
             json::object([
                 ("algorithm", settings.key.algorithm.name().into()),
-                ("provider", lifecycle::provider_for(settings).name().into()),
+                ("provider", settings.key.provider.name().into()),
                 ("uri", key_uri(snap).into()),
                 ("remote", settings.key.provider.is_remote().into()),
             ]),
@@ -131,7 +131,7 @@ fn status_text(settings: &Settings, snap: &Snapshot) -> String {
             ));
         }
     }
-    let provider = lifecycle::provider_for(settings).name();
+    let provider = settings.key.provider.name();
     lines.push(match key_uri(snap) {
         Some(uri) if settings.key.provider.is_remote() => format!(
             "key:         {} held remotely by {provider} ({uri}); it never leaves that server",
@@ -188,7 +188,7 @@ pub fn check(settings: &Settings, online: bool) -> Result<String> {
         let agent = lifecycle::Agent::open(settings)?;
         lines.push(format!("ok: state directory {}", agent.store().root().display()));
         if let Some(slot) = agent.store().current() {
-            let provider = lifecycle::provider_for(settings);
+            let provider = agent.provider()?;
             let key = provider.load(&slot).context("checking the installed key")?;
             let installed =
                 agent.installed().ok_or_else(|| Error::storage("current/cert.pem is unreadable"))?;

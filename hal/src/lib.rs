@@ -6,9 +6,13 @@
 
 pub mod error;
 pub mod key;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 pub mod remote;
 pub mod soft;
 pub mod store;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 pub use error::Error;
 pub use key::{Algorithm, DeviceKey, KeyProvider, SignatureScheme};

@@ -100,15 +100,16 @@ impl Store {
 
     /// Makes `slot` current: sync it, swap `current` by rename, sync the state dir, then point
     /// `previous` at the old current and prune every slot that is neither current, previous nor in
-    /// `keep` (a pending request's slot).
-    pub fn install(&self, slot: &Path, keep: &[&Path]) -> Result<(), Error> {
+    /// `keep` (a pending request's slot). `forget_key` runs before a slot directory is removed, so
+    /// a provider can destroy a key that lives outside it (a token object).
+    pub fn install(&self, slot: &Path, keep: &[&Path], forget_key: &dyn Fn(&Path)) -> Result<(), Error> {
         sync_dir(slot)?;
         let old = self.current();
         self.swap_link(CURRENT, slot)?;
         if let Some(old) = old.filter(|old| old != slot) {
             self.swap_link(PREVIOUS, &old)?;
         }
-        self.prune(keep);
+        self.prune(keep, forget_key);
         Ok(())
     }
 
@@ -122,8 +123,9 @@ impl Store {
         sync_dir(&self.root)
     }
 
-    /// Removes slots nobody refers to. Failures only cost disk space, so they are logged.
-    fn prune(&self, keep: &[&Path]) {
+    /// Removes slots nobody refers to (also what a crash between install and pruning left).
+    /// Failures only cost disk space, so they are logged.
+    pub fn prune(&self, keep: &[&Path], forget_key: &dyn Fn(&Path)) {
         let current = self.current();
         let previous = self.previous();
         let Ok(numbers) = self.slot_numbers() else {
@@ -135,6 +137,7 @@ impl Store {
                 || Some(&slot) == previous.as_ref()
                 || keep.iter().any(|k| *k == slot);
             if !used {
+                forget_key(&slot);
                 if let Err(e) = fs::remove_dir_all(&slot) {
                     log::warn!("could not prune {}: {e}", slot.display());
                 }
@@ -271,7 +274,7 @@ mod tests {
         for i in 0..3 {
             let slot = store.create_slot().unwrap();
             store.write_slot_file(&slot, "cert.pem", format!("cert {i}").as_bytes(), 0o644).unwrap();
-            store.install(&slot, &[]).unwrap();
+            store.install(&slot, &[], &|_| {}).unwrap();
             slots.push(slot);
         }
         assert_eq!(store.current().unwrap(), slots[2]);
@@ -286,12 +289,12 @@ mod tests {
         let root = temp_root("pending");
         let store = Store::open(&root).unwrap();
         let a = store.create_slot().unwrap();
-        store.install(&a, &[]).unwrap();
+        store.install(&a, &[], &|_| {}).unwrap();
         let pending = store.create_slot().unwrap();
         let b = store.create_slot().unwrap();
-        store.install(&b, &[&pending]).unwrap();
+        store.install(&b, &[&pending], &|_| {}).unwrap();
         let c = store.create_slot().unwrap();
-        store.install(&c, &[&pending]).unwrap();
+        store.install(&c, &[&pending], &|_| {}).unwrap();
         assert!(pending.exists());
         assert!(!a.exists());
         assert_ne!(store.create_slot().unwrap(), a);

@@ -2,6 +2,8 @@
 //! real `enroll-agent` binary, and helpers to run it and look at what it installed.
 #![allow(dead_code)]
 
+pub mod hw;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -82,6 +84,8 @@ impl std::fmt::Debug for Run {
 }
 
 pub struct Env {
+    /// Extra environment for the agent (SOFTHSM2_CONF for a private token, crash points).
+    pub env_vars: Mutex<Vec<(String, String)>>,
     pub ca: Ca,
     pub emu: Emulator,
     pub scratch: Scratch,
@@ -192,7 +196,14 @@ impl Env {
         tweak(&mut config);
         let path = dir.join("config.json");
         fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-        Env { ca, emu, scratch, config: path, outputs: Mutex::new(Vec::new()) }
+        Env {
+            env_vars: Mutex::new(Vec::new()),
+            ca,
+            emu,
+            scratch,
+            config: path,
+            outputs: Mutex::new(Vec::new()),
+        }
     }
 
     /// Rewrites the config file (for edits that need the emulator's identifiers).
@@ -221,6 +232,7 @@ impl Env {
             .arg(&self.config)
             .args(args)
             .env_remove("ENROLL_AGENT_CONFIG")
+            .envs(self.env_vars.lock().unwrap().iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run enroll-agent");
         let run = Run {

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Debian packages the hardware key providers need to build (libtss2 headers for the TPM
+# provider) and to test (SoftHSM2 and OpenSC for PKCS#11, swtpm and tpm2-tools for the TPM,
+# tpm2-pkcs11 with tpm2-abrmd on a private D-Bus for PKCS#11 on a TPM). libtss2-tcti-tabrmd0 is
+# listed because --no-install-recommends leaves it out and tabrmd TCTIs then fail to load.
+# Installs the missing ones when run as root; otherwise says which are missing.
+set -euo pipefail
+packages=(pkg-config libtss2-dev softhsm2 opensc swtpm swtpm-tools tpm2-tools
+  tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+((${#missing[@]})) || exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "hardware provider packages missing: ${missing[*]} (apt-get install them as root)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${missing[@]}"

