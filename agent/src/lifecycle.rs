@@ -221,19 +221,6 @@ impl<'a> Agent<'a> {
         }
     }
 
-    /// Destroys keys of slots nothing refers to any more: the leftovers of a crash between an
-    /// install and its cleanup (design.md §4: at most one orphan, removed by the next run).
-    fn tidy(&self) -> Result<()> {
-        let provider = self.provider()?;
-        let pending = self.state.pending.as_ref().map(|p| self.slot_path(&p.slot));
-        self.store.prune(&pending.iter().map(PathBuf::as_path).collect::<Vec<_>>(), &|slot| {
-            forget_key(provider, slot)
-        });
-        let live: Vec<PathBuf> =
-            [self.store.current(), self.store.previous(), pending].into_iter().flatten().collect();
-        provider.retain(&live).context("removing keys of old slots")
-    }
-
     fn save(&self) -> Result<()> {
         self.store.write_state(self.state.to_json().as_bytes()).context("writing state.json")
     }
@@ -488,7 +475,6 @@ impl<'a> Agent<'a> {
         if !time::clock_trusted() && !time::has_server_time() {
             learn_time_from_ca(http, &ca.probe_url());
         }
-        self.tidy()?;
         let (prepared, redtrust) = match redtrust {
             Some(session) => (self.remote_request(purpose, installed, session)?, Some(session)),
             None => (self.local_request(purpose, installed)?, None),

@@ -469,6 +469,20 @@ impl Pkcs11Provider {
                 ))
             }
         };
+        drop(session);
+        self.key_from(algorithm, private, public, label)
+    }
+
+    /// The key made of a private and a public object already found (or just generated: right
+    /// after a destroy in the same session, tpm2-pkcs11 1.9 may not find a new object by label).
+    fn key_from(
+        &self,
+        algorithm: Algorithm,
+        private: ObjectHandle,
+        public: ObjectHandle,
+        label: &str,
+    ) -> Result<Pkcs11Key, Error> {
+        let session = self.token.session();
         let spki = match algorithm {
             Algorithm::P256 => ec_spki(&session, public, label)?,
             Algorithm::Rsa2048 => rsa_spki(&session, public, label)?,
@@ -676,8 +690,8 @@ impl KeyProvider for Pkcs11Provider {
             ));
         }
         self.destroy(&label)?;
-        self.generate_pair(algorithm, &label)?;
-        let written = self.open(&label).and_then(|key| {
+        let (private, public) = self.generate_pair(algorithm, &label)?;
+        let written = self.key_from(algorithm, private, public, &label).and_then(|key| {
             let line = format!("{}\n", key.uri);
             store::write_file_atomic(&slot.join(KEY_URI_FILE), line.as_bytes(), 0o644).map(|()| key)
         });

@@ -9,7 +9,7 @@ mod common;
 use std::fs;
 use std::path::PathBuf;
 
-use common::hw::{require, SoftHsm, Swtpm, SOFTHSM_MODULE, USER_PIN};
+use common::hw::{require, Swtpm, Token, USER_PIN};
 use common::{agent_binary, openssl, write_secret, Ca, Env};
 use enroll_tests::Options;
 use serde_json::json;
@@ -17,7 +17,7 @@ use serde_json::json;
 /// A provider set up for one test: the store it needs stays alive as long as this does.
 struct Setup {
     env: Env,
-    softhsm: Option<SoftHsm>,
+    token: Option<Token>,
     _swtpm: Option<Swtpm>,
     hardware: bool,
 }
@@ -38,25 +38,29 @@ fn compiled_in(provider: &str) -> Result<(), String> {
 }
 
 fn setup(provider: &str, ca: Ca, algorithm: &str, options: Options) -> Option<Setup> {
+    let compiled_name = if provider == "tpm2-pkcs11" { "pkcs11" } else { provider };
     if provider != "file" {
-        require(compiled_in(provider), provider)?;
+        require(compiled_in(compiled_name), provider)?;
     }
     let env = Env::with_options(ca, algorithm, options, |_| {});
     let dir = env.dir().to_path_buf();
     match provider {
-        "file" => Some(Setup { env, softhsm: None, _swtpm: None, hardware: false }),
-        "pkcs11" => {
-            let token = require(SoftHsm::new(&dir, "enroll-test"), "SoftHSM2")?;
+        "file" => Some(Setup { env, token: None, _swtpm: None, hardware: false }),
+        "pkcs11" | "tpm2-pkcs11" => {
+            let token = match provider {
+                "pkcs11" => require(Token::softhsm(&dir, "enroll-test"), "SoftHSM2")?,
+                _ => require(Token::tpm2_pkcs11(&dir), "tpm2-pkcs11 on swtpm")?,
+            };
             write_secret(&dir.join("token.pin"), USER_PIN);
             env.edit_config(|c| {
                 c["key"]["provider"] = "pkcs11".into();
                 c["key"]["pkcs11"] = json!({
-                    "module": SOFTHSM_MODULE, "token_label": token.label,
+                    "module": token.module, "token_label": token.label,
                     "pin_file": dir.join("token.pin"), "key_label": "device"
                 });
             });
-            env.env_vars.lock().unwrap().push(("SOFTHSM2_CONF".into(), token.conf.display().to_string()));
-            Some(Setup { env, softhsm: Some(token), _swtpm: None, hardware: true })
+            env.env_vars.lock().unwrap().extend(token.env.iter().cloned());
+            Some(Setup { env, token: Some(token), _swtpm: None, hardware: true })
         }
         "tpm" => {
             let tpm = require(Swtpm::start(&dir), "swtpm")?;
@@ -64,7 +68,7 @@ fn setup(provider: &str, ca: Ca, algorithm: &str, options: Options) -> Option<Se
                 c["key"]["provider"] = "tpm".into();
                 c["key"]["tpm"] = json!({ "tcti": tpm.tcti });
             });
-            Some(Setup { env, softhsm: None, _swtpm: Some(tpm), hardware: true })
+            Some(Setup { env, token: None, _swtpm: Some(tpm), hardware: true })
         }
         other => panic!("unknown provider {other}"),
     }
@@ -80,7 +84,7 @@ fn live_slots(env: &Env) -> usize {
 
 /// Keys the store holds for this agent: token objects for PKCS#11, slot files otherwise.
 fn keys_held(setup: &Setup) -> usize {
-    match &setup.softhsm {
+    match &setup.token {
         Some(token) => token.private_keys().len(),
         None => live_slots(&setup.env),
     }
@@ -103,11 +107,12 @@ fn contract_enroll_renew(provider: &str, ca: Ca, algorithm: &str) {
     ]);
     assert!(ok, "openssl verify: {text}");
     let status = env.status_json();
-    assert_eq!(status["key"]["provider"], provider);
+    let configured = if provider == "tpm2-pkcs11" { "pkcs11" } else { provider };
+    assert_eq!(status["key"]["provider"], configured);
     if s.hardware {
         assert!(!current.join("key.pem").exists(), "a hardware key leaves no key file");
         let uri = status["key"]["uri"].as_str().unwrap_or_default().to_string();
-        assert!(uri.starts_with(&format!("{provider}:")), "key.uri {uri:?}");
+        assert!(uri.starts_with(&format!("{configured}:")), "key.uri {uri:?}");
     }
     env.expect(&["check"], 0);
 
@@ -133,6 +138,7 @@ fn contract_rotation_crash_points(provider: &str) {
     env.expect(&["enroll"], 0);
     env.expect(&["renew", "--force"], 0);
     for point in ["after-key", "after-write", "before-old-key-deleted", "after-install"] {
+        eprintln!("crash point {point}");
         let before = spki_of(&env.current().join("cert.pem"));
         env.env_vars.lock().unwrap().push(("ENROLL_AGENT_CRASH_AT".into(), point.into()));
         let crashed = env.agent(&["renew", "--force"]);
@@ -239,6 +245,7 @@ macro_rules! provider_contract {
 
 provider_contract!(file, "file");
 provider_contract!(softhsm_pkcs11, "pkcs11");
+provider_contract!(tpm2_pkcs11_on_swtpm, "tpm2-pkcs11");
 // provider_contract!(swtpm_tpm, "tpm"); — enabled with the TPM provider.
 
 #[test]

@@ -39,14 +39,44 @@ fn run(program: &str, args: &[&str], env: &[(&str, &Path)]) -> Result<String, St
     }
 }
 
-/// A SoftHSM2 token of its own: config file, token directory, one initialised token.
-pub struct SoftHsm {
-    pub conf: PathBuf,
+pub const TPM2_PKCS11_MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so";
+
+/// A PKCS#11 token of its own, and the environment its module needs in every process that
+/// loads it (the agent's too).
+pub struct Token {
+    pub module: String,
     pub label: String,
+    pub env: Vec<(String, String)>,
+    children: Vec<Child>,
 }
 
-impl SoftHsm {
-    pub fn new(dir: &Path, label: &str) -> Result<SoftHsm, String> {
+impl Drop for Token {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        if Instant::now() > deadline {
+            return Err(format!("{what} not ready within 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn spawn(command: &mut Command, what: &str) -> Result<Child, String> {
+    command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| format!("starting {what}: {e}"))
+}
+
+impl Token {
+    /// A SoftHSM2 token: private config file and token directory.
+    pub fn softhsm(dir: &Path, label: &str) -> Result<Token, String> {
         if !Path::new(SOFTHSM_MODULE).exists() {
             return Err(format!("{SOFTHSM_MODULE} is missing (Debian package softhsm2)"));
         }
@@ -66,16 +96,104 @@ impl SoftHsm {
             &["--init-token", "--free", "--label", label, "--so-pin", "13579111", "--pin", USER_PIN],
             &[("SOFTHSM2_CONF", &conf)],
         )?;
-        Ok(SoftHsm { conf, label: label.to_string() })
+        Ok(Token {
+            module: SOFTHSM_MODULE.into(),
+            label: label.into(),
+            env: vec![("SOFTHSM2_CONF".into(), conf.display().to_string())],
+            children: Vec::new(),
+        })
+    }
+
+    /// tpm2-pkcs11 on swtpm. swtpm alone holds 3 transient objects and tpm2-pkcs11 keeps its
+    /// primary and keys loaded, so, as a device goes through /dev/tpmrm0, this goes through
+    /// tpm2-abrmd, which needs a D-Bus session bus: a private dbus-daemon.
+    pub fn tpm2_pkcs11(dir: &Path) -> Result<Token, String> {
+        for tool in ["swtpm", "tpm2_startup", "tpm2_getcap", "tpm2_ptool", "tpm2-abrmd", "dbus-daemon"] {
+            if Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map_or(true, |o| !o.status.success())
+            {
+                return Err(format!("{tool} is not installed (scripts/hw-deps.sh installs it)"));
+            }
+        }
+        if !Path::new(TPM2_PKCS11_MODULE).exists() {
+            return Err(format!("{TPM2_PKCS11_MODULE} is missing (libtpm2-pkcs11-1)"));
+        }
+        let (state, store, home) = (dir.join("tpm-state"), dir.join("tpm2-store"), dir.join("tpm-home"));
+        for d in [&state, &store, &home] {
+            fs::create_dir_all(d).map_err(|e| e.to_string())?;
+        }
+        let mut token = Token {
+            module: TPM2_PKCS11_MODULE.into(),
+            label: "tpm-token".into(),
+            env: Vec::new(),
+            children: Vec::new(),
+        };
+        let port = free_port_pair();
+        token.children.push(spawn(
+            Command::new("swtpm")
+                .args(["socket", "--tpm2", "--flags", "not-need-init"])
+                .arg("--tpmstate")
+                .arg(format!("dir={}", state.display()))
+                .arg("--server")
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1)),
+            "swtpm",
+        )?);
+        let tcti = format!("swtpm:host=127.0.0.1,port={port}");
+        let tcti_env = [("TPM2TOOLS_TCTI", Path::new(&tcti))];
+        wait_until("swtpm", || run("tpm2_startup", &["-c"], &tcti_env).is_ok())?;
+        let bus = dir.join("dbus-socket");
+        let bus_address = format!("unix:path={}", bus.display());
+        token.children.push(spawn(
+            Command::new("dbus-daemon")
+                .args(["--session", "--nofork"])
+                .arg(format!("--address={bus_address}")),
+            "dbus-daemon",
+        )?);
+        wait_until("dbus-daemon", || bus.exists())?;
+        token.children.push(spawn(
+            Command::new("tpm2-abrmd")
+                .args(["--session", "--allow-root", "--flush-all"])
+                .arg(format!("--tcti={tcti}"))
+                .env("DBUS_SESSION_BUS_ADDRESS", &bus_address),
+            "tpm2-abrmd",
+        )?);
+        let bus_path = PathBuf::from(&bus_address);
+        let tabrmd = [
+            ("TPM2TOOLS_TCTI", Path::new("tabrmd:bus_type=session")),
+            ("DBUS_SESSION_BUS_ADDRESS", bus_path.as_path()),
+            ("HOME", home.as_path()),
+        ];
+        wait_until("tpm2-abrmd", || run("tpm2_getcap", &["properties-fixed"], &tabrmd).is_ok())?;
+        let store_arg = format!("--path={}", store.display());
+        run("tpm2_ptool", &["init", &store_arg], &tabrmd)?;
+        let (userpin, sopin) = (format!("--userpin={USER_PIN}"), "--sopin=13579111".to_string());
+        run(
+            "tpm2_ptool",
+            &["addtoken", "--pid=1", "--label=tpm-token", &userpin, &sopin, &store_arg],
+            &tabrmd,
+        )?;
+        token.env = vec![
+            ("TPM2_PKCS11_TCTI".into(), "tabrmd:bus_type=session".into()),
+            ("DBUS_SESSION_BUS_ADDRESS".into(), bus_address),
+            ("TPM2_PKCS11_STORE".into(), store.display().to_string()),
+            ("TPM2_PKCS11_LOG_LEVEL".into(), "0".into()),
+        ];
+        Ok(token)
     }
 
     /// Private-key objects on the token, by label (pkcs11-tool, not our code, counts them).
     pub fn private_keys(&self) -> Vec<String> {
+        let env: Vec<(&str, &Path)> =
+            self.env.iter().map(|(k, v)| (k.as_str(), Path::new(v.as_str()))).collect();
         let text = run(
             "pkcs11-tool",
             &[
                 "--module",
-                SOFTHSM_MODULE,
+                &self.module,
                 "--token-label",
                 &self.label,
                 "--login",
@@ -85,7 +203,7 @@ impl SoftHsm {
                 "--type",
                 "privkey",
             ],
-            &[("SOFTHSM2_CONF", &self.conf)],
+            &env,
         )
         .unwrap_or_else(|e| panic!("listing the token's keys: {e}"));
         text.lines().filter_map(|l| l.trim().strip_prefix("label:").map(|v| v.trim().to_string())).collect()
