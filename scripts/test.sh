@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/hw-deps.sh
 # The end-to-end tests run target/debug/enroll-agent: build it first, with every provider (the
 # dynamic build; the static product build in scripts/static-build.sh has software keys only).
-features=(--features enroll-agent/pkcs11,enroll-hal/pkcs11,enroll-tests/hardware)
+features=(--all-features)
 cargo build --locked --workspace --bins "${features[@]}"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace "${features[@]}" --no-fail-fast

@@ -28,6 +28,12 @@ impl log::Log for StderrLogger {
 }
 
 fn main() {
+    // libtss2 prints its own ERROR lines to stderr; our one-line error already says what failed.
+    // Set before any thread starts; an operator's own TSS2_LOG wins.
+    #[cfg(feature = "tpm")]
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+NONE");
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match cli::parse(&args, std::env::var("ENROLL_AGENT_CONFIG").ok()) {
         Ok(cli) => {

@@ -246,7 +246,7 @@ macro_rules! provider_contract {
 provider_contract!(file, "file");
 provider_contract!(softhsm_pkcs11, "pkcs11");
 provider_contract!(tpm2_pkcs11_on_swtpm, "tpm2-pkcs11");
-// provider_contract!(swtpm_tpm, "tpm"); — enabled with the TPM provider.
+provider_contract!(swtpm_tpm, "tpm");
 
 #[test]
 fn pkcs11_a_wrong_pin_fails_once_and_is_never_retried() {
