@@ -672,11 +672,7 @@ fn parse_securosys(fields: &mut Fields, allow_http: bool) -> Result<SecurosysSet
 
 /// Whether the cargo feature of a hardware provider is in this build.
 fn hardware_compiled(name: &str) -> bool {
-    match name {
-        "pkcs11" => cfg!(feature = "pkcs11"),
-        "tpm" => cfg!(feature = "tpm"),
-        _ => false,
-    }
+    (name == "pkcs11" && cfg!(feature = "pkcs11")) || (name == "tpm" && cfg!(feature = "tpm"))
 }
 
 /// `key.pkcs11`: `module`, `token_label` or `slot`, `pin_file`, `key_label`; or an RFC 7512

@@ -7,7 +7,6 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
 
 use common::hw::{require, Swtpm, Token, USER_PIN};
 use common::{agent_binary, openssl, write_secret, Ca, Env};
@@ -74,7 +73,7 @@ fn setup(provider: &str, ca: Ca, algorithm: &str, options: Options) -> Option<Se
     }
 }
 
-fn spki_of(cert: &PathBuf) -> String {
+fn spki_of(cert: &std::path::Path) -> String {
     openssl(&["x509", "-in", cert.to_str().unwrap(), "-noout", "-pubkey"]).1
 }
 
