@@ -21,6 +21,7 @@ commands:
 
 options:
   -c, --config PATH  config file (default: $ENROLL_AGENT_CONFIG or /etc/enroll-agent/config.json)
+  --metrics-file PATH  Prometheus textfile written after enroll/renew/run cycles (or config metrics_file)
   -v, --verbose      more logging;  -q, --quiet  only warnings and errors
   -h, --help         this text;     -V, --version  the version
 
@@ -42,6 +43,8 @@ pub enum Command {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Cli {
     pub config: PathBuf,
+    /// `--metrics-file PATH`: overrides the config's `metrics_file`.
+    pub metrics_file: Option<PathBuf>,
     /// -1 quiet, 0 normal, 1+ verbose.
     pub verbosity: i8,
     pub command: Command,
@@ -55,6 +58,7 @@ fn usage(message: String) -> Error {
 pub fn parse(args: &[String], env_config: Option<String>) -> Result<Cli> {
     let mut config = env_config.filter(|c| !c.is_empty()).map(PathBuf::from);
     let mut verbosity = 0i8;
+    let mut metrics_file = None;
     let mut rest = args.iter();
     let command_name = loop {
         let Some(arg) = rest.next() else {
@@ -66,6 +70,10 @@ pub fn parse(args: &[String], env_config: Option<String>) -> Result<Cli> {
                 config = Some(PathBuf::from(path));
             }
             a if a.starts_with("--config=") => config = Some(PathBuf::from(&a["--config=".len()..])),
+            "--metrics-file" => {
+                let path = rest.next().ok_or_else(|| usage(format!("{arg} needs a path")))?;
+                metrics_file = Some(PathBuf::from(path));
+            }
             "-v" | "--verbose" => verbosity = verbosity.saturating_add(1),
             "-q" | "--quiet" => verbosity = -1,
             "-h" | "--help" | "help" => break "help",
@@ -99,7 +107,12 @@ pub fn parse(args: &[String], env_config: Option<String>) -> Result<Cli> {
         "version" => Command::Version,
         other => return Err(usage(format!("unknown command {other:?}"))),
     };
-    Ok(Cli { config: config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)), verbosity, command })
+    Ok(Cli {
+        config: config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+        metrics_file,
+        verbosity,
+        command,
+    })
 }
 
 #[cfg(test)]
@@ -115,7 +128,12 @@ mod tests {
         let cli = parse(&args("-c /x.json -v renew --force"), None).unwrap();
         assert_eq!(
             cli,
-            Cli { config: "/x.json".into(), verbosity: 1, command: Command::Renew { force: true } }
+            Cli {
+                config: "/x.json".into(),
+                metrics_file: None,
+                verbosity: 1,
+                command: Command::Renew { force: true }
+            }
         );
         let cli = parse(&args("status --json"), Some("/env.json".into())).unwrap();
         assert_eq!(cli.config, PathBuf::from("/env.json"));

@@ -28,6 +28,8 @@ const DEFAULT_STATE_DIR: &str = match option_env!("ENROLL_AGENT_DEFAULT_STATE_DI
 #[derive(Debug)]
 pub struct Settings {
     pub state_dir: PathBuf,
+    /// Prometheus textfile-collector file, rewritten after every enroll/renew (and `run` cycle).
+    pub metrics_file: Option<PathBuf>,
     pub subject: Subject,
     pub san: Sans,
     pub key: KeySettings,
@@ -342,6 +344,12 @@ impl Settings {
             state_dir: root
                 .string("state_dir")?
                 .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
+            metrics_file: match root.string("metrics_file")?.map(PathBuf::from) {
+                Some(path) if !path.is_absolute() => {
+                    return Err(Error::config("metrics_file: must be an absolute path"))
+                }
+                other => other,
+            },
             subject: parse_subject(&mut root)?,
             san: parse_sans(&mut root)?,
             key: parse_key(&mut root, tls.danger_allow_http)?,

@@ -59,13 +59,23 @@ impl Signals {
     }
 }
 
-pub fn run(config_path: &Path) -> Result<()> {
+pub fn run(config_path: &Path, metrics_file: Option<&Path>) -> Result<()> {
     let signals = Signals::install()?;
-    let mut settings = Settings::load(config_path)?;
+    let load = || {
+        Settings::load(config_path).map(|mut settings| {
+            if let Some(path) = metrics_file {
+                settings.metrics_file = Some(path.to_path_buf());
+            }
+            settings
+        })
+    };
+    let mut settings = load()?;
     let mut failures: u32 = 0;
     log::info!("running: backend {}, state in {}", settings.ca.name(), settings.state_dir.display());
     loop {
-        let pause = match cycle(&settings) {
+        let outcome = cycle(&settings);
+        crate::report::write_metrics(&settings);
+        let pause = match outcome {
             Ok(next) => {
                 failures = 0;
                 next
@@ -86,7 +96,7 @@ pub fn run(config_path: &Path) -> Result<()> {
                 log::info!("stopping on signal");
                 return Ok(());
             }
-            Wake::Reload => match Settings::load(config_path) {
+            Wake::Reload => match load() {
                 Ok(new) => {
                     log::info!("reloaded {}", config_path.display());
                     settings = new;

@@ -63,10 +63,15 @@ pub fn execute(cli: &cli::Cli) -> Result<Outcome> {
                 providers()
             )))
         }
-        Command::Run => return daemon::run(&cli.config).map(|_| Outcome::ok(String::new())),
+        Command::Run => {
+            return daemon::run(&cli.config, cli.metrics_file.as_deref()).map(|_| Outcome::ok(String::new()))
+        }
         _ => {}
     }
-    let settings = Settings::load(&cli.config)?;
+    let mut settings = Settings::load(&cli.config)?;
+    if let Some(path) = &cli.metrics_file {
+        settings.metrics_file = Some(path.clone());
+    }
     match &cli.command {
         Command::Enroll { force } => with_agent(&settings, |agent| agent.enroll(*force)),
         Command::Renew { force } => with_agent(&settings, |agent| agent.renew(*force)),
@@ -87,13 +92,16 @@ pub fn execute(cli: &cli::Cli) -> Result<Outcome> {
 fn with_agent(settings: &Settings, step: impl FnOnce(&mut Agent) -> Result<Done>) -> Result<Outcome> {
     let mut agent = Agent::open(settings)?;
     let current = agent.store().current_link();
-    match step(&mut agent) {
+    let result = match step(&mut agent) {
         Ok(done) => Ok(Outcome::ok(describe(&done, &current))),
         Err(error) => {
             agent.record_error(&error);
             Err(error)
         }
-    }
+    };
+    drop(agent);
+    report::write_metrics(settings);
+    result
 }
 
 fn describe(done: &Done, current: &std::path::Path) -> String {

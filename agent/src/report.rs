@@ -168,6 +168,87 @@ fn status_text(settings: &Settings, snap: &Snapshot) -> String {
     lines.join("\n") + "\n"
 }
 
+/// Prometheus text exposition of the identity's health, for node_exporter's textfile collector.
+/// Times are Unix seconds; absent values are left out rather than written as 0.
+pub fn metrics_text(settings: &Settings) -> Result<String> {
+    let snap = snapshot(settings)?;
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, value: Option<u64>| {
+        if let Some(value) = value {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"));
+        }
+    };
+    let cert = snap.cert.as_ref();
+    gauge(
+        "enroll_agent_certificate_not_after_seconds",
+        "notAfter of the installed certificate.",
+        cert.map(Cert::not_after),
+    );
+    gauge(
+        "enroll_agent_certificate_not_before_seconds",
+        "notBefore of the installed certificate.",
+        cert.map(Cert::not_before),
+    );
+    gauge(
+        "enroll_agent_renew_at_seconds",
+        "When the installed certificate is due for renewal.",
+        snap.renew_at,
+    );
+    gauge(
+        "enroll_agent_last_success_seconds",
+        "Time of the last successful enrollment or renewal.",
+        snap.state.last_success,
+    );
+    gauge(
+        "enroll_agent_last_error_seconds",
+        "Time of the last failed run, while it is not followed by a success.",
+        snap.state.last_error_at,
+    );
+    gauge(
+        "enroll_agent_last_run_failed",
+        "1 when the last enroll/renew run failed (see status for the error).",
+        Some(u64::from(snap.state.last_error.is_some())),
+    );
+    gauge(
+        "enroll_agent_pending_request",
+        "1 while a request accepted by the CA is outstanding.",
+        Some(u64::from(snap.condition == Condition::Pending)),
+    );
+    gauge(
+        "enroll_agent_identity_valid",
+        "1 when an installed certificate is valid now.",
+        Some(u64::from(matches!(snap.condition, Condition::Valid | Condition::RenewalDue))),
+    );
+    out.push_str(&format!(
+        "# HELP enroll_agent_renewals_total Renewals installed since the state directory was created.\n\
+         # TYPE enroll_agent_renewals_total counter\nenroll_agent_renewals_total {}\n",
+        snap.state.renewals
+    ));
+    out.push_str(&format!(
+        "# HELP enroll_agent_info Build and configuration.\n# TYPE enroll_agent_info gauge\n\
+         enroll_agent_info{{version=\"{}\",backend=\"{}\",provider=\"{}\",algorithm=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION"),
+        settings.ca.name(),
+        settings.key.provider.name(),
+        settings.key.algorithm.name()
+    ));
+    Ok(out)
+}
+
+/// Rewrites the metrics file, if one is configured (atomically, so a scraper never reads half a
+/// file). Failure is logged: metrics must never turn a good run into a failed one.
+pub fn write_metrics(settings: &Settings) {
+    let Some(path) = &settings.metrics_file else {
+        return;
+    };
+    let written = metrics_text(settings).and_then(|text| {
+        enroll_hal::store::write_file_atomic(path, text.as_bytes(), 0o644).map_err(Error::from)
+    });
+    if let Err(e) = written {
+        log::warn!("could not write the metrics file {}: {}", path.display(), e.chain_line());
+    }
+}
+
 /// `current/key.uri`: where a hardware or remote key lives.
 fn key_uri(snap: &Snapshot) -> Option<String> {
     snap.cert.as_ref()?;

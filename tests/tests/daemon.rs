@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -113,4 +114,55 @@ fn a_failing_hook_is_reported_and_keeps_the_new_certificate() {
     let status = env.status_json();
     assert_eq!(status["state"], "valid");
     assert!(status["hook_error"].as_str().unwrap().contains("exited with"), "{status}");
+}
+
+/// Issue 5 item 5: a Prometheus textfile the node_exporter textfile collector can read,
+/// rewritten after every run, success or failure.
+#[test]
+fn metrics_file_reports_expiry_success_errors_and_renewals() {
+    let env = Env::new(Ca::Enos, "p256");
+    let metrics = env.dir().join("enroll_agent.prom");
+    let flag = metrics.to_str().unwrap();
+    env.expect(&["--metrics-file", flag, "enroll"], 0);
+    let read = || -> std::collections::HashMap<String, String> {
+        std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect()
+    };
+    let status = env.status_json();
+    let m = read();
+    assert_eq!(m["enroll_agent_identity_valid"], "1");
+    assert_eq!(m["enroll_agent_last_run_failed"], "0");
+    assert_eq!(m["enroll_agent_renewals_total"], "0");
+    let not_after: u64 = m["enroll_agent_certificate_not_after_seconds"].parse().unwrap();
+    assert!(
+        status["not_after"].as_str().unwrap().starts_with(&time_prefix(not_after)),
+        "{status} vs {not_after}"
+    );
+    assert!(m.keys().any(|k| k.starts_with("enroll_agent_info{") && k.contains("backend=\"enos\"")), "{m:?}");
+
+    env.emu.set_fault(enroll_tests::Fault::Http503, None);
+    env.expect(&["--metrics-file", flag, "renew", "--force"], 75);
+    let m = read();
+    assert_eq!(m["enroll_agent_last_run_failed"], "1");
+    assert!(m.contains_key("enroll_agent_last_error_seconds"));
+    assert_eq!(m["enroll_agent_identity_valid"], "1", "the old identity is still valid");
+    env.emu.clear_fault();
+
+    // The config field does the same as the flag.
+    env.edit_config(|c| c["metrics_file"] = flag.into());
+    env.expect(&["renew", "--force"], 0);
+    let m = read();
+    assert_eq!(m["enroll_agent_renewals_total"], "1");
+    assert_eq!(m["enroll_agent_last_run_failed"], "0");
+    let mode = std::fs::metadata(&metrics).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "readable by the collector, holds no secret");
+}
+
+/// `2026-11-22T` for a Unix time: enough to tie the metric to status's RFC 3339 string.
+fn time_prefix(unix: u64) -> String {
+    enroll_agent::time::rfc3339(unix)[..11].to_string()
 }
