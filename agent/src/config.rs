@@ -740,7 +740,7 @@ impl Pkcs11Uri {
         let mut parsed = Pkcs11Uri::default();
         for (name, value) in path.split(';').chain(query.split('&')).filter(|a| !a.is_empty()).map(|a| {
             let (n, v) = a.split_once('=').unwrap_or((a, ""));
-            (n, percent_decode(v))
+            (n, crate::http::percent_decode(v, false))
         }) {
             match name {
                 "token" => parsed.token = Some(value),
@@ -757,26 +757,6 @@ impl Pkcs11Uri {
         }
         Ok(parsed)
     }
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `key.tpm`: `tcti`. Keys are TPM-wrapped blobs in the slot, so no persistent handle is used.

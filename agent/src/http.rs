@@ -162,6 +162,27 @@ pub fn query_escape(value: &str) -> String {
     out
 }
 
+/// Undoes `%XX` escapes (RFC 3986); with `plus_as_space`, also form encoding's `+`.
+pub fn percent_decode(text: &str, plus_as_space: bool) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+            (b'+', _) if plus_as_space => out.push(b' '),
+            (byte, _) => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// `application/x-www-form-urlencoded` body.
 pub fn form_encode(pairs: &[(&str, &str)]) -> String {
     pairs

@@ -103,21 +103,7 @@ pub(crate) mod spki {
         let mut bits = vec![0u8];
         bits.extend_from_slice(rsa_public_key);
         let mut body = RSA_ALGORITHM.to_vec();
-        body.extend(tlv(0x03, &bits));
-        tlv(0x30, &body)
-    }
-
-    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        let len = content.len();
-        if len < 0x80 {
-            out.push(len as u8);
-        } else {
-            let bytes: Vec<u8> = len.to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect();
-            out.push(0x80 | bytes.len() as u8);
-            out.extend(bytes);
-        }
-        out.extend_from_slice(content);
-        out
+        body.extend(crate::der::tlv(0x03, &bits));
+        crate::der::tlv(0x30, &body)
     }
 }

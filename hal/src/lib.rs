@@ -4,6 +4,7 @@
 //! today; PKCS#11, TPM and remote keys later behind cargo features), and [`store::Store`] for the
 //! protected on-disk layout of design.md §4. This crate knows nothing of CSRs, TLS or CAs.
 
+mod der;
 pub mod error;
 pub mod key;
 #[cfg(feature = "pkcs11")]

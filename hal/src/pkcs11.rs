@@ -626,39 +626,14 @@ fn rsa_spki(session: &Session, public: ObjectHandle, label: &str) -> Result<Vec<
     if n.len() != 256 {
         return Err(Error::key("loading key", format!("key {label:?} is RSA-{}, not RSA-2048", n.len() * 8)));
     }
-    let mut body = der_uint(n);
-    body.extend(der_uint(&e));
-    Ok(spki::rsa(&der_tlv(0x30, &body)))
+    let mut body = crate::der::uint(n);
+    body.extend(crate::der::uint(&e));
+    Ok(spki::rsa(&crate::der::tlv(0x30, &body)))
 }
 
 fn strip_zeros(bytes: &[u8]) -> &[u8] {
     let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
     &bytes[start..]
-}
-
-/// DER INTEGER of an unsigned big-endian number.
-fn der_uint(bytes: &[u8]) -> Vec<u8> {
-    let bytes = strip_zeros(bytes);
-    let mut content = Vec::with_capacity(bytes.len() + 1);
-    if !matches!(bytes.first(), Some(b) if b & 0x80 == 0) {
-        content.push(0);
-    }
-    content.extend_from_slice(bytes);
-    der_tlv(0x02, &content)
-}
-
-fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let len = content.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes: Vec<u8> = len.to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect();
-        out.push(0x80 | bytes.len() as u8);
-        out.extend(bytes);
-    }
-    out.extend_from_slice(content);
-    out
 }
 
 /// Converts a PKCS#11 ECDSA signature (r||s, 32 bytes each) to DER `Ecdsa-Sig-Value`.
@@ -669,9 +644,9 @@ fn ecdsa_der(raw: &[u8]) -> Result<Vec<u8>, Error> {
             format!("the token returned a {}-byte ECDSA signature", raw.len()),
         ));
     }
-    let mut body = der_uint(&raw[..32]);
-    body.extend(der_uint(&raw[32..]));
-    Ok(der_tlv(0x30, &body))
+    let mut body = crate::der::uint(&raw[..32]);
+    body.extend(crate::der::uint(&raw[32..]));
+    Ok(crate::der::tlv(0x30, &body))
 }
 
 impl KeyProvider for Pkcs11Provider {
@@ -888,8 +863,8 @@ mod tests {
 
     #[test]
     fn rsa_public_key_integers_are_minimal_and_positive() {
-        assert_eq!(der_uint(&[0x00, 0x01, 0x00, 0x01]), vec![0x02, 0x03, 0x01, 0x00, 0x01]);
-        assert_eq!(der_uint(&[0xff]), vec![0x02, 0x02, 0x00, 0xff]);
-        assert_eq!(der_uint(&[0x00]), vec![0x02, 0x01, 0x00]);
+        assert_eq!(crate::der::uint(&[0x00, 0x01, 0x00, 0x01]), vec![0x02, 0x03, 0x01, 0x00, 0x01]);
+        assert_eq!(crate::der::uint(&[0xff]), vec![0x02, 0x02, 0x00, 0xff]);
+        assert_eq!(crate::der::uint(&[0x00]), vec![0x02, 0x01, 0x00]);
     }
 }

@@ -231,8 +231,10 @@ impl TpmKey {
                     0 => 65537,
                     e => e,
                 };
-                let rsa_public_key =
-                    der_sequence(&[der_integer(modulus), der_integer(&exponent.to_be_bytes())]);
+                let rsa_public_key = crate::der::sequence(&[
+                    crate::der::uint(modulus),
+                    crate::der::uint(&exponent.to_be_bytes()),
+                ]);
                 (Algorithm::Rsa2048, spki::rsa(&rsa_public_key))
             }
             _ => return Err(Error::key(STEP, "the TPM key is neither ECC nor RSA")),
@@ -301,9 +303,9 @@ impl DeviceKey for TpmKey {
             ctx.sign(key, digest, tpm_scheme, ticket)
         })?;
         match (scheme, signature) {
-            (SignatureScheme::EcdsaP256Sha256, Signature::EcDsa(sig)) => Ok(der_sequence(&[
-                der_integer(sig.signature_r().value()),
-                der_integer(sig.signature_s().value()),
+            (SignatureScheme::EcdsaP256Sha256, Signature::EcDsa(sig)) => Ok(crate::der::sequence(&[
+                crate::der::uint(sig.signature_r().value()),
+                crate::der::uint(sig.signature_s().value()),
             ])),
             (SignatureScheme::RsaPkcs1Sha256, Signature::RsaSsa(sig))
             | (SignatureScheme::RsaPssSha256, Signature::RsaPss(sig)) => {
@@ -513,32 +515,6 @@ fn left_pad(value: &[u8], len: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A DER INTEGER of an unsigned big-endian number.
-fn der_integer(value: &[u8]) -> Vec<u8> {
-    let trimmed = &value[value.iter().take_while(|b| **b == 0).count()..];
-    let mut content = Vec::with_capacity(trimmed.len() + 1);
-    if !matches!(trimmed.first(), Some(b) if b & 0x80 == 0) {
-        content.push(0);
-    }
-    content.extend_from_slice(trimmed);
-    der_tlv(0x02, &content)
-}
-
-fn der_sequence(parts: &[Vec<u8>]) -> Vec<u8> {
-    der_tlv(0x30, &parts.concat())
-}
-
-fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    match content.len() {
-        len @ 0..=0x7f => out.push(len as u8),
-        len @ 0x80..=0xff => out.extend([0x81, len as u8]),
-        len => out.extend([0x82, (len >> 8) as u8, len as u8]),
-    }
-    out.extend_from_slice(content);
-    out
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -554,10 +530,10 @@ mod tests {
 
     #[test]
     fn der_integers_are_minimal_and_positive() {
-        assert_eq!(der_integer(&[0, 0, 0x7f]), vec![2, 1, 0x7f]);
-        assert_eq!(der_integer(&[0x80]), vec![2, 2, 0, 0x80]);
-        assert_eq!(der_integer(&[0, 0]), vec![2, 1, 0]);
-        assert_eq!(der_tlv(0x30, &[0u8; 300])[..4], [0x30, 0x82, 0x01, 0x2c]);
+        assert_eq!(crate::der::uint(&[0, 0, 0x7f]), vec![2, 1, 0x7f]);
+        assert_eq!(crate::der::uint(&[0x80]), vec![2, 2, 0, 0x80]);
+        assert_eq!(crate::der::uint(&[0, 0]), vec![2, 1, 0]);
+        assert_eq!(crate::der::tlv(0x30, &[0u8; 300])[..4], [0x30, 0x82, 0x01, 0x2c]);
     }
 
     #[test]

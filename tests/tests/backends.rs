@@ -76,17 +76,7 @@ fn suite_first_enroll(env: &Env) {
     assert_eq!(mode(&env.state_dir().join("state.json")), 0o600);
 
     // openssl, not our parser, checks the chain and that the key belongs to the certificate.
-    let root = env.dir().join("ca-root.pem");
-    fs::write(&root, env.ca_root_pem()).unwrap();
-    let (ok, text) = openssl(&[
-        "verify",
-        "-CAfile",
-        root.to_str().unwrap(),
-        "-untrusted",
-        current.join("chain.pem").to_str().unwrap(),
-        current.join("cert.pem").to_str().unwrap(),
-    ]);
-    assert!(ok, "openssl verify: {text}");
+    env.assert_chain_verifies();
     let (_, cert_key) =
         openssl(&["x509", "-in", current.join("cert.pem").to_str().unwrap(), "-noout", "-pubkey"]);
     let (_, file_key) = openssl(&["pkey", "-in", current.join("key.pem").to_str().unwrap(), "-pubout"]);

@@ -94,17 +94,7 @@ fn contract_enroll_renew(provider: &str, ca: Ca, algorithm: &str) {
     let env = &s.env;
     env.expect(&["enroll"], 0);
     let current = env.current();
-    let root = env.dir().join("ca-root.pem");
-    fs::write(&root, env.ca_root_pem()).unwrap();
-    let (ok, text) = openssl(&[
-        "verify",
-        "-CAfile",
-        root.to_str().unwrap(),
-        "-untrusted",
-        current.join("chain.pem").to_str().unwrap(),
-        current.join("cert.pem").to_str().unwrap(),
-    ]);
-    assert!(ok, "openssl verify: {text}");
+    env.assert_chain_verifies();
     let status = env.status_json();
     let configured = if provider == "tpm2-pkcs11" { "pkcs11" } else { provider };
     assert_eq!(status["key"]["provider"], configured);

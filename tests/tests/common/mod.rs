@@ -280,6 +280,24 @@ impl Env {
         }
     }
 
+    /// `openssl verify` (not our parser) checks current/cert.pem against the CA root, with
+    /// current/chain.pem as the untrusted intermediates.
+    pub fn assert_chain_verifies(&self) {
+        let root = self.dir().join("ca-root.pem");
+        fs::write(&root, self.ca_root_pem()).unwrap();
+        let current = self.current();
+        let (chain, cert) = (current.join("chain.pem"), current.join("cert.pem"));
+        let (ok, text) = openssl(&[
+            "verify",
+            "-CAfile",
+            root.to_str().unwrap(),
+            "-untrusted",
+            chain.to_str().unwrap(),
+            cert.to_str().unwrap(),
+        ]);
+        assert!(ok, "openssl verify: {text}");
+    }
+
     /// Switches the key to the Redtrust remote provider of this emulator (RSA-2048, no SANs).
     pub fn use_redtrust(&self) {
         write_secret(&self.dir().join("redtrust-hmac"), &self.emu.redtrust.hmac_secret);
