@@ -1186,6 +1186,17 @@ mod tests {
         assert!(Pkcs11Uri::parse("file:x").is_err());
     }
 
+    #[cfg(feature = "tpm")]
+    #[test]
+    fn a_tpm_persistent_handle_is_refused_with_the_reason() {
+        let secret = secret_file("tpm", 0o600);
+        let text = ezca(r#","provider":"tpm","tpm":{"persistent_handle":"0x81000100"}"#, &secret)
+            .replacen(r#""provider":"file","#, "", 1)
+            .replacen(r#""ca_id""#, r#""renew_auth":"bootstrap","ca_id""#, 1);
+        let err = message(&text);
+        assert!(err.starts_with("key.tpm.persistent_handle: keys are kept as TPM-wrapped blobs"), "{err}");
+    }
+
     #[test]
     fn a_secret_file_readable_by_others_is_refused_naming_field_and_file() {
         let secret = secret_file("loose", 0o644);
