@@ -152,11 +152,6 @@ impl Provider {
         }
     }
 
-    /// Whether the private key lives in hardware (a token or a TPM) rather than in key.pem.
-    pub fn is_hardware(&self) -> bool {
-        matches!(self, Provider::Pkcs11(_) | Provider::Tpm(_))
-    }
-
     /// Whether the key lives elsewhere and cannot sign on this device.
     pub fn is_remote(&self) -> bool {
         matches!(self, Provider::Redtrust(_))
@@ -499,6 +494,7 @@ fn parse_key(root: &mut Fields, allow_http: bool) -> Result<KeySettings> {
                 "key.provider: provider {name} is not compiled into this build (cargo feature {name})"
             )))
         }
+        #[cfg(feature = "pkcs11")]
         "pkcs11" => Provider::Pkcs11(parse_pkcs11(&mut fields)?),
         "tpm" => Provider::Tpm(parse_tpm(&mut fields)?),
         "redtrust" => Provider::Redtrust(parse_redtrust(&mut fields, allow_http)?),
@@ -684,17 +680,23 @@ fn hardware_compiled(name: &str) -> bool {
 }
 
 /// `key.pkcs11`: `module`, `token_label` or `slot`, `pin_file`, `key_label`; or an RFC 7512
-/// `uri` (`pkcs11:token=…;object=…?module-path=…`) for the same things.
+/// `uri` (`pkcs11:token=…;object=…?module-path=…`, parsed by the provider's own parser) for the
+/// same things.
+#[cfg(feature = "pkcs11")]
 fn parse_pkcs11(key: &mut Fields) -> Result<Pkcs11Settings> {
     let Some(mut fields) = key.object("pkcs11")? else {
         return Err(Error::config("key.pkcs11: missing (key.provider \"pkcs11\" needs it)"));
     };
     let uri = match fields.string("uri")? {
-        Some(uri) => Some(Pkcs11Uri::parse(&uri).map_err(|e| Error::config(format!("key.pkcs11.uri: {e}")))?),
+        Some(uri) => Some(
+            enroll_hal::pkcs11::parse_uri(&uri).map_err(|e| Error::config(format!("key.pkcs11.uri: {e}")))?,
+        ),
         None => None,
     };
-    let from_uri = |get: fn(&Pkcs11Uri) -> Option<String>| uri.as_ref().and_then(get);
-    let module = fields.string("module")?.or_else(|| from_uri(|u| u.module_path.clone()));
+    let from_uri = |get: fn(&enroll_hal::pkcs11::UriParts) -> Option<String>| uri.as_ref().and_then(get);
+    let module = fields
+        .string("module")?
+        .or_else(|| from_uri(|u| u.module_path.as_ref().map(|p| p.display().to_string())));
     let Some(module) = module.map(PathBuf::from) else {
         return Err(Error::config("key.pkcs11.module: missing (the PKCS#11 module's .so path)"));
     };
@@ -722,41 +724,6 @@ fn parse_pkcs11(key: &mut Fields) -> Result<Pkcs11Settings> {
     };
     fields.finish()?;
     Ok(settings)
-}
-
-/// The parts of an RFC 7512 PKCS#11 URI the config uses.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Pkcs11Uri {
-    token: Option<String>,
-    object: Option<String>,
-    slot_id: Option<u64>,
-    module_path: Option<String>,
-}
-
-impl Pkcs11Uri {
-    fn parse(uri: &str) -> std::result::Result<Pkcs11Uri, String> {
-        let rest = uri.strip_prefix("pkcs11:").ok_or("does not start with \"pkcs11:\"")?;
-        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let mut parsed = Pkcs11Uri::default();
-        for (name, value) in path.split(';').chain(query.split('&')).filter(|a| !a.is_empty()).map(|a| {
-            let (n, v) = a.split_once('=').unwrap_or((a, ""));
-            (n, crate::http::percent_decode(v, false))
-        }) {
-            match name {
-                "token" => parsed.token = Some(value),
-                "object" => parsed.object = Some(value),
-                "slot-id" => {
-                    parsed.slot_id =
-                        Some(value.parse().map_err(|_| format!("slot-id {value:?} is not a number"))?)
-                }
-                "module-path" => parsed.module_path = Some(value),
-                // pin-value would put a secret in the config: refuse it (design.md §3).
-                "pin-value" => return Err("pin-value is refused: give the PIN in key.pkcs11.pin_file".into()),
-                _ => {}
-            }
-        }
-        Ok(parsed)
-    }
 }
 
 /// `key.tpm`: `tcti`. Keys are TPM-wrapped blobs in the slot, so no persistent handle is used.
@@ -1028,6 +995,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A whole number ≥ 0.
+    #[cfg(feature = "pkcs11")]
     fn positive_or_zero(&mut self, key: &str) -> Result<Option<u64>> {
         match self.take(key) {
             None => Ok(None),
@@ -1170,20 +1138,6 @@ mod tests {
         assert!(err.contains("key.algorithm") && err.contains("\"bootstrap\""), "{err}");
         let fixed = text.replacen(r#""ca_id""#, r#""renew_auth":"bootstrap","ca_id""#, 1);
         assert!(load(&fixed).is_ok());
-    }
-
-    #[test]
-    fn pkcs11_uris_give_token_object_slot_and_module_and_refuse_inline_pins() {
-        let uri = Pkcs11Uri::parse(
-            "pkcs11:token=agent%20token;object=dev;slot-id=3;type=private?module-path=/usr/lib/m.so",
-        )
-        .unwrap();
-        assert_eq!(uri.token.as_deref(), Some("agent token"));
-        assert_eq!(uri.object.as_deref(), Some("dev"));
-        assert_eq!(uri.slot_id, Some(3));
-        assert_eq!(uri.module_path.as_deref(), Some("/usr/lib/m.so"));
-        assert!(Pkcs11Uri::parse("pkcs11:token=t?pin-value=1234").unwrap_err().contains("pin_file"));
-        assert!(Pkcs11Uri::parse("file:x").is_err());
     }
 
     #[cfg(feature = "tpm")]

@@ -162,8 +162,8 @@ pub fn query_escape(value: &str) -> String {
     out
 }
 
-/// Undoes `%XX` escapes (RFC 3986); with `plus_as_space`, also form encoding's `+`.
-pub fn percent_decode(text: &str, plus_as_space: bool) -> String {
+/// Undoes a query value's escapes: `%XX` (RFC 3986) and form encoding's `+` for a space.
+pub fn query_unescape(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -175,7 +175,7 @@ pub fn percent_decode(text: &str, plus_as_space: bool) -> String {
                 i += 3;
                 continue;
             }
-            (b'+', _) if plus_as_space => out.push(b' '),
+            (b'+', _) => out.push(b' '),
             (byte, _) => out.push(byte),
         }
         i += 1;

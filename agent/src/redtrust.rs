@@ -279,7 +279,7 @@ fn temporal_token(location: &str) -> Option<Zeroizing<String>> {
         .split('&')
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == "tkn")
-        .map(|(_, v)| Zeroizing::new(http::percent_decode(v, true)))
+        .map(|(_, v)| Zeroizing::new(http::query_unescape(v)))
         .filter(|v| !v.is_empty())
 }
 
