@@ -15,6 +15,8 @@ pub enum Error {
     Key { step: &'static str, detail: String },
     /// The token refused the PIN. Never retried automatically: tokens lock after a few wrong PINs.
     Pin { detail: String },
+    /// Another run holds the state directory's lock (a temporary condition).
+    Locked { path: PathBuf, waited_s: u64 },
 }
 
 impl Error {
@@ -33,6 +35,11 @@ impl fmt::Display for Error {
             Error::Io { step, path, .. } => write!(f, "{step} {}", path.display()),
             Error::Permissions { path, detail } => write!(f, "{}: {detail}", path.display()),
             Error::Key { step, detail } => write!(f, "{step}: {detail}"),
+            Error::Locked { path, waited_s } => write!(
+                f,
+                "another enroll-agent run holds the lock {} (waited {waited_s} s); try again when it has finished",
+                path.display()
+            ),
             Error::Pin { detail } => write!(
                 f,
                 "the token refused the PIN ({detail}); not retrying, since tokens lock after a few wrong PINs: \

@@ -499,10 +499,17 @@ impl Pkcs11Provider {
 
     /// Labels of all key objects on the token that are ours: `<key_label>.<digits>`, the names
     /// [`Store`](crate::Store) slot directories give. Anything else on the token is left alone.
+    /// Whether `label` is one this provider creates: `<key_label>.<digits>`.
+    fn is_ours(&self, label: &str) -> bool {
+        label
+            .strip_prefix(self.token.key_label.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    }
+
     fn our_labels(&self) -> Result<Vec<String>, Error> {
         let session = self.token.session();
         let mut labels = Vec::new();
-        let prefix = format!("{}.", self.token.key_label);
         for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
             let objects = session
                 .find_objects(&[Attribute::Class(class)])
@@ -514,10 +521,7 @@ impl Pkcs11Provider {
                 for attr in attrs {
                     if let Attribute::Label(bytes) = attr {
                         if let Ok(label) = String::from_utf8(bytes) {
-                            let ours = label
-                                .strip_prefix(&prefix)
-                                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-                            if ours && !labels.contains(&label) {
+                            if self.is_ours(&label) && !labels.contains(&label) {
                                 labels.push(label);
                             }
                         }
@@ -712,6 +716,17 @@ impl KeyProvider for Pkcs11Provider {
         };
         // Reference first: a crash between the two steps leaves an orphan that `retain` removes.
         remove_key_uri(slot)?;
+        // key.uri is a file on disk: it may name any object on the token (a site's CA key, another
+        // agent's key). We only ever destroy what we made, `<key_label>.<digits>`.
+        if !self.is_ours(&label) {
+            log::warn!(
+                "{} named key {label:?}, which is not one of ours ({}.<n>); the reference was dropped, \
+                 the key left on the token",
+                slot.join(KEY_URI_FILE).display(),
+                self.token.key_label
+            );
+            return Ok(());
+        }
         if self.named_by_sibling(slot, &label)? {
             return Ok(());
         }

@@ -20,7 +20,18 @@ pub const KEY_FILE: &str = "key.pem";
 const PEM_LABEL: &str = "PRIVATE KEY";
 
 #[derive(Debug, Default)]
-pub struct FileKeyProvider;
+pub struct FileKeyProvider {
+    /// The consumer group (`storage.group`) that may read an installed key (0640).
+    group: Option<u32>,
+}
+
+impl FileKeyProvider {
+    /// A provider whose installed keys may be shared with `group` (see `Store`); keys are
+    /// always created 0600.
+    pub fn shared_with(group: Option<u32>) -> Self {
+        FileKeyProvider { group }
+    }
+}
 
 impl KeyProvider for FileKeyProvider {
     fn name(&self) -> &'static str {
@@ -40,7 +51,7 @@ impl KeyProvider for FileKeyProvider {
 
     fn load(&self, slot: &Path) -> Result<Arc<dyn DeviceKey>, Error> {
         let path = slot.join(KEY_FILE);
-        store::check_private_file(&path)?;
+        store::check_key_file(&path, self.group)?;
         let text = Zeroizing::new(fs::read(&path).map_err(|e| Error::io("reading key", &path, e))?);
         let parsed = pem::parse(text.as_slice())
             .map_err(|_| Error::key("loading key", format!("{} is not a PEM file", path.display())))?;
@@ -53,7 +64,7 @@ impl KeyProvider for FileKeyProvider {
 
     fn reuse(&self, from: &Path, to: &Path) -> Result<(), Error> {
         let source = from.join(KEY_FILE);
-        store::check_private_file(&source)?;
+        store::check_key_file(&source, self.group)?;
         let bytes = Zeroizing::new(fs::read(&source).map_err(|e| Error::io("reading key", &source, e))?);
         store::write_file_atomic(&to.join(KEY_FILE), &bytes, 0o600)
     }
@@ -182,14 +193,14 @@ mod tests {
             (Algorithm::Rsa2048, &signature::RSA_PKCS1_2048_8192_SHA256),
         ] {
             let slot = temp_slot(algorithm.name());
-            let key = FileKeyProvider.generate(algorithm, &slot).unwrap();
+            let key = FileKeyProvider::default().generate(algorithm, &slot).unwrap();
             let mode = fs::metadata(slot.join(KEY_FILE)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
             let sig = key.sign(algorithm.default_scheme(), b"hello").unwrap();
             let public = point_or_modulus(key.public_key_spki(), algorithm);
             UnparsedPublicKey::new(verify_alg, public).verify(b"hello", &sig).unwrap();
             assert!(UnparsedPublicKey::new(verify_alg, public).verify(b"hellO", &sig).is_err());
-            let reloaded = FileKeyProvider.load(&slot).unwrap();
+            let reloaded = FileKeyProvider::default().load(&slot).unwrap();
             assert_eq!(reloaded.public_key_spki(), key.public_key_spki());
             fs::remove_dir_all(&slot).unwrap();
         }
@@ -199,10 +210,10 @@ mod tests {
     fn a_key_file_readable_by_others_is_refused_with_its_path() {
         use std::os::unix::fs::PermissionsExt;
         let slot = temp_slot("loose");
-        FileKeyProvider.generate(Algorithm::P256, &slot).unwrap();
+        FileKeyProvider::default().generate(Algorithm::P256, &slot).unwrap();
         let path = slot.join(KEY_FILE);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        let err = FileKeyProvider.load(&slot).unwrap_err().to_string();
+        let err = FileKeyProvider::default().load(&slot).unwrap_err().to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(err.contains("0644"), "{err}");
         fs::remove_dir_all(&slot).unwrap();
@@ -211,7 +222,7 @@ mod tests {
     #[test]
     fn wrong_scheme_is_an_error_not_a_panic_or_a_bad_signature() {
         let slot = temp_slot("scheme");
-        let key = FileKeyProvider.generate(Algorithm::P256, &slot).unwrap();
+        let key = FileKeyProvider::default().generate(Algorithm::P256, &slot).unwrap();
         assert!(key.sign(SignatureScheme::RsaPkcs1Sha256, b"x").is_err());
         fs::remove_dir_all(&slot).unwrap();
     }

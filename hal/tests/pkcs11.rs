@@ -405,6 +405,20 @@ fn check_reuse_and_delete(h: &Harness) {
     assert!(err.contains("elsewhere") && err.contains(&h.token), "{err}");
     provider.delete(&foreign).unwrap();
     assert!(!foreign.join("key.uri").exists());
+
+    // Issue 14 item 9: a key.uri naming an object on our token that we did not make (here another
+    // agent's key, label "other-agent.35"; equally a site's CA key) loses the reference only.
+    let mut other_config = h.config(PIN);
+    other_config.key_label = "other-agent".into();
+    let other = Pkcs11Provider::new(other_config).unwrap();
+    other.generate(Algorithm::P256, &h.slot(35)).unwrap();
+    let planted = h.slot(36);
+    let uri = format!("pkcs11:token={};object=other-agent.35;type=private\n", h.token);
+    fs::write(planted.join("key.uri"), uri).unwrap();
+    provider.delete(&planted).unwrap();
+    assert!(!planted.join("key.uri").exists());
+    let labels = h.labels();
+    assert_eq!(labels.iter().filter(|l| *l == "other-agent.35").count(), 2, "destroyed: {labels:?}");
 }
 
 fn check_retain_and_regenerate(h: &Harness) {

@@ -15,7 +15,7 @@ fn file_sign_latency() {
     ] {
         let slot = dir.join(algorithm.name());
         std::fs::create_dir_all(&slot).unwrap();
-        let key = FileKeyProvider.generate(algorithm, &slot).unwrap();
+        let key = FileKeyProvider::default().generate(algorithm, &slot).unwrap();
         for &scheme in schemes {
             let start = Instant::now();
             for i in 0..100u32 {
