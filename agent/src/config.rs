@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use enroll_hal::Algorithm;
 
 use crate::error::{Error, Result};
+use crate::files::Rule;
 use crate::json::{self, Value};
 use crate::secret::Secret;
 
@@ -30,6 +31,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Prometheus textfile-collector file, rewritten after every enroll/renew (and `run` cycle).
     pub metrics_file: Option<PathBuf>,
+    /// `storage.group` (resolved to a gid): consumers that may read the installed identity.
+    pub storage_group: Option<u32>,
     pub subject: Subject,
     pub san: Sans,
     pub key: KeySettings,
@@ -302,7 +305,15 @@ pub struct TlsSettings {
     pub trust_bundle: Option<PathBuf>,
     pub timeout_s: u64,
     pub danger_allow_http: bool,
+    /// Without a trustworthy clock, how far past the clock floor the CA's TLS certificate may
+    /// start (design.md §5 rule 7); 0 refuses every such certificate.
+    pub clock_window_s: u64,
 }
+
+/// `tls.clock_window_s` default: 180 days, about two rotations of a 90-day server certificate.
+pub const DEFAULT_CLOCK_WINDOW_S: u64 = 180 * 86_400;
+/// `tls.clock_window_s` upper bound (10 years): the window is a bound or it is nothing.
+const MAX_CLOCK_WINDOW_S: u64 = 10 * 365 * 86_400;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RenewalPolicy {
@@ -318,10 +329,16 @@ impl Default for RenewalPolicy {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Hooks {
     pub after_install: Vec<String>,
+    /// How long the hook may run before its process group is killed (`hooks.timeout_s`).
+    pub timeout_s: u64,
 }
+
+/// `hooks.timeout_s` default and upper bound.
+const DEFAULT_HOOK_TIMEOUT_S: u64 = 300;
+const MAX_HOOK_TIMEOUT_S: u64 = 3600;
 
 impl Settings {
     /// Reads and validates the config file.
@@ -345,6 +362,7 @@ impl Settings {
                 }
                 other => other,
             },
+            storage_group: parse_storage(&mut root)?,
             subject: parse_subject(&mut root)?,
             san: parse_sans(&mut root)?,
             key: parse_key(&mut root, tls.danger_allow_http)?,
@@ -413,16 +431,11 @@ impl Settings {
     }
 }
 
+/// The config file: not a symlink, a regular file owned by root or us and writable by no one
+/// else (it names the hook program and the CA), read up to `MAX_CONFIG_BYTES`.
 fn read_config(path: &Path) -> Result<Vec<u8>> {
-    let describe = |e: std::io::Error| Error::config(format!("config file {}: {e}", path.display()));
-    let meta = std::fs::metadata(path).map_err(describe)?;
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(Error::config(format!(
-            "config file {}: larger than {MAX_CONFIG_BYTES} bytes",
-            path.display()
-        )));
-    }
-    std::fs::read(path).map_err(describe)
+    crate::files::read(path, Rule::Trusted, MAX_CONFIG_BYTES)
+        .map_err(|e| Error::config(format!("config file {e}")))
 }
 
 fn parse_subject(root: &mut Fields) -> Result<Subject> {
@@ -785,22 +798,31 @@ fn parse_redtrust(key: &mut Fields, allow_http: bool) -> Result<RedtrustSettings
 
 fn parse_tls(root: &mut Fields) -> Result<TlsSettings> {
     let Some(mut fields) = root.object("tls")? else {
-        return Ok(TlsSettings { trust_bundle: None, timeout_s: 30, danger_allow_http: false });
+        return Ok(TlsSettings {
+            trust_bundle: None,
+            timeout_s: 30,
+            danger_allow_http: false,
+            clock_window_s: DEFAULT_CLOCK_WINDOW_S,
+        });
     };
     let trust_bundle = fields.string("trust_bundle")?.map(PathBuf::from);
-    // Checked here so a wrong path fails before anything is created; the content is read when
-    // the first connection is made.
+    // Checked here so a wrong path, a symlink or a bundle others can write fails before anything
+    // is created; tls::load_roots reads it again (with the same checks) for the first connection.
     if let Some(path) = &trust_bundle {
-        std::fs::File::open(path)
-            .map_err(|e| Error::config(format!("tls.trust_bundle: {}: {e}", path.display())))?;
+        crate::files::read(path, Rule::Trusted, crate::files::MAX_PEM_BYTES)
+            .map_err(|e| Error::config(format!("tls.trust_bundle: {e}")))?;
     }
     let timeout_s = fields.positive("timeout_s")?.unwrap_or(30);
     if timeout_s > 600 {
         return Err(Error::config("tls.timeout_s: must be at most 600 seconds"));
     }
     let danger_allow_http = fields.boolean("danger_allow_http")?.unwrap_or(false);
+    let clock_window_s = fields.positive_or_zero("clock_window_s")?.unwrap_or(DEFAULT_CLOCK_WINDOW_S);
+    if clock_window_s > MAX_CLOCK_WINDOW_S {
+        return Err(Error::config(format!("tls.clock_window_s: must be at most {MAX_CLOCK_WINDOW_S} seconds")));
+    }
     fields.finish()?;
-    Ok(TlsSettings { trust_bundle, timeout_s, danger_allow_http })
+    Ok(TlsSettings { trust_bundle, timeout_s, danger_allow_http, clock_window_s })
 }
 
 fn parse_renewal(root: &mut Fields) -> Result<RenewalPolicy> {
@@ -831,11 +853,41 @@ fn parse_renewal(root: &mut Fields) -> Result<RenewalPolicy> {
     Ok(policy)
 }
 
+/// `storage.group`: a group name or a gid. Resolved now, so a typo is a config error (78) and
+/// not a failed install; the agent's user must be a member of it (to chgrp its files).
+fn parse_storage(root: &mut Fields) -> Result<Option<u32>> {
+    let Some(mut fields) = root.object("storage")? else {
+        return Ok(None);
+    };
+    let group = match fields.take("group") {
+        None => None,
+        Some(v @ Value::Number(_)) => match v.as_u64().and_then(|g| u32::try_from(g).ok()) {
+            Some(gid) => Some(gid),
+            None => return Err(Error::config("storage.group: not a group id")),
+        },
+        Some(Value::String(name)) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(name.parse().map_err(|_| Error::config("storage.group: not a group id"))?)
+        }
+        Some(Value::String(name)) => match nix::unistd::Group::from_name(name) {
+            Ok(Some(group)) => Some(group.gid.as_raw()),
+            Ok(None) => return Err(Error::config(format!("storage.group: no group named {name:?}"))),
+            Err(e) => return Err(Error::config(format!("storage.group: looking up {name:?}: {e}"))),
+        },
+        Some(other) => return Err(fields.wrong_type("group", "a group name or id", other)),
+    };
+    fields.finish()?;
+    Ok(group)
+}
+
 fn parse_hooks(root: &mut Fields) -> Result<Hooks> {
     let Some(mut fields) = root.object("hooks")? else {
-        return Ok(Hooks::default());
+        return Ok(Hooks { after_install: Vec::new(), timeout_s: DEFAULT_HOOK_TIMEOUT_S });
     };
     let after_install = fields.string_list("after_install")?.unwrap_or_default();
+    let timeout_s = fields.positive("timeout_s")?.unwrap_or(DEFAULT_HOOK_TIMEOUT_S);
+    if timeout_s > MAX_HOOK_TIMEOUT_S {
+        return Err(Error::config(format!("hooks.timeout_s: must be at most {MAX_HOOK_TIMEOUT_S} seconds")));
+    }
     fields.finish()?;
     if let Some(program) = after_install.first() {
         if !Path::new(program).is_absolute() {
@@ -843,8 +895,11 @@ fn parse_hooks(root: &mut Fields) -> Result<Hooks> {
                 "hooks.after_install: the program (first element) must be an absolute path",
             ));
         }
+        // It runs as the agent after every install: no one else may be able to replace it.
+        crate::files::check_program(Path::new(program))
+            .map_err(|e| Error::config(format!("hooks.after_install: {e}")))?;
     }
-    Ok(Hooks { after_install })
+    Ok(Hooks { after_install, timeout_s })
 }
 
 /// One JSON object being read: remembers which members were used so unknown ones are reported
@@ -995,7 +1050,6 @@ impl<'a> Fields<'a> {
     }
 
     /// A whole number ≥ 0.
-    #[cfg(feature = "pkcs11")]
     fn positive_or_zero(&mut self, key: &str) -> Result<Option<u64>> {
         match self.take(key) {
             None => Ok(None),
@@ -1036,8 +1090,10 @@ impl<'a> Fields<'a> {
     /// created), returned as DER.
     fn certificate_file(&mut self, key: &str) -> Result<Vec<Vec<u8>>> {
         let path = self.required_string(key)?;
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::config(format!("{}: {path}: {e}", self.path_of(key))))?;
+        let bytes = crate::files::read(Path::new(&path), Rule::Trusted, crate::files::MAX_PEM_BYTES)
+            .map_err(|e| Error::config(format!("{}: {e}", self.path_of(key))))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::config(format!("{}: {path}: not UTF-8 text", self.path_of(key))))?;
         let certs = crate::pki::parse_pem_certs(&text)
             .map_err(|e| Error::config(format!("{}: {path}: {e}", self.path_of(key))))?;
         if certs.is_empty() {

@@ -145,7 +145,7 @@ mod tests {
     fn csr_carries_subject_sans_and_a_signature_that_verifies() {
         let slot = std::env::temp_dir().join(format!("enroll-csr-{}", std::process::id()));
         std::fs::create_dir_all(&slot).unwrap();
-        let key = enroll_hal::soft::FileKeyProvider.generate(Algorithm::P256, &slot).unwrap();
+        let key = enroll_hal::soft::FileKeyProvider::default().generate(Algorithm::P256, &slot).unwrap();
         let subject = Subject {
             attributes: vec![(SubjectAttribute::C, "NL".into()), (SubjectAttribute::CN, "sensor-1".into())],
         };

@@ -3,6 +3,7 @@
 //! SIGHUP reloads the config (a broken new config is reported and the old one kept).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::Duration;
 
@@ -16,6 +17,15 @@ use crate::time;
 /// Even with nothing due, wake up this often to re-read the installed identity (it may have been
 /// replaced by an operator, or the clock may have jumped).
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
+
+/// Set by the signal thread on SIGTERM/SIGINT, so work that would hold up the exit (a slow
+/// hook) can be cut short before the main loop sees the signal.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether `run` has been asked to stop (always false outside `run`).
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::Relaxed)
+}
 
 enum Wake {
     Timeout,
@@ -42,6 +52,9 @@ impl Signals {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             while let Ok(signal) = set.wait() {
+                if signal != Signal::SIGHUP {
+                    STOP_REQUESTED.store(true, Ordering::Relaxed);
+                }
                 if tx.send(signal).is_err() {
                     break;
                 }

@@ -50,9 +50,39 @@ pub struct Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Longest message one link of an error chain keeps (CA words are already cut to 300 characters
+/// by `http::excerpt`; this bounds everything else a CA or a file could make long).
+pub const MAX_MESSAGE_CHARS: usize = 2048;
+
+/// Makes text that may come from a CA (or any file or peer) safe for a terminal, a journal line
+/// and `state.json`: control characters (C0 including ESC, CR, LF and TAB; DEL; C1) become `\xNN`,
+/// Unicode bidi and invisible formatting characters become `\u{NNNN}`, and the text is cut to
+/// `max_chars` characters with `…`. Text within the bound may pass through it more than once.
+pub fn sanitize(text: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_chars));
+    for (count, ch) in text.chars().enumerate() {
+        if count == max_chars {
+            out.push('…');
+            break;
+        }
+        match ch {
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            '\u{061c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{feff}' => out.push_str(&format!("\\u{{{:04x}}}", ch as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 impl Error {
+    /// Every message passes through [`sanitize`]: this is where CA text (EnOS `msg`, EZCA's text,
+    /// Sectigo `description`, …) enters the chain that `main` prints and `state.json` records.
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), source: None }
+        Error { kind, message: sanitize(&message.into(), MAX_MESSAGE_CHARS), source: None }
     }
 
     pub fn config(message: impl Into<String>) -> Self {
@@ -82,7 +112,8 @@ impl Error {
 
     /// Wraps this error under a higher-level step; the kind (and so the exit code) is kept.
     pub fn context(self, message: impl Into<String>) -> Self {
-        Error { kind: self.kind, message: message.into(), source: Some(Box::new(self)) }
+        let message = sanitize(&message.into(), MAX_MESSAGE_CHARS);
+        Error { kind: self.kind, message, source: Some(Box::new(self)) }
     }
 
     pub fn kind(&self) -> Kind {
@@ -95,7 +126,7 @@ impl Error {
         let mut next = std::error::Error::source(self);
         while let Some(cause) = next {
             line.push_str(": ");
-            line.push_str(&cause.to_string());
+            line.push_str(&sanitize(&cause.to_string(), MAX_MESSAGE_CHARS));
             next = cause.source();
         }
         line
@@ -125,6 +156,8 @@ impl From<enroll_hal::Error> for Error {
         // A refused PIN is a configuration fault; retrying it would lock the token.
         let kind = match e {
             enroll_hal::Error::Pin { .. } => Kind::Config,
+            // Another run is writing the state directory: try again later (exit 75).
+            enroll_hal::Error::Locked { .. } => Kind::Temporary,
             _ => Kind::Storage,
         };
         Error::new(kind, e.to_string()).with_source_of(e)
@@ -167,5 +200,32 @@ impl<T> Context<T> for Result<T> {
 impl<T> Context<T> for std::result::Result<T, enroll_hal::Error> {
     fn context(self, message: impl Into<String>) -> Result<T> {
         self.map_err(|e| Error::from(e).context(message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_text_loses_its_control_characters_before_it_reaches_a_terminal() {
+        let ca_words =
+            "\u{1b}[2J\u{1b}[31mwiped\r\nerror: injected line\u{7}\u{9b}31m \u{202e}gpj.exe\u{2066}";
+        let error = Error::refused(format!("EnOS code 99400: {ca_words}"));
+        let text = error.to_string();
+        assert!(!text.chars().any(|c| c.is_control()), "{text:?}");
+        assert_eq!(
+            text,
+            "EnOS code 99400: \\x1b[2J\\x1b[31mwiped\\x0d\\x0aerror: injected line\\x07\\x9b31m \\u{202e}gpj.exe\\u{2066}"
+        );
+        assert_eq!(sanitize(&text, MAX_MESSAGE_CHARS), text, "idempotent");
+        // Causes that are not our Error (an io::Error with a peer's words) are cleaned in the chain.
+        let chained =
+            Error::temporary("reading").with_source(std::io::Error::other("bad\u{1b}]0;title\u{7}"));
+        assert_eq!(chained.chain_line(), "reading: bad\\x1b]0;title\\x07");
+        let long = Error::protocol("x".repeat(10_000)).to_string();
+        assert_eq!(long.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert!(long.ends_with('…'));
+        assert_eq!(sanitize("Ünïcödé text, ok", 100), "Ünïcödé text, ok");
     }
 }

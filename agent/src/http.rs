@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// Larger answers are refused as protocol errors: no CA sends megabytes for one certificate.
-pub const MAX_BODY_BYTES: u64 = 1 << 20;
+/// Larger answers are refused as protocol errors. The largest answer of any backend (a JSON
+/// envelope or PEM text with a leaf and its chain) is a few KiB; 64 KiB leaves room for long
+/// chains and gateway error pages while keeping a hostile body's memory small.
+pub const MAX_BODY_BYTES: u64 = 64 << 10;
 
 #[derive(Clone)]
 pub struct Http {
@@ -38,11 +40,8 @@ impl Response {
 
 pub fn excerpt(text: &str) -> String {
     let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if line.chars().count() > 300 {
-        format!("{}…", line.chars().take(300).collect::<String>())
-    } else {
-        line
-    }
+    // Escapes (ANSI, bidi) in the CA's words must not reach a terminal or journal as such.
+    crate::error::sanitize(&line, 300)
 }
 
 impl Http {
@@ -83,28 +82,33 @@ impl Http {
                     .with_source(TransportError::from(&transport)));
             }
         };
-        self.read(what, response)
+        // An answer over https:// came through TLS that verified the CA; its Date may vouch for
+        // our clock (design.md §5 rule 7). A plain-http lab CA's Date may not.
+        self.read(what, response, url.starts_with("https://"))
     }
 
-    fn read(&self, what: &str, response: ureq::Response) -> Result<Response> {
+    fn read(&self, what: &str, response: ureq::Response, authenticated: bool) -> Result<Response> {
         if let Some(date) = response.header("date").and_then(crate::time::parse_http_date) {
-            crate::time::observe_server_date(date);
+            crate::time::observe_server_date(date, authenticated);
         }
         let status = response.status();
         let content_type = response.header("content-type").map(str::to_string);
         let location = response.header("location").map(str::to_string);
-        let mut body = Vec::new();
-        response.into_reader().take(MAX_BODY_BYTES + 1).read_to_end(&mut body).map_err(|e| {
-            Error::temporary(format!("{what}: the connection closed before the body was complete"))
-                .with_source(e)
-        })?;
-        if body.len() as u64 > MAX_BODY_BYTES {
-            return Err(Error::protocol(format!(
-                "{what}: the response body is larger than {MAX_BODY_BYTES} bytes"
-            )));
-        }
+        let body = read_body(what, response.into_reader(), MAX_BODY_BYTES)?;
         Ok(Response { status, body, content_type, location })
     }
+}
+
+/// Reads at most `limit` bytes; a longer body is a protocol error (exit 76), read no further.
+fn read_body(what: &str, reader: impl Read, limit: u64) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    reader.take(limit + 1).read_to_end(&mut body).map_err(|e| {
+        Error::temporary(format!("{what}: the connection closed before the body was complete")).with_source(e)
+    })?;
+    if body.len() as u64 > limit {
+        return Err(Error::protocol(format!("{what}: the response body is larger than {limit} bytes")));
+    }
+    Ok(body)
 }
 
 /// ureq's transport error without the URL it carries (which may hold a query signature).
@@ -190,4 +194,18 @@ pub fn form_encode(pairs: &[(&str, &str)]) -> String {
         .map(|(k, v)| format!("{}={}", query_escape(k), query_escape(v)))
         .collect::<Vec<_>>()
         .join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endless_body_is_a_protocol_error_after_the_limit() {
+        let error = read_body("reading", std::io::repeat(b'A'), MAX_BODY_BYTES).unwrap_err();
+        assert_eq!(error.kind(), crate::error::Kind::Protocol);
+        assert_eq!(error.to_string(), "reading: the response body is larger than 65536 bytes");
+        let exact = vec![b'{'; MAX_BODY_BYTES as usize];
+        assert_eq!(read_body("reading", &exact[..], MAX_BODY_BYTES).unwrap().len(), exact.len());
+    }
 }

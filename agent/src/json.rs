@@ -9,6 +9,12 @@ use std::fmt::Write as _;
 
 /// Nesting deeper than this is refused (CA answers and configs are shallow).
 const MAX_DEPTH: usize = 32;
+/// Values in one document (every scalar, array and object counts one). A config, `state.json` or
+/// CA answer holds a few hundred at most; the cap bounds the DOM's memory whatever the body's
+/// shape (a 1 MiB `[0,0,…]` would otherwise be half a million values, about 40 MB).
+pub const MAX_VALUES: usize = 16_384;
+/// Members of one object or items of one array.
+pub const MAX_ITEMS: usize = 4_096;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -153,7 +159,7 @@ impl std::fmt::Display for ParseError {
 impl std::error::Error for ParseError {}
 
 pub fn parse(input: &[u8]) -> Result<Value, ParseError> {
-    let mut parser = Parser { input, pos: 0 };
+    let mut parser = Parser { input, pos: 0, values: 0 };
     parser.skip_whitespace();
     let value = parser.value(0)?;
     parser.skip_whitespace();
@@ -166,6 +172,8 @@ pub fn parse(input: &[u8]) -> Result<Value, ParseError> {
 struct Parser<'a> {
     input: &'a [u8],
     pos: usize,
+    /// Values started so far (bounded by [`MAX_VALUES`]).
+    values: usize,
 }
 
 impl Parser<'_> {
@@ -196,6 +204,10 @@ impl Parser<'_> {
         if depth > MAX_DEPTH {
             return Err(self.error("nested too deeply"));
         }
+        self.values += 1;
+        if self.values > MAX_VALUES {
+            return Err(self.error("too many values"));
+        }
         match self.peek() {
             None => Err(self.error("unexpected end of input")),
             Some(b'{') => self.object(depth),
@@ -212,6 +224,8 @@ impl Parser<'_> {
     fn object(&mut self, depth: usize) -> Result<Value, ParseError> {
         self.pos += 1;
         let mut members: Vec<(String, Value)> = Vec::new();
+        // Where each member's name ended, to report a duplicate where it was written.
+        let mut key_ends: Vec<usize> = Vec::new();
         self.skip_whitespace();
         if self.peek() == Some(b'}') {
             self.pos += 1;
@@ -222,10 +236,11 @@ impl Parser<'_> {
             if self.peek() != Some(b'"') {
                 return Err(self.error("expected a member name"));
             }
-            let key = self.string()?;
-            if members.iter().any(|(k, _)| *k == key) {
-                return Err(self.error("duplicate member name"));
+            if members.len() >= MAX_ITEMS {
+                return Err(self.error("too many members in one object"));
             }
+            let key = self.string()?;
+            key_ends.push(self.pos);
             self.skip_whitespace();
             if self.peek() != Some(b':') {
                 return Err(self.error("expected ':'"));
@@ -238,6 +253,9 @@ impl Parser<'_> {
             match self.peek() {
                 Some(b',') => self.pos += 1,
                 Some(b'}') => {
+                    if let Some(i) = first_duplicate(&members) {
+                        return Err(ParseError { offset: key_ends[i], reason: "duplicate member name" });
+                    }
                     self.pos += 1;
                     return Ok(Value::Object(members));
                 }
@@ -257,6 +275,9 @@ impl Parser<'_> {
         }
         loop {
             self.skip_whitespace();
+            if items.len() >= MAX_ITEMS {
+                return Err(self.error("too many items in one array"));
+            }
             items.push(self.value(depth + 1)?);
             self.skip_whitespace();
             match self.peek() {
@@ -376,6 +397,14 @@ impl Parser<'_> {
     }
 }
 
+/// The index of the first member whose name was already used, in O(n log n): member indices
+/// sorted by name (then position) put equal names next to each other.
+fn first_duplicate(members: &[(String, Value)]) -> Option<usize> {
+    let mut order: Vec<usize> = (0..members.len()).collect();
+    order.sort_unstable_by(|&a, &b| members[a].0.cmp(&members[b].0).then(a.cmp(&b)));
+    order.windows(2).filter(|pair| members[pair[0]].0 == members[pair[1]].0).map(|pair| pair[1]).min()
+}
+
 fn write_value(out: &mut String, value: &Value, indent: Option<usize>, level: usize) {
     match value {
         Value::Null => out.push_str("null"),
@@ -469,5 +498,41 @@ mod tests {
         }
         let deep = "[".repeat(100) + &"]".repeat(100);
         assert_eq!(parse(deep.as_bytes()).unwrap_err().reason, "nested too deeply");
+        // The duplicate is reported where its second name was written.
+        let error = parse(br#"{"b":1,"a":2,"c":3,"a":4}"#).unwrap_err();
+        assert_eq!((error.reason, error.offset), ("duplicate member name", 22));
+    }
+
+    /// `{"k0":0,"k1":0,…}` with `n` distinct members (plus `extra` before the closing brace).
+    fn object_of(n: usize, extra: &str) -> Vec<u8> {
+        let members: Vec<String> = (0..n).map(|i| format!("\"k{i}\":0")).collect();
+        format!("{{{}{extra}}}", members.join(",")).into_bytes()
+    }
+
+    #[test]
+    fn a_megabyte_of_distinct_keys_is_refused_by_count_not_by_quadratic_search() {
+        // Issue 14 item 6: 87,380 keys in 1 MiB took 21.7 s of CPU with a linear duplicate check.
+        let huge = object_of(87_380, "");
+        assert!(huge.len() < 1 << 20);
+        assert_eq!(parse(&huge).unwrap_err().reason, "too many members in one object");
+        // At the cap, the check is O(n log n); a duplicate at the very end is still found.
+        let full = object_of(MAX_ITEMS, "");
+        assert!(matches!(parse(&full), Ok(Value::Object(m)) if m.len() == MAX_ITEMS));
+        let dup = object_of(MAX_ITEMS - 1, r#","k0":1"#);
+        assert_eq!(parse(&dup).unwrap_err().reason, "duplicate member name");
+    }
+
+    #[test]
+    fn element_counts_are_capped_per_container_and_per_document() {
+        let array = format!("[{}]", vec!["0"; 524_288].join(","));
+        assert_eq!(parse(array.as_bytes()).unwrap_err().reason, "too many items in one array");
+        let at_cap = format!("[{}]", vec!["0"; MAX_ITEMS].join(","));
+        assert!(parse(at_cap.as_bytes()).is_ok());
+        // Many small containers: each under the per-container cap, together over the total.
+        let inner = format!("[{}]", vec!["0"; 1_000].join(","));
+        let many = format!("[{}]", vec![inner.as_str(); 17].join(","));
+        assert_eq!(parse(many.as_bytes()).unwrap_err().reason, "too many values");
+        let fewer = format!("[{}]", vec![inner.as_str(); 16].join(","));
+        assert!(parse(fewer.as_bytes()).is_ok());
     }
 }

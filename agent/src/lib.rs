@@ -11,6 +11,7 @@ pub mod config;
 pub mod csr;
 pub mod daemon;
 pub mod error;
+pub mod files;
 pub mod hardware;
 pub mod http;
 pub mod json;
@@ -58,9 +59,10 @@ pub fn execute(cli: &cli::Cli) -> Result<Outcome> {
         Command::Help => return Ok(Outcome::ok(cli::HELP.to_string())),
         Command::Version => {
             return Ok(Outcome::ok(format!(
-                "enroll-agent {}\nkey providers: {}\n",
+                "enroll-agent {}\nkey providers: {}\nbuilt: {} (the clock floor: an earlier clock is not believed)\n",
                 env!("CARGO_PKG_VERSION"),
-                providers()
+                providers(),
+                crate::time::rfc3339(crate::time::build_time())
             )))
         }
         Command::Run => {
@@ -121,7 +123,9 @@ pub fn format_error(error: &Error) -> String {
     let mut text = format!("error: {error}\n");
     let mut next = std::error::Error::source(error);
     while let Some(cause) = next {
-        text.push_str(&format!("caused by: {cause}\n"));
+        // Causes that are not our Error (io, JSON, TLS) may quote a peer: make them one safe line.
+        let cause_text = error::sanitize(&cause.to_string(), error::MAX_MESSAGE_CHARS);
+        text.push_str(&format!("caused by: {cause_text}\n"));
         next = cause.source();
     }
     text

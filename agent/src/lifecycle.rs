@@ -28,8 +28,8 @@ use crate::time;
 const MIN_RENEWAL_INTERVAL_S: u64 = 60;
 /// The CSR a remote provider made, kept in its pending slot (Redtrust).
 const REQUEST_CSR: &str = "request.csr";
-/// How long a hook may run before it is killed.
-const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+/// The only PATH a hook inherits.
+const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 // ---------------------------------------------------------------- pure scheduling rules
 
@@ -37,14 +37,17 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 pub fn renewal_time(not_before: u64, not_after: u64, policy: &RenewalPolicy, sample: f64) -> u64 {
     let lifetime = not_after.saturating_sub(not_before) as f64;
     let fraction = (policy.at_fraction + policy.jitter_fraction * sample.clamp(-1.0, 1.0)).clamp(0.0, 1.0);
-    not_before + (lifetime * fraction) as u64
+    not_before.saturating_add((lifetime * fraction) as u64)
 }
 
 /// The renewal loop guard: never earlier than `MIN_RENEWAL_INTERVAL_S` (or the retry base, if
 /// larger) after the last install.
 pub fn guarded_renewal_time(renew_at: u64, last_install: Option<u64>, policy: &RenewalPolicy) -> u64 {
     match last_install {
-        Some(installed) => renew_at.max(installed + MIN_RENEWAL_INTERVAL_S.max(policy.retry_initial_s)),
+        // `installed` comes from state.json: a corrupt value must not overflow (issue 14 item 5).
+        Some(installed) => {
+            renew_at.max(installed.saturating_add(MIN_RENEWAL_INTERVAL_S.max(policy.retry_initial_s)))
+        }
         None => renew_at,
     }
 }
@@ -120,6 +123,9 @@ pub struct Agent<'a> {
     /// Opened on first use, and only once per run: a token's PIN is never tried twice.
     provider: std::cell::OnceCell<std::result::Result<Box<dyn KeyProvider>, (Kind, String)>>,
     pub state: State,
+    /// The writer's lock on the state directory (none for `status`/`check`); released when the
+    /// agent is dropped, so `run` holds it only during a cycle.
+    _lock: Option<enroll_hal::store::Lock>,
 }
 
 /// A new identity in the making: its slot, its key and the CSR that proves the key.
@@ -132,7 +138,7 @@ struct Prepared {
 /// Opens the configured key provider (for a token: loads the module and logs in, once).
 pub fn open_provider(settings: &Settings) -> Result<Box<dyn KeyProvider>> {
     match &settings.key.provider {
-        Provider::File => Ok(Box::new(FileKeyProvider)),
+        Provider::File => Ok(Box::new(FileKeyProvider::shared_with(settings.storage_group))),
         Provider::Redtrust(_) => Ok(Box::new(RemoteKeyProvider::new("redtrust", settings.key.algorithm))),
         #[cfg(feature = "pkcs11")]
         Provider::Pkcs11(p11) => crate::hardware::pkcs11(p11),
@@ -157,6 +163,18 @@ fn crash_point(point: &str) {
     let _ = point;
 }
 
+/// How long a writer waits for another run (a timer firing during a manual renewal) before it
+/// exits 75. Debug builds (the end-to-end tests) take `ENROLL_AGENT_LOCK_WAIT_S` instead.
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+fn lock_wait() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(seconds) = std::env::var("ENROLL_AGENT_LOCK_WAIT_S").ok().and_then(|s| s.parse().ok()) {
+        return Duration::from_secs(seconds);
+    }
+    LOCK_WAIT
+}
+
 /// Destroys the key of a slot about to be removed (best effort: a failure leaves an orphan that
 /// `retain` removes later).
 fn forget_key(provider: &dyn KeyProvider, slot: &Path) {
@@ -171,19 +189,44 @@ fn csr_from_pem(text: &str) -> Option<Csr> {
 }
 
 impl<'a> Agent<'a> {
-    /// Opens (creating if needed) the state directory and reads state.json.
+    /// Opens (creating if needed) the state directory for writing: waits for its lock (another
+    /// run holding it past [`LOCK_WAIT`] is exit 75), repairs what a crash or tampering left
+    /// (temporary files, links out of `slots/`), and reads state.json.
     pub fn open(settings: &'a Settings) -> Result<Agent<'a>> {
-        let store = Store::open(&settings.state_dir).context("opening the state directory")?;
-        let state = load_state(&store)?;
-        let mut agent = Agent { settings, store, provider: std::cell::OnceCell::new(), state };
-        agent.forget_installed_pending()?;
+        let store = Store::open(&settings.state_dir, settings.storage_group)
+            .context("opening the state directory")?;
+        let lock = store.lock(lock_wait()).context("waiting for the state directory")?;
+        store.repair(&lock).context("opening the state directory")?;
+        Agent::with_store(settings, store, Some(lock))
+    }
+
+    /// Reads the state directory without the lock and without writing anything (`status`,
+    /// `check`, `needs-renewal`, metrics): these never wait for a running renewal.
+    pub fn inspect(settings: &'a Settings) -> Result<Agent<'a>> {
+        let store = Store::inspect(&settings.state_dir, settings.storage_group)
+            .context("opening the state directory")?;
+        Agent::with_store(settings, store, None)
+    }
+
+    fn with_store(
+        settings: &'a Settings,
+        store: Store,
+        lock: Option<enroll_hal::store::Lock>,
+    ) -> Result<Agent<'a>> {
+        let writer = lock.is_some();
+        let state = load_state(&store, writer)?;
+        if let Some(floor) = state.clock_floor {
+            time::set_persisted_floor(floor);
+        }
+        let mut agent = Agent { settings, store, provider: std::cell::OnceCell::new(), state, _lock: lock };
+        agent.forget_installed_pending(writer)?;
         Ok(agent)
     }
 
     /// A power cut between the `current` swap and the state.json write leaves `pending` naming
     /// the slot that is now installed. That request is finished: forget it, so the next request
     /// never writes into an installed slot.
-    fn forget_installed_pending(&mut self) -> Result<()> {
+    fn forget_installed_pending(&mut self, persist: bool) -> Result<()> {
         let Some(pending) = &self.state.pending else {
             return Ok(());
         };
@@ -200,7 +243,9 @@ impl<'a> Agent<'a> {
             // certificate itself (EnOS takes its serial).
             self.state.ca_ref = pending.request_id.clone();
             self.state.pending = None;
-            self.save()?;
+            if persist {
+                self.save()?;
+            }
         }
         Ok(())
     }
@@ -221,7 +266,8 @@ impl<'a> Agent<'a> {
         }
     }
 
-    fn save(&self) -> Result<()> {
+    fn save(&mut self) -> Result<()> {
+        self.state.clock_floor = self.state.clock_floor.max(time::corroborated());
         self.store.write_state(self.state.to_json().as_bytes()).context("writing state.json")
     }
 
@@ -260,7 +306,7 @@ impl<'a> Agent<'a> {
 
     fn http(&self) -> Result<Http> {
         let roots = crate::tls::load_roots(self.settings.tls.trust_bundle.as_deref())?;
-        let config = crate::tls::client_config(roots, None)?;
+        let config = crate::tls::client_config(roots, crate::tls::clock_window(&self.settings.tls), None)?;
         Ok(Http::new(config, self.settings.tls.timeout_s))
     }
 
@@ -569,7 +615,7 @@ impl<'a> Agent<'a> {
         let started = std::time::Instant::now();
         let mut pause = polling.interval_s;
         loop {
-            if time::now() >= since + polling.timeout_s {
+            if time::now() >= since.saturating_add(polling.timeout_s) {
                 return Err(self.give_up(ca, id, polling.timeout_s));
             }
             let words = match ca.poll(id).context(format!("asking {} about request {id}", ca.name()))? {
@@ -705,6 +751,9 @@ impl<'a> Agent<'a> {
         ));
         self.state.last_success = Some(now);
         self.state.last_install = Some(now);
+        // The CA vouched for its notBefore (rule 2 checked it against our time): a device without
+        // any clock still learns that it is at least this late.
+        self.state.clock_floor = self.state.clock_floor.max(Some(leaf.not_before().min(now)));
         self.state.last_error = None;
         self.state.last_error_at = None;
         if purpose == Purpose::Renew {
@@ -726,21 +775,34 @@ impl<'a> Agent<'a> {
         let Some((program, args)) = self.settings.hooks.after_install.split_first() else {
             return Ok(());
         };
-        let current = self.store.current_link();
-        let outcome = run_with_timeout(
-            std::process::Command::new(program)
-                .args(args)
-                .env("ENROLL_AGENT_SERIAL", leaf.serial_hex())
-                .env("ENROLL_AGENT_CERT", current.join("cert.pem"))
-                .env("ENROLL_AGENT_CHAIN", current.join("chain.pem"))
-                .env("ENROLL_AGENT_KEY", current.join("key.pem"))
-                .env("ENROLL_AGENT_NOT_AFTER", time::rfc3339(leaf.not_after())),
-            HOOK_TIMEOUT,
-        );
+        let mut command = std::process::Command::new(program);
+        command.args(args).env_clear().envs(self.hook_environment(leaf));
+        let outcome = run_with_timeout(&mut command, Duration::from_secs(self.settings.hooks.timeout_s));
         if let Err(e) = &outcome {
             log::warn!("hook {program}: {e}");
         }
         outcome
+    }
+
+    /// What a hook sees: a fixed PATH and the `ENROLL_AGENT_*` variables, nothing inherited (our
+    /// environment may hold a proxy password or a PIN-bearing module setting). A soft key is
+    /// named by `ENROLL_AGENT_KEY`; a hardware or remote key by `ENROLL_AGENT_KEY_URI`.
+    fn hook_environment(&self, leaf: &Cert) -> Vec<(&'static str, String)> {
+        let current = self.store.current_link();
+        let path_of = |name: &str| current.join(name).to_string_lossy().into_owned();
+        let mut environment = vec![
+            ("PATH", HOOK_PATH.to_string()),
+            ("ENROLL_AGENT_SERIAL", leaf.serial_hex()),
+            ("ENROLL_AGENT_CERT", path_of("cert.pem")),
+            ("ENROLL_AGENT_CHAIN", path_of("chain.pem")),
+            ("ENROLL_AGENT_NOT_AFTER", time::rfc3339(leaf.not_after())),
+            ("ENROLL_AGENT_STATE_DIR", self.store.root().to_string_lossy().into_owned()),
+        ];
+        match std::fs::read_to_string(current.join("key.uri")) {
+            Ok(uri) => environment.push(("ENROLL_AGENT_KEY_URI", uri.trim().to_string())),
+            Err(_) => environment.push(("ENROLL_AGENT_KEY", path_of("key.pem"))),
+        }
+        environment
     }
 }
 
@@ -748,41 +810,72 @@ impl<'a> Agent<'a> {
 /// recorded by the HTTP layer) before signing timestamps and judging validity.
 fn learn_time_from_ca(http: &Http, url: &str) {
     log::warn!(
-        "the system clock ({}) is earlier than this build; asking the CA for the time",
-        time::rfc3339(time::system_now())
+        "the system clock ({}) is before the earliest possible time ({}: this build or the last \
+         known good time); asking the CA for the time",
+        time::rfc3339(time::system_now()),
+        time::rfc3339(time::floor())
     );
     if let Err(e) = http.send("learning the time from the CA", "GET", url, &[], None) {
         log::warn!("{}", e.chain_line());
     }
 }
 
+/// Runs a hook in its own process group and waits at most `limit`. At the limit, or when `run`
+/// is asked to stop, the whole group is killed: a hook's children (a `systemctl` it started, a
+/// sleeping shell) go with it, and a slow hook never holds up SIGTERM.
 fn run_with_timeout(command: &mut std::process::Command, limit: Duration) -> std::result::Result<(), String> {
-    let mut child =
-        command.stdin(std::process::Stdio::null()).spawn().map_err(|e| format!("could not start: {e}"))?;
+    use std::os::unix::process::CommandExt;
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("could not start: {e}"))?;
     let started = std::time::Instant::now();
     loop {
+        let cut_short = if started.elapsed() > limit {
+            Some(format!("killed after {} s (hooks.timeout_s)", limit.as_secs()))
+        } else if crate::daemon::stop_requested() {
+            Some("killed: the agent is stopping".to_string())
+        } else {
+            None
+        };
         match child.try_wait() {
             Ok(Some(status)) if status.success() => return Ok(()),
             Ok(Some(status)) => return Err(format!("exited with {status}")),
-            Ok(None) if started.elapsed() > limit => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("killed after {} s", limit.as_secs()));
+            Ok(None) if cut_short.is_some() => {
+                kill_group(&mut child);
+                return Err(cut_short.unwrap_or_default());
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("could not wait for it: {e}")),
+            Err(e) => {
+                kill_group(&mut child);
+                return Err(format!("could not wait for it: {e}"));
+            }
         }
     }
 }
 
+/// SIGKILL to the hook's process group (its pid is the group id), then reaps the hook itself.
+fn kill_group(child: &mut std::process::Child) {
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    if nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
 /// Reads state.json. A file we cannot parse is moved aside (and said so) rather than blocking
 /// renewals forever: the identity itself lives in `current/`, not here.
-fn load_state(store: &Store) -> Result<State> {
+fn load_state(store: &Store, writer: bool) -> Result<State> {
     let Some(bytes) = store.read_state().context("reading state.json")? else {
         return Ok(State::default());
     };
     match State::from_json(&bytes) {
         Ok(state) => Ok(state),
+        Err(reason) if !writer => {
+            log::warn!("state.json is unreadable ({reason}); the next enroll or renew moves it aside");
+            Ok(State::default())
+        }
         Err(reason) => {
             let moved = store.quarantine_state().context("setting aside an unreadable state.json")?;
             log::warn!(
@@ -814,6 +907,14 @@ mod tests {
         assert_eq!(guarded_renewal_time(100, Some(90), &POLICY), 150);
         assert_eq!(guarded_renewal_time(1000, Some(90), &POLICY), 1000);
         assert_eq!(guarded_renewal_time(100, None, &POLICY), 100);
+    }
+
+    #[test]
+    fn absurd_times_from_state_json_saturate_instead_of_overflowing() {
+        assert_eq!(guarded_renewal_time(100, Some(u64::MAX), &POLICY), u64::MAX);
+        assert_eq!(guarded_renewal_time(u64::MAX, Some(u64::MAX - 1), &POLICY), u64::MAX);
+        assert_eq!(renewal_time(u64::MAX - 10, u64::MAX, &POLICY, 0.0), u64::MAX - 4);
+        assert_eq!(renewal_time(u64::MAX, 0, &POLICY, 1.0), u64::MAX);
     }
 
     #[test]

@@ -20,7 +20,9 @@ impl log::Log for StderrLogger {
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
             let level = record.level().as_str().to_ascii_lowercase();
-            let _ = writeln!(std::io::stderr(), "enroll-agent: {level}: {}", record.args());
+            // Log lines may quote a CA (a pending request's status words): one safe line each.
+            let text = enroll_agent::error::sanitize(&record.args().to_string(), 4096);
+            let _ = writeln!(std::io::stderr(), "enroll-agent: {level}: {text}");
         }
     }
 

@@ -166,7 +166,9 @@ impl<'a> Redtrust<'a> {
     }
 
     fn ensure_session(&mut self) -> Result<()> {
-        let fresh = |t: &Tokens| t.expires_at.is_none_or(|at| at > crate::time::now() + REFRESH_MARGIN_S);
+        let fresh = |t: &Tokens| {
+            t.expires_at.is_none_or(|at| at > crate::time::now().saturating_add(REFRESH_MARGIN_S))
+        };
         match &self.tokens {
             Some(tokens) if fresh(tokens) => Ok(()),
             Some(_) => self.renew_session(),

@@ -24,8 +24,9 @@ fn snapshot(settings: &Settings) -> Result<Snapshot> {
         let state = State::default();
         return Ok(Snapshot { condition: Condition::None, cert: None, renew_at: None, state, current });
     }
-    // Checks the directory's mode and owner (exit 74 naming it), like every other command.
-    let agent = lifecycle::Agent::open(settings)?;
+    // Checks the directory's mode and owner (exit 74 naming it), like every other command, but
+    // neither waits for a running renewal's lock nor writes anything.
+    let agent = lifecycle::Agent::inspect(settings)?;
     let installed = agent.installed();
     let renew_at = installed.as_ref().map(|i| agent.renew_at(i));
     let cert = installed.map(|i| i.cert);
@@ -127,7 +128,8 @@ fn status_text(settings: &Settings, snap: &Snapshot) -> String {
             lines.push(format!(
                 "renew at:    {} (in {})",
                 time::rfc3339(at),
-                time::human_duration(at as i64 - now)
+                // `at` may come from state.json: saturate rather than wrap or overflow.
+                time::human_duration(i64::try_from(at).unwrap_or(i64::MAX).saturating_sub(now))
             ));
         }
     }
@@ -266,7 +268,7 @@ pub fn needs_renewal(settings: &Settings) -> Result<bool> {
 pub fn check(settings: &Settings, online: bool) -> Result<String> {
     let mut lines = vec!["ok: config".to_string()];
     if settings.state_dir.exists() {
-        let agent = lifecycle::Agent::open(settings)?;
+        let agent = lifecycle::Agent::inspect(settings)?;
         lines.push(format!("ok: state directory {}", agent.store().root().display()));
         if let Some(slot) = agent.store().current() {
             let provider = agent.provider()?;
@@ -286,15 +288,24 @@ pub fn check(settings: &Settings, online: bool) -> Result<String> {
     let roots = crate::tls::load_roots(settings.tls.trust_bundle.as_deref())?;
     lines.push(format!("ok: trust bundle ({} roots)", roots.len()));
     if online {
-        let http = crate::http::Http::new(crate::tls::client_config(roots, None)?, settings.tls.timeout_s);
+        let http = crate::http::Http::new(crate::tls::client_config(roots, crate::tls::clock_window(&settings.tls), None)?, settings.tls.timeout_s);
         let backend = backend::from_settings(settings, http.clone());
         let url = backend.probe_url();
         let response = http.send("reaching the CA", "GET", &url, &[], None)?;
+        // Only an https:// URL went through TLS; tls.danger_allow_http lets a lab CA use http://.
+        let tls = url.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
         lines.push(format!(
-            "ok: {} reachable over verified TLS (HTTP {} from {url})",
+            "ok: {} reachable over {} (HTTP {} from {url})",
             backend.name(),
+            if tls { "verified TLS" } else { "plain HTTP" },
             response.status
         ));
+        if !tls {
+            lines.push(
+                "warning: no TLS: nothing authenticates the CA or protects the requests (tls.danger_allow_http)"
+                    .into(),
+            );
+        }
     }
     Ok(lines.join("\n") + "\n")
 }

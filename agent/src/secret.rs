@@ -8,11 +8,15 @@ use zeroize::Zeroizing;
 pub struct Secret(Zeroizing<String>);
 
 impl Secret {
-    /// Reads a secret file. The file must be ours and 0600/0400; one trailing newline (LF or
-    /// CRLF) is trimmed and nothing else (design.md §7).
+    /// Reads a secret file. The file must be ours and 0600/0400, not a symlink, at most 64 KiB
+    /// (checked on the opened descriptor: `crate::files`); one trailing newline (LF or CRLF) is
+    /// trimmed and nothing else (design.md §7).
     pub fn from_file(path: &Path) -> Result<Secret, String> {
-        enroll_hal::store::check_private_file(path).map_err(|e| e.to_string())?;
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
+        let bytes = Zeroizing::new(crate::files::read(
+            path,
+            crate::files::Rule::Secret,
+            crate::files::MAX_SECRET_BYTES,
+        )?);
         let text = std::str::from_utf8(&bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
         let trimmed = text.strip_suffix("\r\n").or_else(|| text.strip_suffix('\n')).unwrap_or(text);
         if trimmed.is_empty() {

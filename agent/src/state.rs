@@ -17,6 +17,8 @@ pub struct State {
     pub last_error_at: Option<u64>,
     pub hook_error: Option<String>,
     pub renewals: u64,
+    /// The last-known-good time (design.md §5 rule 7): only ever moves forward.
+    pub clock_floor: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +69,7 @@ impl State {
             ("last_error_at", self.last_error_at.into()),
             ("hook_error", self.hook_error.clone().into()),
             ("renewals", self.renewals.into()),
+            ("clock_floor", self.clock_floor.into()),
         ])
         .to_json_pretty();
         text.push('\n');
@@ -86,7 +89,12 @@ impl State {
             Some(p) => Some(Pending {
                 request_id: p.get("request_id").and_then(Value::as_str).map(str::to_string),
                 key_ref: p.get("key_ref").and_then(Value::as_str).map(str::to_string),
-                slot: p.get("slot").and_then(Value::as_str).ok_or("pending.slot is missing")?.to_string(),
+                slot: match p.get("slot").and_then(Value::as_str) {
+                    // A name joined to `slots/`: `../..` would reach outside the state directory.
+                    Some(slot) if enroll_hal::store::slot_name_is_valid(slot) => slot.to_string(),
+                    Some(slot) => return Err(format!("pending.slot {slot:?} is not a slot number")),
+                    None => return Err("pending.slot is missing".into()),
+                },
                 since: p.get("since").and_then(Value::as_u64).ok_or("pending.since is missing")?,
                 purpose: match p.get("purpose").and_then(Value::as_str) {
                     Some("renew") => Purpose::Renew,
@@ -104,6 +112,7 @@ impl State {
             last_error_at: number("last_error_at"),
             hook_error: text("hook_error"),
             renewals: number("renewals").unwrap_or(0),
+            clock_floor: number("clock_floor"),
         })
     }
 }
@@ -125,11 +134,17 @@ mod tests {
             renew_at: Some(99),
             ca_ref: Some("9223372036854775807".into()),
             renewals: 3,
+            clock_floor: Some(1_800_000_000),
             ..State::default()
         };
         assert_eq!(State::from_json(state.to_json().as_bytes()).unwrap(), state);
         assert_eq!(State::from_json(br#"{"future_field":1}"#).unwrap(), State::default());
         assert!(State::from_json(b"{\"pending\":{}}").is_err());
+        for bad in ["../../victim", "/etc", "4/../../x", "", "..", "4 ", "+4", "123456789012345678901"] {
+            let text = format!(r#"{{"pending":{{"slot":{bad:?},"since":1}}}}"#);
+            let err = State::from_json(text.as_bytes()).unwrap_err();
+            assert!(err.contains("pending.slot"), "{bad:?}: {err}");
+        }
         assert!(State::from_json(b"[]").is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! Time as the agent reasons about it: Unix seconds, RFC 3339 output, HTTP `Date` input, and the
 //! clock rule of design.md §5 rule 7.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// When this binary was built (from build.rs); a clock earlier than this is known to be wrong.
@@ -17,11 +17,40 @@ pub fn system_now() -> u64 {
 /// Offset (server − system) learnt from a CA's `Date` header while the system clock is untrusted.
 static SERVER_OFFSET: AtomicI64 = AtomicI64::new(0);
 static HAVE_SERVER_TIME: AtomicBool = AtomicBool::new(false);
+/// The last-known-good time persisted in state.json (0: none yet); see [`floor`].
+static PERSISTED_FLOOR: AtomicU64 = AtomicU64::new(0);
+/// The latest time that both the system clock and an authenticated CA's `Date` vouched for.
+static CORROBORATED: AtomicU64 = AtomicU64::new(0);
 
-/// The time used for every validity judgement.
+/// How far the system clock and an authenticated CA's `Date` may disagree and still count as
+/// vouching for each other (a device clock drifts; a CA's clock is NTP-disciplined).
+pub const CORROBORATION_TOLERANCE_S: u64 = 3600;
+
+/// The earliest time it can possibly be: max(build time, the last-known-good time persisted in
+/// state.json). The floor only moves forward, and only on authenticated evidence (see
+/// [`corroborated`]), like systemd-timesyncd's saved clock.
+pub fn floor() -> u64 {
+    build_time().max(PERSISTED_FLOOR.load(Ordering::Relaxed))
+}
+
+/// Sets the persisted last-known-good time read from state.json.
+pub fn set_persisted_floor(unix: u64) {
+    // A corrupt state.json must not push "now" past what any arithmetic on it can hold.
+    PERSISTED_FLOOR.fetch_max(unix.min(MAX_UNIX), Ordering::Relaxed);
+}
+
+/// The time used for every validity judgement except the CA's TLS certificate.
 pub fn now() -> u64 {
     let offset = HAVE_SERVER_TIME.load(Ordering::Relaxed).then(|| SERVER_OFFSET.load(Ordering::Relaxed));
-    effective_now(system_now(), build_time(), offset)
+    effective_now(system_now(), floor(), offset)
+}
+
+/// The time the CA's TLS certificate is judged at: the system clock when it can be believed,
+/// else the floor. Never the CA's `Date`: that header arrives from a server we have not yet
+/// authenticated, so it must not decide whether we authenticate it.
+pub fn tls_now() -> u64 {
+    let system = system_now();
+    system.max(floor())
 }
 
 /// Whether the CA's time is known (only learnt while the system clock is untrusted).
@@ -29,33 +58,53 @@ pub fn has_server_time() -> bool {
     HAVE_SERVER_TIME.load(Ordering::Relaxed)
 }
 
-/// Whether the system clock can be believed.
+/// Whether the system clock can be believed: it is not before the floor.
 pub fn clock_trusted() -> bool {
-    system_now() >= build_time()
+    system_now() >= floor()
 }
 
-/// The clock rule as a pure function: trust the system clock unless it is before the build time;
-/// then use the CA's time if we have heard it, else the build time (the earliest plausible "now").
-pub fn effective_now(system: u64, build: u64, server_offset: Option<i64>) -> u64 {
-    if system >= build {
+/// The clock rule as a pure function: trust the system clock unless it is before the floor;
+/// then use the CA's time if we have heard it (never earlier than the floor), else the floor.
+pub fn effective_now(system: u64, floor: u64, server_offset: Option<i64>) -> u64 {
+    if system >= floor {
         return system;
     }
     match server_offset {
-        Some(offset) => system.saturating_add_signed(offset),
-        None => build,
+        Some(offset) => system.saturating_add_signed(offset).max(floor),
+        None => floor,
     }
 }
 
-/// Records a CA's `Date` header. Only used when the system clock is untrusted.
-pub fn observe_server_date(server: u64) {
+/// A new last-known-good time, when this run has one: the system clock, if it is past the floor
+/// and a CA reached over verified TLS agreed with it (a battery-backed clock that jumped to 2099
+/// must not raise the floor for good, or every certificate would look expired forever).
+pub fn corroborated() -> Option<u64> {
+    let at = CORROBORATED.load(Ordering::Relaxed);
+    (at > floor()).then_some(at)
+}
+
+/// Whether an authenticated `Date` vouches for the system clock (pure, for tests).
+pub fn vouches_for(system: u64, server: u64, floor: u64) -> Option<u64> {
+    (system >= floor && system.abs_diff(server) <= CORROBORATION_TOLERANCE_S).then(|| system.min(server))
+}
+
+/// Records a CA's `Date` header. `authenticated`: it came over TLS that verified the CA.
+pub fn observe_server_date(server: u64, authenticated: bool) {
     let system = system_now();
-    if system >= build_time() {
+    if authenticated {
+        if let Some(vouched) = vouches_for(system, server, floor()) {
+            CORROBORATED.fetch_max(vouched, Ordering::Relaxed);
+        }
+    }
+    if system >= floor() {
         return;
     }
     if !HAVE_SERVER_TIME.swap(true, Ordering::Relaxed) {
         log::warn!(
-            "system clock is before this build ({}); using the CA's Date header ({})",
+            "system clock ({}) is before the earliest possible time ({}); using the CA's Date header ({}) \
+             for request timestamps and certificate checks",
             rfc3339(system),
+            rfc3339(floor()),
             rfc3339(server)
         );
     }
@@ -85,8 +134,30 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// `2026-11-22T18:55:00Z`
+/// The years a time value may name: 1970 to 9999 (what X.509 and RFC 3339 can express). Values
+/// from the network or `state.json` outside them are refused, so no arithmetic on them can overflow.
+pub const YEARS: std::ops::RangeInclusive<i64> = 1970..=9999;
+/// 9999-12-31T23:59:59Z, the last second [`rfc3339`] can print.
+pub const MAX_UNIX: u64 = 253_402_300_799;
+
+/// Seconds since the epoch for a UTC calendar date and time, with every field bounded (years
+/// [`YEARS`]) and checked arithmetic; `None` for anything out of range.
+fn unix_from_parts(year: i64, month: u32, day: u32, h: u64, mi: u64, s: u64) -> Option<u64> {
+    if !YEARS.contains(&year) || !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    if h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let days = u64::try_from(days_from_civil(year, month, day)).ok()?;
+    let unix = days.checked_mul(86_400)?.checked_add(h * 3600 + mi * 60 + s)?;
+    (unix <= MAX_UNIX).then_some(unix)
+}
+
+/// `2026-11-22T18:55:00Z`; a value past [`MAX_UNIX`] (only from a corrupt `state.json`) prints
+/// as 9999-12-31T23:59:59Z.
 pub fn rfc3339(unix: u64) -> String {
+    let unix = unix.min(MAX_UNIX);
     let days = (unix / 86_400) as i64;
     let secs = unix % 86_400;
     let (y, m, d) = civil_from_days(days);
@@ -105,11 +176,10 @@ pub fn parse_http_date(text: &str) -> Option<u64> {
     let year: i64 = parts.next()?.parse().ok()?;
     let mut hms = parts.next()?.split(':').map(|p| p.parse::<u64>().ok());
     let (h, mi, s) = (hms.next()??, hms.next()??, hms.next()??);
-    if parts.next()? != "GMT" || day == 0 || day > 31 || h > 23 || mi > 59 || s > 60 {
+    if parts.next()? != "GMT" {
         return None;
     }
-    let days = days_from_civil(year, month, day);
-    u64::try_from(days).ok().map(|d| d * 86_400 + h * 3600 + mi * 60 + s)
+    unix_from_parts(year, month, day, h, mi, s)
 }
 
 /// Parses RFC 3339 date-times such as `2026-11-22T18:55:00Z`, `…T18:55:00.123+01:00`.
@@ -121,21 +191,22 @@ pub fn parse_rfc3339(text: &str) -> Option<u64> {
     let zone_at = rest.find(['Z', 'z', '+', '-']).unwrap_or(rest.len());
     let (clock, zone) = rest.split_at(zone_at);
     let clock = clock.split('.').next()?;
-    let mut hms = clock.split(':').map(|p| p.parse::<i64>().ok());
+    let mut hms = clock.split(':').map(|p| p.parse::<u64>().ok());
     let (h, mi, s) = (hms.next()??, hms.next()??, hms.next().flatten().unwrap_or(0));
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || mi > 59 || s > 60 {
-        return None;
-    }
-    let offset = match zone {
-        "" | "Z" | "z" => 0,
+    let local = unix_from_parts(year, month, day, h, mi, s)?;
+    let (east, offset) = match zone {
+        "" | "Z" | "z" => (true, 0),
         _ => {
-            let sign = if zone.starts_with('-') { -1 } else { 1 };
             let (oh, om) = zone[1..].split_once(':').unwrap_or((&zone[1..], "0"));
-            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60)
+            let (oh, om) = (oh.parse::<u64>().ok()?, om.parse::<u64>().ok()?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            (!zone.starts_with('-'), oh * 3600 + om * 60)
         }
     };
-    let unix = days_from_civil(year, month, day) * 86_400 + h * 3600 + mi * 60 + s - offset;
-    u64::try_from(unix).ok()
+    let unix = if east { local.checked_sub(offset)? } else { local.checked_add(offset)? };
+    (unix <= MAX_UNIX).then_some(unix)
 }
 
 /// `3d 4h`, `5h 12m`, `40s`: for humans reading `status`.
@@ -170,10 +241,43 @@ mod tests {
     }
 
     #[test]
+    fn absurd_years_from_the_network_or_state_json_are_refused_without_overflow() {
+        // Issue 14 item 5: this Date panicked a debug build (and wrapped in release).
+        assert_eq!(parse_http_date("Thu, 01 Jan 99999999999999 00:00:00 GMT"), None);
+        assert_eq!(parse_http_date("Thu, 01 Jan 9223372036854775807 00:00:00 GMT"), None);
+        assert_eq!(parse_http_date("Thu, 01 Jan -9223372036854775808 00:00:00 GMT"), None);
+        assert_eq!(parse_http_date("Wed, 31 Dec 1969 23:59:59 GMT"), None, "before 1970");
+        assert_eq!(parse_http_date("Fri, 01 Jan 10000 00:00:00 GMT"), None, "after 9999");
+        assert_eq!(parse_http_date("Fri, 31 Dec 9999 23:59:59 GMT"), Some(MAX_UNIX));
+        assert_eq!(parse_http_date("Fri, 31 Dec 9999 23:59:60 GMT"), None);
+        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(parse_rfc3339("99999999999999-01-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("9223372036854775807-12-31T23:59:59Z"), None);
+        assert_eq!(parse_rfc3339("2026-11-22T18:55:00+9999999999999999:00"), None, "absurd offset");
+        assert_eq!(parse_rfc3339("2026-11-22T18:55:00+24:00"), None);
+        assert_eq!(parse_rfc3339("1970-01-01T00:30:00+01:00"), None, "before the epoch");
+        assert_eq!(parse_rfc3339("9999-12-31T23:59:59-01:00"), None, "after 9999 in UTC");
+        assert_eq!(parse_rfc3339("9999-12-31T23:59:59Z"), Some(MAX_UNIX));
+        assert_eq!(parse_rfc3339("2026-11-22T17:55:00-01:00"), Some(1_795_373_700));
+        assert_eq!(rfc3339(MAX_UNIX), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59Z", "a corrupt state.json value");
+    }
+
+    #[test]
     fn the_clock_rule_prefers_the_ca_date_when_the_system_clock_is_before_the_build() {
         let build = 1_800_000_000;
         assert_eq!(effective_now(build + 5, build, Some(99)), build + 5, "a sane clock is believed");
         assert_eq!(effective_now(10, build, None), build, "no clock, no CA time: the build time");
         assert_eq!(effective_now(10, build, Some(1_900_000_000 - 10)), 1_900_000_000);
+        assert_eq!(effective_now(10, build, Some(5)), build, "a CA's Date never goes below the floor");
+    }
+
+    #[test]
+    fn only_an_authenticated_date_that_agrees_with_the_clock_raises_the_floor() {
+        let floor = 1_800_000_000;
+        assert_eq!(vouches_for(floor + 100, floor + 160, floor), Some(floor + 100));
+        assert_eq!(vouches_for(floor + 100, floor + 40, floor), Some(floor + 40), "the earlier of the two");
+        assert_eq!(vouches_for(4_000_000_000, floor + 100, floor), None, "a clock that jumped ahead");
+        assert_eq!(vouches_for(10, floor + 100, floor), None, "a clock before the floor");
     }
 }

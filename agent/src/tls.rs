@@ -32,8 +32,15 @@ pub fn load_roots(trust_bundle: Option<&Path>) -> Result<RootCertStore> {
             (found.to_path_buf(), "system CA bundle")
         }
     };
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::config(format!("{field}: {}: {e}", path.display())))?;
+    // The configured bundle decides whom we trust: not a symlink, not writable by others
+    // (crate::files). A system bundle is the distribution's, often linked into place.
+    let bytes = match trust_bundle {
+        Some(_) => crate::files::read(&path, crate::files::Rule::Trusted, crate::files::MAX_PEM_BYTES),
+        None => crate::files::read_system(&path, crate::files::MAX_PEM_BYTES),
+    }
+    .map_err(|e| Error::config(format!("{field}: {e}")))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::config(format!("{field}: {}: not UTF-8 text", path.display())))?;
     let blocks =
         pem::parse_many(&text).map_err(|e| Error::config(format!("{field}: {}: {e}", path.display())))?;
     let mut roots = RootCertStore::empty();
@@ -54,7 +61,19 @@ pub struct ClientIdentity {
     pub key: Arc<dyn DeviceKey>,
 }
 
-pub fn client_config(roots: RootCertStore, identity: Option<ClientIdentity>) -> Result<Arc<ClientConfig>> {
+/// How far past the clock floor a CA's TLS certificate may start and still be accepted while the
+/// device has no trustworthy clock (`tls.clock_window_s`); `None` when the roots are the
+/// system's, where anyone's certificate could be presented (design.md §5 rule 7).
+pub fn clock_window(tls: &crate::config::TlsSettings) -> Option<u64> {
+    tls.trust_bundle.as_ref().and(Some(tls.clock_window_s)).filter(|window| *window > 0)
+}
+
+/// The rustls client configuration. `clock_window_s`: see [`clock_window`].
+pub fn client_config(
+    roots: RootCertStore,
+    clock_window_s: Option<u64>,
+    identity: Option<ClientIdentity>,
+) -> Result<Arc<ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server_verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
@@ -63,7 +82,10 @@ pub fn client_config(roots: RootCertStore, identity: Option<ClientIdentity>) -> 
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::new(crate::error::Kind::Internal, format!("TLS setup: {e}")))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ClockTolerantVerifier(server_verifier)));
+        .with_custom_certificate_verifier(Arc::new(ClockTolerantVerifier {
+            webpki: server_verifier,
+            window_s: clock_window_s,
+        }));
     let config = match identity {
         None => builder.with_no_client_auth(),
         Some(identity) => {
@@ -76,25 +98,82 @@ pub fn client_config(roots: RootCertStore, identity: Option<ClientIdentity>) -> 
     Ok(Arc::new(config))
 }
 
-/// rustls asks this for "now": the clock rule's time (design.md §5 rule 7), not the raw system
-/// clock, so a device booted at 1970 judges validity by the build time or the CA's Date.
+/// rustls asks this for "now": the system clock when it can be believed, else the floor
+/// (design.md §5 rule 7). Never the CA's `Date`, which comes from the server being judged.
 #[derive(Debug)]
 struct EffectiveClock;
 
 impl TimeProvider for EffectiveClock {
     fn current_time(&self) -> Option<UnixTime> {
-        Some(UnixTime::since_unix_epoch(Duration::from_secs(crate::time::now())))
+        Some(UnixTime::since_unix_epoch(Duration::from_secs(crate::time::tls_now())))
     }
 }
 
-/// Full WebPKI verification of the CA's server certificate, with one allowance for devices that
-/// have no clock: a certificate "not valid yet" at the build time is accepted if it verifies in
-/// every other respect (roots, chain, name, signatures) at its own notBefore. A device without a
-/// clock cannot tell a newly rotated server certificate from a future-dated one, and refusing
-/// every rotation after the firmware build would cut it off for good. Expired certificates are
-/// still refused: they are expired at any time after the build.
+/// Full WebPKI verification of the CA's server certificate at [`crate::time::tls_now`], with one
+/// allowance for devices that have no clock. Such a device cannot tell a CA certificate rotated
+/// after its floor (build time or last-known-good time) from a future-dated one, and refusing
+/// every rotation would cut it off for good. So a certificate that is "not valid yet" at the
+/// floor is accepted when, and only when:
+/// - the system clock is before the floor (a believable clock is never overruled);
+/// - the roots are the configured `tls.trust_bundle`, never the system's;
+/// - the whole chain starts within `tls.clock_window_s` of the floor;
+/// - it verifies in every other respect (roots, chain, name, signatures) at its latest start.
+///
+/// An expired certificate is expired at any time past the floor, so it never passes; what
+/// remains is a certificate that started inside the window and expired since, which a device
+/// without a clock cannot detect (README, "Clock rule").
 #[derive(Debug)]
-struct ClockTolerantVerifier(Arc<WebPkiServerVerifier>);
+struct ClockTolerantVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    window_s: Option<u64>,
+}
+
+impl ClockTolerantVerifier {
+    /// The verdict for a chain that is not valid yet at the floor.
+    fn starts_after_floor(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let floor = crate::time::floor();
+        let Some(window_s) = self.window_s else {
+            return Err(refusal(floor, "the allowance needs tls.trust_bundle and a non-zero tls.clock_window_s"));
+        };
+        let latest_start = std::iter::once(end_entity)
+            .chain(intermediates)
+            .map(|der| crate::pki::Cert::from_der(der).map(|c| c.not_before()))
+            .collect::<Result<Vec<u64>>>()
+            .ok()
+            .and_then(|starts| starts.into_iter().max())
+            .ok_or(rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if latest_start > floor.saturating_add(window_s) {
+            return Err(refusal(
+                floor,
+                &format!("it starts at {}, beyond tls.clock_window_s ({window_s} s)", crate::time::rfc3339(latest_start)),
+            ));
+        }
+        let then = UnixTime::since_unix_epoch(Duration::from_secs(latest_start));
+        let verified = self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, then)?;
+        log::warn!(
+            "no trustworthy clock: accepted the CA's TLS certificate, which starts after the earliest possible \
+             time ({}), as of its own start time ({})",
+            crate::time::rfc3339(floor),
+            crate::time::rfc3339(latest_start)
+        );
+        Ok(verified)
+    }
+}
+
+/// Why a certificate that is not valid yet at the floor was refused, for the one-line error.
+fn refusal(floor: u64, reason: &str) -> rustls::Error {
+    rustls::Error::General(format!(
+        "the CA's TLS certificate is not valid yet at the earliest possible time ({}) and the system clock \
+         is before it; {reason}; set the clock (NTP, RTC) to proceed",
+        crate::time::rfc3339(floor)
+    ))
+}
 
 impl ServerCertVerifier for ClockTolerantVerifier {
     fn verify_server_cert(
@@ -105,7 +184,7 @@ impl ServerCertVerifier for ClockTolerantVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let result = self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        let result = self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
         let not_yet_valid = matches!(
             result,
             Err(rustls::Error::InvalidCertificate(
@@ -115,21 +194,7 @@ impl ServerCertVerifier for ClockTolerantVerifier {
         if !not_yet_valid || crate::time::clock_trusted() {
             return result;
         }
-        let Some(latest_start) = std::iter::once(end_entity)
-            .chain(intermediates)
-            .map(|der| crate::pki::Cert::from_der(der).map(|c| c.not_before()))
-            .collect::<Result<Vec<u64>>>()
-            .ok()
-            .and_then(|starts| starts.into_iter().max())
-        else {
-            return result;
-        };
-        log::warn!(
-            "no trustworthy clock: accepting the CA's TLS certificate, which starts after this build, \
-             as of its own start time"
-        );
-        let then = UnixTime::since_unix_epoch(Duration::from_secs(latest_start));
-        self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, then)
+        self.starts_after_floor(end_entity, intermediates, server_name, ocsp)
     }
 
     fn verify_tls12_signature(
@@ -138,7 +203,7 @@ impl ServerCertVerifier for ClockTolerantVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -147,11 +212,11 @@ impl ServerCertVerifier for ClockTolerantVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.webpki.supported_verify_schemes()
     }
 }
 

@@ -54,7 +54,7 @@ impl<'a> Enos<'a> {
     fn access_token(&mut self) -> Result<Zeroizing<String>> {
         let now = crate::time::now();
         let token = match self.token.take() {
-            Some(token) if token.expires_at > now + 60 => token,
+            Some(token) if token.expires_at > now.saturating_add(60) => token,
             Some(stale) => self.refresh_token(&stale)?,
             None => self.fetch_token(TOKEN_PATH, None)?,
         };
@@ -119,7 +119,9 @@ impl<'a> Enos<'a> {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no data.accessToken")))?;
         let lifetime = data.get("expire").and_then(Value::as_u64).unwrap_or(7200);
-        Ok(Token { value: Zeroizing::new(value.to_string()), expires_at: crate::time::now() + lifetime })
+        // `expire` is the CA's number: saturate, never overflow (issue 14 item 5).
+        let expires_at = crate::time::now().saturating_add(lifetime);
+        Ok(Token { value: Zeroizing::new(value.to_string()), expires_at })
     }
 
     /// The device selection of §1.3 plus the action, as (key, value) query parameters.
@@ -285,7 +287,7 @@ fn now_ms() -> u64 {
     // The effective clock (design.md §5 rule 7), with the system's sub-second part.
     let millis =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_millis());
-    crate::time::now() * 1000 + u64::from(millis)
+    crate::time::now().saturating_mul(1000).saturating_add(u64::from(millis))
 }
 
 /// Gateway statuses (§1.1): 401 bad credentials/signature, 403 IP not allowed, 429 rate limit.
