@@ -50,6 +50,9 @@ pub struct Options {
     pub pending_polls: u32,
     /// notBefore of the HTTPS server certificate, in seconds from now (default one day ago).
     pub tls_start_offset_s: i64,
+    /// notAfter of the HTTPS server certificate, in seconds from now (default a year ahead;
+    /// negative: a certificate that has expired).
+    pub tls_end_offset_s: i64,
 }
 
 impl Default for Options {
@@ -66,6 +69,7 @@ impl Default for Options {
             redtrust: RedtrustConfig::generate(),
             pending_polls: 1,
             tls_start_offset_s: -86_400,
+            tls_end_offset_s: 365 * 86_400,
         }
     }
 }
@@ -176,7 +180,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     pub(crate) fn new(opts: &Options) -> io::Result<Self> {
-        let pki = Pki::generate_with_tls_start(opts.tls_start_offset_s).map_err(io::Error::other)?;
+        let pki = Pki::generate_with_tls_validity(opts.tls_start_offset_s, opts.tls_end_offset_s).map_err(io::Error::other)?;
         let mut faults = FaultState::default();
         if let Some((f, n)) = opts.fault {
             faults.set(f, n);
@@ -376,6 +380,8 @@ pub(crate) fn answer_fault(f: Option<Fault>, mut r: Response) -> Response {
             let inner = String::from_utf8_lossy(&r.body).into_owned();
             r.body = Value::String(inner).to_string().into_bytes();
         }
+        // Replaces the server's own Date (server.rs sends only one).
+        Fault::AbsurdDate => r = r.header("Date", "Thu, 01 Jan 99999999999999 00:00:00 GMT"),
         _ => {}
     }
     tag(r, f)

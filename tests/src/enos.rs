@@ -288,6 +288,17 @@ impl Shared {
             ),
             Fault::Enos11404 => envelope(11404, "Device cannot be found", Value::Null),
             Fault::Enos11833 => envelope(11833, "Certificate is already bound to another device.", Value::Null),
+            // A hostile or broken CA: its words try to clear the screen, forge a log line, ring the
+            // bell, retitle the terminal and reverse the text (issue 14 item 11).
+            Fault::EnosControlChars => Response::json(
+                200,
+                &json!({
+                    "code": 99400,
+                    "msg": "\u{1b}[2J\u{1b}[31mdevice wiped\r\nerror: forged line\u{7}\u{9b}0m \u{202e}gpj.exe",
+                    "requestId": "r1\u{1b}]0;owned\u{7}\nforged: requestId",
+                    "data": null
+                }),
+            ),
             _ => envelope(99500, "Internal error of certificate service.", Value::Null),
         };
         tag(r, f)

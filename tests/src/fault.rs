@@ -121,6 +121,8 @@ faults! {
     Enos11404 = "enos-11404", "EnOS body code 11404 (device cannot be found).";
     Enos11833 = "enos-11833", "EnOS body code 11833 (certificate bound to another device).";
     Enos99500 = "enos-99500", "EnOS body code 99500 (internal error).";
+    EnosControlChars = "enos-control-chars", "EnOS body code 99400 whose msg and requestId carry ANSI escapes, CR/LF, BEL and bidi controls.";
+    AbsurdDate = "absurd-date", "The normal answer, with a Date header of the year 99999999999999.";
     EnosTokenExpired = "enos-token-expired", "The next authenticated EnOS API call answers code 1203 and its token is expired for good.";
     Gateway401 = "gateway-401", "EnOS gateway HTTP 401 before the service is reached.";
     Gateway429 = "gateway-429", "EnOS gateway HTTP 429 with `Retry-After: 1`.";
@@ -143,9 +145,8 @@ impl Fault {
         match self {
             None => false,
             RejectAuth => ep.creates_request() || ep == Endpoint::EnosToken || ep == Endpoint::RedtrustLogin,
-            Enos99400 | Enos11404 | Enos11833 | Enos99500 | EnosTokenExpired | Gateway401 | Gateway429 => {
-                ep == Endpoint::EnosCert
-            }
+            Enos99400 | Enos11404 | Enos11833 | Enos99500 | EnosControlChars | EnosTokenExpired
+            | Gateway401 | Gateway429 => ep == Endpoint::EnosCert,
             EzcaV3404 | EzcaWrapped => ep == Endpoint::EzcaRenewV3,
             WrongKeyCert | ExpiredCert => ep.delivers_cert(),
             PendingForever | ApprovalRejected | RequestExpired => {
@@ -165,15 +166,16 @@ impl Fault {
         use Fault::*;
         match self {
             // Service-level answers come after the gateway accepted the signature.
-            EnosTokenExpired | Enos99400 | Enos11404 | Enos11833 | Enos99500 => Phase::Authenticated,
+            EnosTokenExpired | Enos99400 | Enos11404 | Enos11833 | Enos99500 | EnosControlChars => {
+                Phase::Authenticated
+            }
             // Request fates are decided on a request's first poll, after authentication.
             PendingForever | ApprovalRejected | RequestExpired | RequestFailed | SectigoRevoked => {
                 Phase::Authenticated
             }
             RedtrustTokenExpired | RedtrustFinalize500 => Phase::Authenticated,
-            MalformedJson | TruncatedJson | TruncatedBody | WrongKeyCert | ExpiredCert | EzcaWrapped => {
-                Phase::Answer
-            }
+            MalformedJson | TruncatedJson | TruncatedBody | WrongKeyCert | ExpiredCert | EzcaWrapped
+            | AbsurdDate => Phase::Answer,
             _ => Phase::Early,
         }
     }

@@ -183,6 +183,12 @@ impl Pki {
     /// now (positive: a certificate that is not valid yet, as a freshly rotated one looks to a
     /// device whose clock is behind).
     pub fn generate_with_tls_start(offset_s: i64) -> Result<Self, rcgen::Error> {
+        Self::generate_with_tls_validity(offset_s, 365 * 86_400)
+    }
+
+    /// As [`Pki::generate`], with the TLS server certificate valid from `start_offset_s` to
+    /// `end_offset_s` seconds from now (a negative end: a certificate that has expired).
+    pub fn generate_with_tls_validity(start_offset_s: i64, end_offset_s: i64) -> Result<Self, rcgen::Error> {
         let enos_root = CertAuthority::root("EnOS", "EnOS Emulator Root CA")?;
         let ezca_root = CertAuthority::root("Keytos EZCA Emulator", "EZCA Emulator Root CA")?;
         let ezca_issuing =
@@ -203,7 +209,7 @@ impl Pki {
             hsm_key,
         )?;
         let tls_root = CertAuthority::root("enroll-tests", "CA Emulator TLS Root")?;
-        let (tls_server_der, tls_server_key) = tls_server_cert(&tls_root, offset_s)?;
+        let (tls_server_der, tls_server_key) = tls_server_cert(&tls_root, start_offset_s, end_offset_s)?;
         Ok(Self {
             enos_root,
             ezca_root,
@@ -229,7 +235,11 @@ impl Pki {
     }
 }
 
-fn tls_server_cert(root: &CertAuthority, start_offset_s: i64) -> Result<(Vec<u8>, Vec<u8>), rcgen::Error> {
+fn tls_server_cert(
+    root: &CertAuthority,
+    start_offset_s: i64,
+    end_offset_s: i64,
+) -> Result<(Vec<u8>, Vec<u8>), rcgen::Error> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
     p.distinguished_name = DistinguishedName::new();
@@ -240,7 +250,7 @@ fn tls_server_cert(root: &CertAuthority, start_offset_s: i64) -> Result<(Vec<u8>
     p.serial_number = Some(random_serial().into());
     let now = OffsetDateTime::now_utc();
     p.not_before = now + ::time::Duration::seconds(start_offset_s);
-    p.not_after = now + ::time::Duration::days(365);
+    p.not_after = now + ::time::Duration::seconds(end_offset_s);
     let cert = p.signed_by(&key, &root.cert, &root.key)?;
     Ok((cert.der().to_vec(), key.serialize_der()))
 }

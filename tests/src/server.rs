@@ -55,7 +55,8 @@ impl Request {
 pub struct Response {
     /// Status code.
     pub status: u16,
-    /// Extra headers (Date, Content-Length and Connection are added by the server).
+    /// Extra headers (Content-Length and Connection are added by the server, and Date unless
+    /// one is given here).
     pub headers: Vec<(String, String)>,
     /// Body.
     pub body: Vec<u8>,
@@ -374,7 +375,9 @@ fn reason(status: u16) -> &'static str {
 
 fn write_response(w: &mut impl Write, r: &Response) -> io::Result<()> {
     let mut head = format!("HTTP/1.1 {} {}\r\n", r.status, reason(r.status));
-    head += &format!("Date: {}\r\n", util::imf_fixdate(SystemTime::now()));
+    if !r.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("date")) {
+        head += &format!("Date: {}\r\n", util::imf_fixdate(SystemTime::now()));
+    }
     head += "Server: enroll-tests-ca-emulator\r\nConnection: close\r\n";
     head += &format!("Content-Length: {}\r\n", r.body.len());
     for (k, v) in &r.headers {

@@ -31,7 +31,7 @@ fn openssl_verifies_our_csrs_for_both_algorithms() {
     for algorithm in [Algorithm::P256, Algorithm::Rsa2048] {
         let slot = scratch.0.join(algorithm.name());
         fs::create_dir(&slot).unwrap();
-        let key = FileKeyProvider.generate(algorithm, &slot).unwrap();
+        let key = FileKeyProvider::default().generate(algorithm, &slot).unwrap();
         let csr = enroll_agent::csr::build(key.as_ref(), &subject, &sans).unwrap();
         let path = slot.join("req.pem");
         fs::write(&path, &csr.pem).unwrap();
@@ -63,12 +63,12 @@ fn tls_client_authentication_signs_with_the_device_key_in_place() {
         let mtls = &env.emu;
         let roots = enroll_agent::tls::load_roots(Some(&env.dir().join("tls-root.pem"))).unwrap();
         let slot = fs::canonicalize(env.current()).unwrap();
-        let key = FileKeyProvider.load(&slot).unwrap();
+        let key = FileKeyProvider::default().load(&slot).unwrap();
         let chain =
             enroll_agent::pki::parse_pem_certs(&fs::read_to_string(slot.join("chain.pem")).unwrap()).unwrap();
         let identity =
             enroll_agent::tls::ClientIdentity { chain: chain.into_iter().map(|c| c.der).collect(), key };
-        let config = enroll_agent::tls::client_config(roots, Some(identity)).unwrap();
+        let config = enroll_agent::tls::client_config(roots, None, Some(identity)).unwrap();
         let http = enroll_agent::http::Http::new(config, 5);
         let response =
             http.send("probe", "GET", &format!("{}/_emulator/log", mtls.url()), &[], None).unwrap();

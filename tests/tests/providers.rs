@@ -178,7 +178,7 @@ fn contract_csr_and_mtls(provider: &str, algorithm: &str) {
         enroll_agent::tls::ClientIdentity { chain: chain.into_iter().map(|c| c.der).collect(), key };
     let roots = enroll_agent::tls::load_roots(Some(&env.dir().join("tls-root.pem"))).unwrap();
     let http =
-        enroll_agent::http::Http::new(enroll_agent::tls::client_config(roots, Some(identity)).unwrap(), 10);
+        enroll_agent::http::Http::new(enroll_agent::tls::client_config(roots, None, Some(identity)).unwrap(), 10);
     let response = http.send("probe", "GET", &format!("{}/_emulator/log", env.emu.url()), &[], None).unwrap();
     assert_eq!(response.status, 200);
     assert!(env.emu.log().last().unwrap().client_cert, "{provider}/{algorithm}: no client certificate seen");
