@@ -195,7 +195,7 @@ impl<'a> Agent<'a> {
     pub fn open(settings: &'a Settings) -> Result<Agent<'a>> {
         let store = Store::open(&settings.state_dir, settings.storage_group)
             .context("opening the state directory")?;
-        let lock = store.lock(lock_wait()).context("waiting for the state directory")?;
+        let lock = store.lock(lock_wait(), &crate::daemon::stop_requested).context("waiting for the state directory")?;
         store.repair(&lock).context("opening the state directory")?;
         Agent::with_store(settings, store, Some(lock))
     }
@@ -214,9 +214,11 @@ impl<'a> Agent<'a> {
         lock: Option<enroll_hal::store::Lock>,
     ) -> Result<Agent<'a>> {
         let writer = lock.is_some();
-        let state = load_state(&store, writer)?;
+        let mut state = load_state(&store, writer)?;
         if let Some(floor) = state.clock_floor {
-            time::set_persisted_floor(floor);
+            if !time::set_persisted_floor(floor) {
+                state.clock_floor = None;
+            }
         }
         let mut agent = Agent { settings, store, provider: std::cell::OnceCell::new(), state, _lock: lock };
         agent.forget_installed_pending(writer)?;

@@ -34,10 +34,22 @@ pub fn floor() -> u64 {
 }
 
 /// Sets the persisted last-known-good time read from state.json.
-pub fn set_persisted_floor(unix: u64) {
-    // A corrupt state.json must not push "now" past what any arithmetic on it can hold.
+/// Answers whether the value was believed.
+pub fn set_persisted_floor(unix: u64) -> bool {
+    // The floor only ever comes from a corroborated clock or a certificate's notBefore, so one
+    // far beyond the build is a corrupt state.json (a flipped bit), not time that has passed:
+    // believing it would make every certificate look expired, for good.
+    if unix > build_time().saturating_add(MAX_FLOOR_AHEAD_OF_BUILD_S) {
+        log::warn!("state.json: ignoring clock_floor {unix}, implausibly far beyond this build");
+        return false;
+    }
     PERSISTED_FLOOR.fetch_max(unix.min(MAX_UNIX), Ordering::Relaxed);
+    true
 }
+
+/// How far past the build a persisted floor may be and still be believed: longer than any
+/// device stays in service on one firmware.
+const MAX_FLOOR_AHEAD_OF_BUILD_S: u64 = 50 * 365 * 86_400;
 
 /// The time used for every validity judgement except the CA's TLS certificate.
 pub fn now() -> u64 {

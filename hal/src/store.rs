@@ -89,8 +89,9 @@ impl Store {
     }
 
     /// Takes the writer's lock, waiting up to `wait` for another run to finish (polling, so a
-    /// holder that never lets go costs a bounded wait, then [`Error::Locked`]).
-    pub fn lock(&self, wait: Duration) -> Result<Lock, Error> {
+    /// holder that never lets go costs a bounded wait, then [`Error::Locked`]). `give_up` is
+    /// asked between polls: a service told to stop does not sit out the wait first.
+    pub fn lock(&self, wait: Duration, give_up: &dyn Fn() -> bool) -> Result<Lock, Error> {
         let path = self.root.join(LOCK);
         let mut file = OpenOptions::new()
             .read(true)
@@ -108,8 +109,8 @@ impl Store {
                 Err((file, Errno::EWOULDBLOCK)) => file,
                 Err((_, errno)) => return Err(Error::io("locking", &path, errno.into())),
             };
-            if started.elapsed() >= wait {
-                return Err(Error::Locked { path, waited_s: wait.as_secs() });
+            if started.elapsed() >= wait || give_up() {
+                return Err(Error::Locked { path, waited_s: started.elapsed().as_secs() });
             }
             if !said {
                 log::info!(
@@ -538,7 +539,7 @@ mod tests {
         std::os::unix::fs::symlink("slots/7", root.join("current.new")).unwrap();
         fs::rename(root.join("current.new"), root.join(CURRENT)).unwrap();
         assert!(store.current().is_none(), "a slot that is a symlink is not followed");
-        let lock = store.lock(Duration::ZERO).unwrap();
+        let lock = store.lock(Duration::ZERO, &|| false).unwrap();
         store.repair(&lock).unwrap();
         assert_eq!(fs::read_link(root.join("previous.corrupt")).unwrap(), Path::new("/tmp"));
         let err = store.remove_slot(&outside).unwrap_err().to_string();
@@ -552,15 +553,15 @@ mod tests {
     fn one_writer_at_a_time() {
         let root = temp_root("lock");
         let store = Store::open(&root, None).unwrap();
-        let held = store.lock(Duration::ZERO).unwrap();
+        let held = store.lock(Duration::ZERO, &|| false).unwrap();
         assert_eq!(mode(&root.join(LOCK)), 0o600);
         let started = Instant::now();
-        let err = store.lock(Duration::from_millis(300)).unwrap_err();
+        let err = store.lock(Duration::from_millis(300), &|| false).unwrap_err();
         assert!(started.elapsed() >= Duration::from_millis(300));
         assert!(matches!(err, Error::Locked { .. }), "{err}");
         assert!(err.to_string().contains("another enroll-agent run holds"), "{err}");
         drop(held);
-        store.lock(Duration::ZERO).unwrap();
+        store.lock(Duration::ZERO, &|| false).unwrap();
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -572,7 +573,7 @@ mod tests {
         fs::write(root.join(".state.json.tmp"), "old fixed name").unwrap();
         fs::write(root.join(".current.99.3.tmp"), "").unwrap();
         fs::write(root.join(".metrics.prom.tmp"), "not ours").unwrap();
-        let lock = store.lock(Duration::ZERO).unwrap();
+        let lock = store.lock(Duration::ZERO, &|| false).unwrap();
         store.repair(&lock).unwrap();
         assert!(!root.join(".state.json.tmp").exists() && !root.join(".current.99.3.tmp").exists());
         assert!(root.join(".metrics.prom.tmp").exists());
