@@ -148,40 +148,71 @@ fn contract_rotation_crash_points(provider: &str) {
 }
 
 /// In process: the configured provider makes a key, openssl verifies our CSR, and the
-/// emulator's TLS server sees a client certificate signed by the hardware key.
+/// emulator's TLS server sees a client certificate signed by the hardware key. The in-process
+/// part runs in a child process of this test binary ([`in_process_csr_and_mtls`]): a PKCS#11
+/// module is initialised once per process and reads its environment (SOFTHSM2_CONF, the
+/// tpm2-pkcs11 store) then, so tests sharing one process under `cargo test` would see each
+/// other's tokens.
 fn contract_csr_and_mtls(provider: &str, algorithm: &str) {
+    let in_process = match (provider, cfg!(feature = "hardware")) {
+        ("file", _) | (_, true) => Ok(()),
+        _ => Err("the test crate was built without its `hardware` feature (scripts/test.sh uses --all-features)".into()),
+    };
+    if require(in_process, provider).is_none() {
+        return;
+    }
     let options = Options { request_client_cert: true, ..Options::default() };
     let Some(s) = setup(provider, Ca::Enos, algorithm, options) else { return };
     let env = &s.env;
-    for (k, v) in env.env_vars.lock().unwrap().iter() {
-        // nextest runs every test in its own process, so this affects this test only.
-        std::env::set_var(k, v);
-    }
     env.expect(&["enroll"], 0);
-    let settings = enroll_agent::config::Settings::load(&env.config).unwrap();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "in_process_csr_and_mtls", "--ignored", "--nocapture", "--test-threads=1"])
+        .envs(env.env_vars.lock().unwrap().iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env(CHILD_CONFIG, &env.config)
+        .env(CHILD_URL, env.emu.url())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&child.stdout);
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert!(child.status.success(), "{provider}/{algorithm}: {stdout}\n{stderr}");
+    assert!(stdout.contains("1 passed"), "{provider}/{algorithm}: the child ran no test: {stdout}");
+    assert!(env.emu.log().last().unwrap().client_cert, "{provider}/{algorithm}: no client certificate seen");
+}
+
+/// Where [`contract_csr_and_mtls`] tells its child process the agent config and the emulator.
+const CHILD_CONFIG: &str = "ENROLL_TEST_CHILD_CONFIG";
+const CHILD_URL: &str = "ENROLL_TEST_CHILD_URL";
+
+/// The in-process half of [`contract_csr_and_mtls`], run only as its child (hence `#[ignore]`).
+#[test]
+#[ignore = "run by contract_csr_and_mtls in a child process"]
+fn in_process_csr_and_mtls() {
+    let config = std::path::PathBuf::from(std::env::var_os(CHILD_CONFIG).expect("run by contract_csr_and_mtls"));
+    let dir = config.parent().unwrap();
+    let settings = enroll_agent::config::Settings::load(&config).unwrap();
     let keys = enroll_agent::lifecycle::open_provider(&settings).unwrap();
 
-    let slot = env.dir().join("csr-slot-9");
+    let slot = dir.join("csr-slot-9");
     fs::create_dir(&slot).unwrap();
     let key = keys.generate(settings.key.algorithm, &slot).unwrap();
     let csr = enroll_agent::csr::build(key.as_ref(), &settings.subject, &settings.san).unwrap();
     fs::write(slot.join("req.pem"), &csr.pem).unwrap();
     let (ok, text) = openssl(&["req", "-in", slot.join("req.pem").to_str().unwrap(), "-verify", "-noout"]);
-    assert!(ok && text.contains("verify OK"), "{provider}/{algorithm}: {text}");
+    assert!(ok && text.contains("verify OK"), "{text}");
     keys.delete(&slot).unwrap();
 
-    let current = fs::canonicalize(env.current()).unwrap();
+    let current = fs::canonicalize(settings.state_dir.join("current")).unwrap();
     let key = keys.load(&current).unwrap();
     let chain =
         enroll_agent::pki::parse_pem_certs(&fs::read_to_string(current.join("chain.pem")).unwrap()).unwrap();
     let identity =
         enroll_agent::tls::ClientIdentity { chain: chain.into_iter().map(|c| c.der).collect(), key };
-    let roots = enroll_agent::tls::load_roots(Some(&env.dir().join("tls-root.pem"))).unwrap();
+    let roots = enroll_agent::tls::load_roots(Some(&dir.join("tls-root.pem"))).unwrap();
     let http =
         enroll_agent::http::Http::new(enroll_agent::tls::client_config(roots, None, Some(identity)).unwrap(), 10);
-    let response = http.send("probe", "GET", &format!("{}/_emulator/log", env.emu.url()), &[], None).unwrap();
+    let url = std::env::var(CHILD_URL).unwrap();
+    let response = http.send("probe", "GET", &format!("{url}/_emulator/log"), &[], None).unwrap();
     assert_eq!(response.status, 200);
-    assert!(env.emu.log().last().unwrap().client_cert, "{provider}/{algorithm}: no client certificate seen");
 }
 
 fn contract_wrong_pin_fails_once_and_is_not_retried() {
