@@ -1,4 +1,4 @@
-//! The in-process emulator: EnOS, EZCA, Sectigo SCM, Securosys TSB and Redtrust on ONE HTTPS
+//! The in-process emulator: EnOS, EZCA, Sectigo SCM, Securosys TSB, Redtrust and EST on ONE HTTPS
 //! server (their paths do not collide), plus a control API (`/_emulator/…`) and a request log.
 //!
 //! ```no_run
@@ -10,6 +10,7 @@
 
 use crate::enos::{EnosConfig, EnosState};
 use crate::ezca::{EzcaConfig, EzcaState};
+use crate::est::{EstAuth, EstConfig, EstState};
 use crate::fault::{Endpoint, Fault, FaultState, Phase};
 use crate::pki::Pki;
 use crate::redtrust::{RedtrustConfig, RedtrustState};
@@ -31,7 +32,8 @@ pub struct Options {
     pub port: u16,
     /// How long the `timeout` fault holds a response (default 5 s).
     pub fault_delay: Duration,
-    /// Ask clients for a TLS certificate (optional; verified against the EnOS and EZCA CAs).
+    /// Ask clients for a TLS certificate (optional: a client without one still connects;
+    /// verified against the vendor CAs, the EST root and issuing CA, and the Factory CA).
     pub request_client_cert: bool,
     /// A fault armed from the start, and for how many calls (`None` = until cleared).
     pub fault: Option<(Fault, Option<u32>)>,
@@ -45,6 +47,8 @@ pub struct Options {
     pub securosys: SecurosysConfig,
     /// Redtrust partner identifiers and HMAC secret.
     pub redtrust: RedtrustConfig,
+    /// EST label, Basic credentials, Retry-After and certificate lifetime.
+    pub est: EstConfig,
     /// Polls an asynchronous request stays pending (Sectigo collect calls, Securosys PENDING
     /// GETs) before it completes; default 1. Changeable at run time.
     pub pending_polls: u32,
@@ -67,6 +71,7 @@ impl Default for Options {
             sectigo: SectigoConfig::generate(),
             securosys: SecurosysConfig::generate(),
             redtrust: RedtrustConfig::generate(),
+            est: EstConfig::generate(),
             pending_polls: 1,
             tls_start_offset_s: -86_400,
             tls_end_offset_s: 365 * 86_400,
@@ -85,7 +90,8 @@ pub struct LoggedRequest {
     pub query: Vec<(String, String)>,
     /// Selected headers: Content-Type, Authorization, apim-accesstoken, apim-timestamp,
     /// apim-signature, login, customerUri, x-partner-name, x-request-timestamp; secrets whose
-    /// presence matters (password, X-API-KEY, x-hmac-signature) are recorded as `<present>`.
+    /// presence matters (password, X-API-KEY, x-hmac-signature, and a Basic Authorization)
+    /// are recorded as `<present>`.
     pub headers: Vec<(String, String)>,
     /// Status code answered.
     pub status: u16,
@@ -93,6 +99,10 @@ pub struct LoggedRequest {
     pub fault: Option<String>,
     /// Whether the client presented a TLS certificate.
     pub client_cert: bool,
+    /// CN of the client certificate's subject, when one was presented.
+    pub client_cert_subject: Option<String>,
+    /// CN of the client certificate's issuer, when one was presented.
+    pub client_cert_issuer: Option<String>,
 }
 
 const LOGGED_HEADERS: &[&str] = &[
@@ -120,7 +130,10 @@ impl LoggedRequest {
             .iter()
             .filter_map(|(k, v)| {
                 let lower = k.to_ascii_lowercase();
-                if LOGGED_HEADERS.contains(&lower.as_str()) {
+                let basic = v.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("basic "));
+                if lower == "authorization" && basic {
+                    Some((k.clone(), PRESENT.to_string()))
+                } else if LOGGED_HEADERS.contains(&lower.as_str()) {
                     Some((k.clone(), v.clone()))
                 } else if REDACTED_HEADERS.contains(&lower.as_str()) {
                     Some((k.clone(), PRESENT.to_string()))
@@ -130,6 +143,10 @@ impl LoggedRequest {
             })
             .collect();
         let fault = resp.headers.iter().find(|(k, _)| k == FAULT_HEADER).map(|(_, v)| v.clone());
+        let names = req.peer_cert.as_deref().and_then(|der| {
+            let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+            Some((crate::est::common_name(c.subject()), crate::est::common_name(c.issuer())))
+        });
         Self {
             method: req.method.clone(),
             path: req.path.clone(),
@@ -138,6 +155,8 @@ impl LoggedRequest {
             status: resp.status,
             fault,
             client_cert: req.peer_cert.is_some(),
+            client_cert_subject: names.as_ref().map(|n| n.0.clone()),
+            client_cert_issuer: names.map(|n| n.1),
         }
     }
 
@@ -147,7 +166,8 @@ impl LoggedRequest {
         json!({
             "method": self.method, "path": self.path, "query": pairs(&self.query),
             "headers": pairs(&self.headers), "status": self.status, "fault": self.fault,
-            "client_cert": self.client_cert,
+            "client_cert": self.client_cert, "client_cert_subject": self.client_cert_subject,
+            "client_cert_issuer": self.client_cert_issuer,
         })
     }
 }
@@ -166,6 +186,8 @@ pub(crate) struct Shared {
     pub(crate) sectigo: Mutex<SectigoState>,
     pub(crate) securosys: Mutex<SecurosysState>,
     pub(crate) redtrust: Mutex<RedtrustState>,
+    pub(crate) est_cfg: EstConfig,
+    pub(crate) est: Mutex<EstState>,
     pending_polls: Mutex<u32>,
     faults: Mutex<FaultState>,
     fault_delay: Mutex<Duration>,
@@ -185,6 +207,7 @@ impl Shared {
         if let Some((f, n)) = opts.fault {
             faults.set(f, n);
         }
+        let est = EstState::new(&pki.factory_ca).map_err(io::Error::other)?;
         Ok(Self {
             pki,
             url: OnceLock::new(),
@@ -198,6 +221,8 @@ impl Shared {
             sectigo: Mutex::new(SectigoState::default()),
             securosys: Mutex::new(SecurosysState::new()),
             redtrust: Mutex::new(RedtrustState::default()),
+            est_cfg: opts.est.clone(),
+            est: Mutex::new(est),
             pending_polls: Mutex::new(opts.pending_polls),
             faults: Mutex::new(faults),
             fault_delay: Mutex::new(opts.fault_delay),
@@ -240,6 +265,7 @@ impl Shared {
             {
                 self.redtrust(req)
             }
+            (_, p) if p.starts_with("/.well-known/est/") => self.est(req),
             (_, "/_emulator/fault") => self.control_fault(req),
             (_, "/_emulator/pending-polls") => self.control_pending_polls(req),
             ("GET", "/_emulator/log") => self.control_log(),
@@ -258,6 +284,9 @@ impl Shared {
         let r = match f {
             Fault::Http500 => Response::text(500, "Internal Server Error (emulated)"),
             Fault::Http503 => Response::text(503, "Service Unavailable (emulated)"),
+            Fault::Http503RetryAfter => {
+                Response::text(503, "Service Unavailable (emulated)").header("Retry-After", "1")
+            }
             Fault::Http429 => Response::text(429, "Too Many Requests (emulated)").header("Retry-After", "1"),
             Fault::Timeout => {
                 let mut r = Response::text(504, "emulated timeout: request not processed");
@@ -401,6 +430,8 @@ pub struct Emulator {
     pub securosys: SecurosysConfig,
     /// Redtrust partner settings (partner, hmac_secret, domain, redirect_url, ca_provider, …).
     pub redtrust: RedtrustConfig,
+    /// EST settings (label, username, password, retry_after_s, valid_days).
+    pub est: EstConfig,
 }
 
 impl Emulator {
@@ -423,6 +454,7 @@ impl Emulator {
             sectigo: opts.sectigo,
             securosys: opts.securosys,
             redtrust: opts.redtrust,
+            est: opts.est,
         })
     }
 
@@ -480,6 +512,66 @@ impl Emulator {
     /// (TSB returns only the leaf, protocols.md §4.4).
     pub fn securosys_ca_bundle_pem(&self) -> String {
         format!("{}{}", self.securosys_issuing_pem(), self.securosys_root_pem())
+    }
+
+    /// PEM of the EST root CA (last certificate of `cacerts`).
+    pub fn est_root_pem(&self) -> String {
+        self.shared.pki.est_root.pem()
+    }
+
+    /// PEM of the EST issuing CA (signs EST device certificates; first in `cacerts`).
+    pub fn est_issuing_pem(&self) -> String {
+        self.shared.pki.est_issuing.pem()
+    }
+
+    /// PEM of the Factory CA (issues the factory / IDevID certificates `simpleenroll` accepts).
+    pub fn factory_ca_pem(&self) -> String {
+        self.shared.pki.factory_ca.pem()
+    }
+
+    /// PEM of this run's factory (IDevID) certificate, `O=Acme, CN=sensor-0042 factory`.
+    pub fn factory_cert_pem(&self) -> String {
+        crate::pki::cert_pem(&lock(&self.shared.est).factory_cert)
+    }
+
+    /// PKCS#8 PEM (`PRIVATE KEY`) of the factory certificate's P-256 key.
+    pub fn factory_key_pem(&self) -> String {
+        crate::pki::pem_encode("PRIVATE KEY", &lock(&self.shared.est).factory_key)
+    }
+
+    /// Another factory certificate from the Factory CA for a fresh key (`rsa`: RSA-2048, else
+    /// P-256), subject `O=Acme, CN=cn`, valid `days` (< 0: expired that many days ago).
+    /// Returns (certificate PEM, PKCS#8 key PEM).
+    pub fn issue_factory_identity(&self, cn: &str, rsa: bool, days: i64) -> Result<(String, String), String> {
+        issue_client_identity(&self.shared.pki.factory_ca, cn, rsa, days)
+    }
+
+    /// A client certificate from the EST issuing CA for a fresh key, as
+    /// [`Self::issue_factory_identity`] (simplereenroll tests, e.g. an expired device
+    /// certificate). Not recorded in [`Self::issued`].
+    pub fn issue_est_device_identity(&self, cn: &str, rsa: bool, days: i64) -> Result<(String, String), String> {
+        issue_client_identity(&self.shared.pki.est_issuing, cn, rsa, days)
+    }
+
+    /// `simpleenroll` requests received on a known label (whatever the answer).
+    pub fn est_enroll_requests(&self) -> usize {
+        lock(&self.shared.est).enrolls
+    }
+
+    /// `simplereenroll` requests received on a known label (whatever the answer).
+    pub fn est_reenroll_requests(&self) -> usize {
+        lock(&self.shared.est).reenrolls
+    }
+
+    /// Lowercase hex SHA-256 of the DER CSR of every authenticated enroll/reenroll request whose
+    /// body decoded, oldest first (a client repeating a pending request sends identical bytes).
+    pub fn est_csr_hashes(&self) -> Vec<String> {
+        lock(&self.shared.est).csr_hashes.clone()
+    }
+
+    /// How the last authenticated enroll/reenroll request authenticated.
+    pub fn est_last_auth(&self) -> Option<EstAuth> {
+        lock(&self.shared.est).last_auth
     }
 
     /// Sets how many polls a new asynchronous request stays pending (Sectigo collect calls,
@@ -564,6 +656,22 @@ impl Emulator {
     }
 }
 
+/// A fresh key (RSA-2048 or P-256) and a client certificate for it from `ca`, both PEM.
+fn issue_client_identity(
+    ca: &crate::pki::CertAuthority,
+    cn: &str,
+    rsa: bool,
+    days: i64,
+) -> Result<(String, String), String> {
+    let key = if rsa {
+        crate::pki::rsa_pkcs8(2048)?
+    } else {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?.serialize_der()
+    };
+    let cert = crate::pki::issue_client_cert(ca, &key, "Acme", cn, days)?;
+    Ok((crate::pki::cert_pem(&cert), crate::pki::pem_encode("PRIVATE KEY", &key)))
+}
+
 fn client_roots(pki: &Pki) -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();
     let cas = [
@@ -574,6 +682,9 @@ fn client_roots(pki: &Pki) -> rustls::RootCertStore {
         &pki.sectigo_issuing,
         &pki.securosys_root,
         &pki.securosys_issuing,
+        &pki.est_root,
+        &pki.est_issuing,
+        &pki.factory_ca,
     ];
     for ca in cas {
         // Our own freshly generated CA certificates always parse.

@@ -40,6 +40,12 @@ pub enum Endpoint {
     RedtrustCreate,
     /// Redtrust `PUT /raapi/v1/csr/finalize`.
     RedtrustFinalize,
+    /// EST `GET /.well-known/est[/label]/cacerts` (RFC 7030 §4.1).
+    EstCaCerts,
+    /// EST `POST …/simpleenroll` (RFC 7030 §4.2.1).
+    EstEnroll,
+    /// EST `POST …/simplereenroll` (RFC 7030 §4.2.2).
+    EstReenroll,
 }
 
 impl Endpoint {
@@ -57,6 +63,8 @@ impl Endpoint {
                 | SecurosysSyncSign
                 | SecurosysSign
                 | RedtrustCreate
+                | EstEnroll
+                | EstReenroll
         )
     }
 
@@ -72,6 +80,8 @@ impl Endpoint {
                 | SectigoCollect
                 | SecurosysSyncSign
                 | SecurosysRequest
+                | EstEnroll
+                | EstReenroll
         )
     }
 }
@@ -109,14 +119,15 @@ faults! {
     None = "none", "No fault (clears any armed fault).";
     Http500 = "http500", "HTTP 500 with a short text body.";
     Http503 = "http503", "HTTP 503 with a short text body.";
+    Http503RetryAfter = "http503-retry-after", "HTTP 503 with a short text body and `Retry-After: 1` (EST: the configured `retry_after_s`).";
     Http429 = "http429", "HTTP 429 with `Retry-After: 1`.";
     Timeout = "timeout", "Hold the response for the configured delay (default 5 s), then answer 504 without processing.";
-    MalformedJson = "malformed-json", "200 with a body that is not JSON (EZCA V2: not PEM).";
-    TruncatedJson = "truncated-json", "200, complete HTTP message, JSON (or PEM) body cut in half.";
+    MalformedJson = "malformed-json", "200 with a body that is not JSON (EZCA V2: not PEM; EST: not base64).";
+    TruncatedJson = "truncated-json", "200, complete HTTP message, JSON (or PEM) body cut in half (EST: base64 cut mid-quantum).";
     TruncatedBody = "truncated-body", "Content-Length larger than what is sent, then the connection closes.";
     WrongKeyCert = "wrong-key-cert", "A certificate for another key (same subject and SANs).";
     ExpiredCert = "expired-cert", "A certificate for the right key whose notAfter has passed.";
-    RejectAuth = "reject-auth", "EnOS: token/get answers status 1003 and API calls 401; EZCA: 401 text.";
+    RejectAuth = "reject-auth", "EnOS: token/get answers status 1003 and API calls 401; EZCA: 401 text; EST: 401 with `WWW-Authenticate: Basic realm=\"est\"` whatever the credentials.";
     Enos99400 = "enos-99400", "EnOS body code 99400 (invalid argument).";
     Enos11404 = "enos-11404", "EnOS body code 11404 (device cannot be found).";
     Enos11833 = "enos-11833", "EnOS body code 11833 (certificate bound to another device).";
@@ -136,6 +147,13 @@ faults! {
     SectigoRevoked = "sectigo-revoked", "Sectigo collect answers 400 -110 (revoked, can't be downloaded); sticky per sslId.";
     RedtrustTokenExpired = "redtrust-token-expired", "The next bearer-authenticated Redtrust RA call answers 401 TOKEN_EXPIRED; that access token stays dead.";
     RedtrustFinalize500 = "redtrust-finalize-500", "Redtrust csr/finalize answers HTTP 500 without recording anything.";
+    EstPending = "est-pending", "EST enroll/reenroll: 202 Accepted with `Retry-After: <retry_after_s>` after authentication, nothing issued (count = how many 202s; the client resends the identical CSR).";
+    EstForbidden = "est-forbidden", "EST enroll/reenroll: authenticated, then 403 with a one-line text body.";
+    EstWrap64 = "est-wrap-64", "EST PKCS#7 answers (cacerts too) as base64 wrapped at 64 columns (LF).";
+    EstWrap76 = "est-wrap-76", "EST PKCS#7 answers (cacerts too) as base64 wrapped at 76 columns (LF), as MIME does.";
+    EstCrlf = "est-crlf", "EST PKCS#7 answers (cacerts too) as base64 wrapped at 76 columns with CRLF line endings.";
+    EstBer = "est-ber", "EST PKCS#7 answers (cacerts too) BER-encoded with indefinite lengths (as EJBCA and libest send).";
+    EstExtraCerts = "est-extra-certs", "EST enroll/reenroll answer holds root, issuing CA and leaf, in that order (leaf not first).";
 }
 
 impl Fault {
@@ -156,6 +174,10 @@ impl Fault {
             SectigoRevoked => ep == Endpoint::SectigoCollect,
             RedtrustTokenExpired => matches!(ep, Endpoint::RedtrustCreate | Endpoint::RedtrustFinalize),
             RedtrustFinalize500 => ep == Endpoint::RedtrustFinalize,
+            EstPending | EstForbidden | EstExtraCerts => matches!(ep, Endpoint::EstEnroll | Endpoint::EstReenroll),
+            EstWrap64 | EstWrap76 | EstCrlf | EstBer => {
+                matches!(ep, Endpoint::EstCaCerts | Endpoint::EstEnroll | Endpoint::EstReenroll)
+            }
             // Generic early faults (http5xx/429, timeout, oversized) and JSON answer faults.
             _ => ep.creates_request(),
         }
@@ -174,8 +196,10 @@ impl Fault {
                 Phase::Authenticated
             }
             RedtrustTokenExpired | RedtrustFinalize500 => Phase::Authenticated,
+            // EST: the server answers 202 / 403 only to a client it has authenticated.
+            EstPending | EstForbidden => Phase::Authenticated,
             MalformedJson | TruncatedJson | TruncatedBody | WrongKeyCert | ExpiredCert | EzcaWrapped
-            | AbsurdDate => Phase::Answer,
+            | AbsurdDate | EstWrap64 | EstWrap76 | EstCrlf | EstBer | EstExtraCerts => Phase::Answer,
             _ => Phase::Early,
         }
     }
@@ -305,6 +329,14 @@ mod tests {
             Fault::RedtrustFinalize500.applies_to(RedtrustFinalize)
                 && !Fault::RedtrustFinalize500.applies_to(RedtrustCreate)
         );
+        // EST: delivery and status faults on enroll/reenroll; encoding faults on cacerts too.
+        for ep in [EstEnroll, EstReenroll] {
+            for f in [Fault::Http500, Fault::Timeout, Fault::WrongKeyCert, Fault::EstPending, Fault::RejectAuth] {
+                assert!(f.applies_to(ep), "{f} on {ep:?}");
+            }
+        }
+        assert!(Fault::EstBer.applies_to(EstCaCerts) && !Fault::EstPending.applies_to(EstCaCerts));
+        assert!(!Fault::Http500.applies_to(EstCaCerts) && !Fault::EstBer.applies_to(EnosCert));
         let mut s = FaultState::default();
         s.set(Fault::PendingForever, Some(1));
         assert_eq!(

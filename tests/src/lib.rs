@@ -12,6 +12,8 @@
 //! - Redtrust (protocols.md §5): HMAC partner login `/authclient/auth/loginrequest`,
 //!   `/authapi/v1/{login_by_temp_token,refresh-token,logout}`, `/raapi/v{1,2}/csr/create`,
 //!   `/raapi/v1/csr/finalize` (server-side RSA keys);
+//! - EST (RFC 7030 + RFC 8951, protocols.md §6.1): `/.well-known/est[/<label>]/{cacerts,
+//!   simpleenroll,simplereenroll}` with HTTP Basic or factory / device TLS client certificates;
 //! - control: `POST|GET|DELETE /_emulator/fault`, `POST|GET /_emulator/pending-polls`,
 //!   `GET /_emulator/log` (JSON lines).
 //!
@@ -25,6 +27,7 @@
 pub mod client;
 pub mod emulator;
 pub mod enos;
+pub mod est;
 pub mod ezca;
 pub mod fault;
 pub mod pki;
@@ -36,6 +39,7 @@ pub mod util;
 
 pub use emulator::{Emulator, LoggedRequest, Options};
 pub use enos::EnosConfig;
+pub use est::{EstAuth, EstConfig};
 pub use ezca::EzcaConfig;
 pub use fault::Fault;
 pub use redtrust::RedtrustConfig;
@@ -44,3 +48,5 @@ pub use securosys::SecurosysConfig;
 
 #[cfg(test)]
 mod selftest;
+#[cfg(test)]
+mod selftest_est;

@@ -6,6 +6,10 @@
 //! - Sectigo root + issuing CA: `collect` returns leaf, issuing and root (protocols.md §3.3).
 //! - Securosys root + issuing CA: the issuing CA's key is the RSA-2048 "CA key in the HSM"
 //!   (`signKeyName`), since the TSB signature algorithms are `SHA*_WITH_RSA` (§4.4).
+//! - EST root + issuing CA: the EST emulator's CA (RFC 7030; `cacerts` answers both, the issuing
+//!   CA signs the device certificates).
+//! - Factory CA: signs factory (IDevID) TLS client certificates that authenticate EST
+//!   `simpleenroll` (RFC 7030 §3.3.2); it issues no device certificates.
 //! - TLS root: signs the emulator's HTTPS server certificate for `localhost` and 127.0.0.1.
 //!
 //! All other CA keys are ECDSA P-256. Leaves are made from a PKCS#10 CSR whose self-signature is
@@ -167,6 +171,12 @@ pub struct Pki {
     pub securosys_root: CertAuthority,
     /// Securosys issuing CA: the RSA-2048 "CA key in the HSM" named by `signKeyName`.
     pub securosys_issuing: CertAuthority,
+    /// EST root CA ("EST Emulator Root CA").
+    pub est_root: CertAuthority,
+    /// EST issuing CA ("EST Emulator Issuing CA"): signs EST device certificates.
+    pub est_issuing: CertAuthority,
+    /// Factory CA: signs the factory / IDevID client certificates EST `simpleenroll` accepts.
+    pub factory_ca: CertAuthority,
     /// Root that signs the HTTPS server certificate.
     pub tls_root: CertAuthority,
     tls_server_der: Vec<u8>,
@@ -208,6 +218,9 @@ impl Pki {
             &securosys_root,
             hsm_key,
         )?;
+        let est_root = CertAuthority::root("EST Emulator", "EST Emulator Root CA")?;
+        let est_issuing = CertAuthority::intermediate("EST Emulator", "EST Emulator Issuing CA", &est_root)?;
+        let factory_ca = CertAuthority::root("Acme Factory", "Factory CA")?;
         let tls_root = CertAuthority::root("enroll-tests", "CA Emulator TLS Root")?;
         let (tls_server_der, tls_server_key) = tls_server_cert(&tls_root, start_offset_s, end_offset_s)?;
         Ok(Self {
@@ -218,6 +231,9 @@ impl Pki {
             sectigo_issuing,
             securosys_root,
             securosys_issuing,
+            est_root,
+            est_issuing,
+            factory_ca,
             tls_root,
             tls_server_der,
             tls_server_key,
@@ -253,6 +269,41 @@ fn tls_server_cert(
     p.not_after = now + ::time::Duration::seconds(end_offset_s);
     let cert = p.signed_by(&key, &root.cert, &root.key)?;
     Ok((cert.der().to_vec(), key.serialize_der()))
+}
+
+/// A TLS client certificate (clientAuth) signed by `ca` for the PKCS#8 key `key_pkcs8`
+/// (P-256 or RSA), subject `O=org, CN=cn`, valid from a day ago for
+/// `days` (negative: expired that many days ago). Returns the certificate DER.
+pub fn issue_client_cert(
+    ca: &CertAuthority,
+    key_pkcs8: &[u8],
+    org: &str,
+    cn: &str,
+    days: i64,
+) -> Result<Vec<u8>, String> {
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(key_pkcs8.to_vec());
+    let key = KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ECDSA_P256_SHA256)
+        .or_else(|_| KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_RSA_SHA256))
+        .map_err(|e| format!("unsupported key: {e}"))?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::OrganizationName, org);
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.use_authority_key_identifier_extension = true;
+    p.serial_number = Some(random_serial().into());
+    let now = OffsetDateTime::now_utc();
+    if days < 0 {
+        p.not_before = now + ::time::Duration::days(days - 30);
+        p.not_after = now + ::time::Duration::days(days);
+    } else {
+        p.not_before = now - ::time::Duration::days(1);
+        p.not_after = (now + ::time::Duration::days(days)).min(to_offset(ca.not_after));
+    }
+    let cert = p.signed_by(&key, &ca.cert, &ca.key).map_err(|e| format!("signing failed: {e}"))?;
+    Ok(cert.der().to_vec())
 }
 
 /// The public-key type of a CSR, as far as the emulated CAs care.
@@ -304,6 +355,11 @@ impl ParsedCsr {
     /// True for RSA-2048 signed with SHA256withRSA (EnOS "RSA", protocols.md §1.4).
     pub fn is_enos_rsa(&self) -> bool {
         self.key == KeyKind::Rsa(2048) && self.sig_alg == OID_SHA256_RSA
+    }
+
+    /// The CSR's subjectAltName extension value (DER), if it requests one.
+    pub fn san_ext_der(&self) -> Option<&[u8]> {
+        self.san_ext.as_ref().map(|(v, _)| v.as_slice())
     }
 
     /// True for P-256 signed with SHA256withECDSA (EnOS "ECC", protocols.md §1.4).

@@ -150,6 +150,7 @@ fn suite_forced_renewal(env: &Env) {
         (Ca::Ezca, _) => "/api/CA/RequestSSLCertificateV2",
         (Ca::Sectigo, _) => "POST /api/ssl/v1/renewById/",
         (Ca::Securosys, _) => sign_path(env),
+        (Ca::Est, _) => "POST /.well-known/est/meters/simplereenroll",
     };
     assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
     assert_eq!(env.status_json()["renewals"], 1);
@@ -242,6 +243,7 @@ fn suite_forced_enrollment(env: &Env) {
         Ca::Ezca => "/api/CA/RequestSSLCertificateV2",
         Ca::Sectigo => "POST /api/ssl/v1/enroll",
         Ca::Securosys => sign_path(env),
+        Ca::Est => "POST /.well-known/est/meters/simpleenroll",
     };
     assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
 }

@@ -1,6 +1,6 @@
-//! `ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert]`
+//! `ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L]`
 //!
-//! Starts the EnOS + EZCA + Sectigo + Securosys + Redtrust emulator (see the `enroll_tests`
+//! Starts the EnOS + EZCA + Sectigo + Securosys + Redtrust + EST emulator (see the `enroll_tests`
 //! crate docs), writes what a client needs into DIR (0700): `tls-root.pem`,
 //! `securosys-ca-bundle.pem` (issuing then root); secrets (0600, one trailing newline)
 //! `enos-app-secret`, `ezca-bootstrap.token`, `entra-client-secret`, `sectigo-password`,
@@ -8,7 +8,11 @@
 //! `emulator.json` (URL and identifiers, no secrets); enroll-agent configs for this emulator:
 //! `agent-enos.json`, `agent-ezca.json`, `agent-sectigo.json`, `agent-securosys.json`
 //! (synchronous sign), `agent-securosys-approval.json` (approval flow) and
-//! `agent-redtrust-enos.json` (Redtrust key, EnOS CA). Prints `ca-emulator ready <url>` and
+//! `agent-redtrust-enos.json` (Redtrust key, EnOS CA), `agent-est.json` (EST, factory certificate
+//! `est-factory.pem` / `est-factory.key` (0600)) and `agent-est-basic.json` (EST, HTTP Basic with
+//! `est-password` (0600)); `est-ca.pem` is the EST issuing CA then root. With `--dir`, TLS client
+//! certificates are requested (optionally) as if `--client-cert` were given, so the EST
+//! factory-certificate config works. Prints `ca-emulator ready <url>` and
 //! serves until killed.
 
 use enroll_tests::{Emulator, Fault, Options};
@@ -20,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert]";
+const USAGE: &str = "usage: ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L]";
 
 struct Args {
     opts: Options,
@@ -47,12 +51,18 @@ fn parse_args() -> Result<Args, String> {
                     value("--pending-polls")?.parse().map_err(|_| "--pending-polls: not a number")?
             }
             "--client-cert" => opts.request_client_cert = true,
+            "--est-label" => opts.est.label = value("--est-label")?,
             "-h" | "--help" => {
                 println!("{USAGE}\nfaults: {}", enroll_tests::fault::names());
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    // The EST factory-certificate config needs the server to ask for a client certificate;
+    // asking is harmless to clients without one.
+    if dir.is_some() {
+        opts.request_client_cert = true;
     }
     Ok(Args { opts, dir })
 }
@@ -89,6 +99,10 @@ fn write_dir(dir: &Path, emu: &Emulator) -> io::Result<()> {
     write_file(dir, "securosys-key-password", &format!("{key_password}\n"), 0o600)?;
     write_file(dir, "redtrust-hmac-secret", &format!("{}\n", emu.redtrust.hmac_secret), 0o600)?;
     write_file(dir, "securosys-ca-bundle.pem", &emu.securosys_ca_bundle_pem(), 0o644)?;
+    write_file(dir, "est-password", &format!("{}\n", emu.est.password), 0o600)?;
+    write_file(dir, "est-factory.pem", &emu.factory_cert_pem(), 0o600)?;
+    write_file(dir, "est-factory.key", &emu.factory_key_pem(), 0o600)?;
+    write_file(dir, "est-ca.pem", &format!("{}{}", emu.est_issuing_pem(), emu.est_root_pem()), 0o644)?;
     let info = json!({
         "url": emu.url(),
         "enos": {
@@ -115,11 +129,17 @@ fn write_dir(dir: &Path, emu: &Emulator) -> io::Result<()> {
             "redirect_url": emu.redtrust.redirect_url, "username": emu.redtrust.username,
             "ca_provider": emu.redtrust.ca_provider, "token_lifetime_s": emu.redtrust.token_lifetime_s,
         },
+        "est": {
+            "label": emu.est.label, "username": emu.est.username,
+            "retry_after_s": emu.est.retry_after_s, "valid_days": emu.est.valid_days,
+        },
         "ca": {
             "enos_root_pem": emu.enos_root_pem(), "ezca_root_pem": emu.ezca_root_pem(),
             "ezca_issuing_pem": emu.ezca_issuing_pem(), "sectigo_root_pem": emu.sectigo_root_pem(),
             "sectigo_issuing_pem": emu.sectigo_issuing_pem(), "securosys_root_pem": emu.securosys_root_pem(),
             "securosys_issuing_pem": emu.securosys_issuing_pem(),
+            "est_root_pem": emu.est_root_pem(), "est_issuing_pem": emu.est_issuing_pem(),
+            "factory_ca_pem": emu.factory_ca_pem(),
         },
     });
     write_file(dir, "emulator.json", &format!("{info:#}\n"), 0o644)?;
@@ -207,6 +227,27 @@ fn write_agent_configs(dir: &Path, emu: &Emulator) -> io::Result<()> {
             "hash_type": "SHA256",
         },
     });
+    // EST (design.md §8): the factory certificate enrolls, or HTTP Basic with a password file.
+    let est = |bootstrap: serde_json::Value, name: &str| {
+        common(
+            name,
+            "p256",
+            json!({
+                "backend": "est", "url": emu.url(), "label": emu.est.label, "bootstrap": bootstrap,
+                "poll_wait_s": 30, "poll_timeout_s": 300,
+            }),
+        )
+    };
+    let est_cert = est(
+        json!({ "cert_file": dir.join("est-factory.pem"), "key_file": dir.join("est-factory.key") }),
+        "est",
+    );
+    let est_basic = est(
+        json!({ "username": emu.est.username, "password_file": dir.join("est-password") }),
+        "est-basic",
+    );
+    write_file(&dir, "agent-est.json", &format!("{est_cert:#}\n"), 0o644)?;
+    write_file(&dir, "agent-est-basic.json", &format!("{est_basic:#}\n"), 0o644)?;
     write_file(&dir, "agent-enos.json", &format!("{enos:#}\n"), 0o644)?;
     write_file(&dir, "agent-ezca.json", &format!("{ezca:#}\n"), 0o644)?;
     write_file(&dir, "agent-sectigo.json", &format!("{sectigo:#}\n"), 0o644)?;

@@ -20,6 +20,9 @@ pub enum Ca {
     Ezca,
     Sectigo,
     Securosys,
+    /// EST (RFC 7030) on the emulator, label `meters`, factory-certificate bootstrap by default
+    /// ([`Env::use_est_basic`] switches to HTTP Basic). The emulator asks for TLS client certificates.
+    Est,
 }
 
 impl Ca {
@@ -30,6 +33,7 @@ impl Ca {
             Ca::Ezca => "ezca",
             Ca::Sectigo => "sectigo",
             Ca::Securosys => "securosys",
+            Ca::Est => "est",
         }
     }
 }
@@ -116,7 +120,11 @@ impl Env {
         Env::with_options(ca, algorithm, Options::default(), tweak)
     }
 
-    pub fn with_options(ca: Ca, algorithm: &str, options: Options, tweak: impl FnOnce(&mut Value)) -> Env {
+    pub fn with_options(ca: Ca, algorithm: &str, mut options: Options, tweak: impl FnOnce(&mut Value)) -> Env {
+        if ca == Ca::Est {
+            // Factory and device certificates are TLS client certificates (design.md §8).
+            options.request_client_cert = true;
+        }
         let emu = Emulator::start(options).expect("start emulator");
         let scratch = Scratch::new(ca.name());
         let dir = &scratch.0;
@@ -181,6 +189,21 @@ impl Env {
                     "approval": false,
                     "poll_interval_s": 1,
                     "poll_wait_s": 10
+                })
+            }
+            Ca::Est => {
+                write_secret(&dir.join("est-factory.pem"), emu.factory_cert_pem().trim_end());
+                write_secret(&dir.join("est-factory.key"), emu.factory_key_pem().trim_end());
+                json!({
+                    "backend": "est",
+                    "url": emu.url(),
+                    "label": emu.est.label,
+                    "bootstrap": {
+                        "cert_file": dir.join("est-factory.pem"),
+                        "key_file": dir.join("est-factory.key")
+                    },
+                    "poll_wait_s": 10,
+                    "poll_timeout_s": 60
                 })
             }
         };
@@ -277,6 +300,7 @@ impl Env {
             Ca::Ezca => self.emu.ezca_root_pem(),
             Ca::Sectigo => self.emu.sectigo_root_pem(),
             Ca::Securosys => self.emu.securosys_root_pem(),
+            Ca::Est => self.emu.est_root_pem(),
         }
     }
 
@@ -318,6 +342,25 @@ impl Env {
         });
     }
 
+    /// EST: bootstrap with HTTP Basic (`{username, password_file}`, the password file 0600)
+    /// instead of the factory certificate.
+    pub fn use_est_basic(&self) {
+        assert_eq!(self.ca, Ca::Est, "use_est_basic is for Ca::Est");
+        let password = self.dir().join("est-password");
+        write_secret(&password, &self.emu.est.password);
+        self.edit_config(|c| {
+            c["ca"]["bootstrap"] = json!({ "username": self.emu.est.username, "password_file": password });
+        });
+    }
+
+    /// EST: bootstrap with another factory certificate and key (PEM, e.g. from
+    /// `emu.issue_factory_identity`), written 0600.
+    pub fn use_est_factory(&self, cert_pem: &str, key_pem: &str) {
+        assert_eq!(self.ca, Ca::Est, "use_est_factory is for Ca::Est");
+        write_secret(&self.dir().join("est-factory.pem"), cert_pem.trim_end());
+        write_secret(&self.dir().join("est-factory.key"), key_pem.trim_end());
+    }
+
     /// The state.json the agent wrote.
     pub fn state_json(&self) -> Value {
         serde_json::from_slice(&fs::read(self.state_dir().join("state.json")).unwrap()).unwrap()
@@ -335,6 +378,8 @@ impl Env {
                     || r.path == "/api/ssl/v1/enroll"
                     || r.path.starts_with("/api/ssl/v1/renewById/")
                     || r.path.starts_with("/v1/certificate/")
+                    || r.path.ends_with("/simpleenroll")
+                    || r.path.ends_with("/simplereenroll")
             })
             .map(|r| {
                 let action = r
@@ -359,6 +404,7 @@ impl Env {
             self.emu.securosys.api_key.clone(),
             self.emu.securosys.key_password.clone().unwrap_or_default(),
             self.emu.redtrust.hmac_secret.clone(),
+            self.emu.est.password.clone(),
         ]
         .into_iter()
         .filter(|s| !s.is_empty())
