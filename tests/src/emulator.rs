@@ -9,8 +9,8 @@
 //! ```
 
 use crate::enos::{EnosConfig, EnosState};
-use crate::ezca::{EzcaConfig, EzcaState};
 use crate::est::{EstAuth, EstConfig, EstState};
+use crate::ezca::{EzcaConfig, EzcaState};
 use crate::fault::{Endpoint, Fault, FaultState, Phase};
 use crate::pki::Pki;
 use crate::redtrust::{RedtrustConfig, RedtrustState};
@@ -202,7 +202,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     pub(crate) fn new(opts: &Options) -> io::Result<Self> {
-        let pki = Pki::generate_with_tls_validity(opts.tls_start_offset_s, opts.tls_end_offset_s).map_err(io::Error::other)?;
+        let pki = Pki::generate_with_tls_validity(opts.tls_start_offset_s, opts.tls_end_offset_s)
+            .map_err(io::Error::other)?;
         let mut faults = FaultState::default();
         if let Some((f, n)) = opts.fault {
             faults.set(f, n);
@@ -549,7 +550,12 @@ impl Emulator {
     /// A client certificate from the EST issuing CA for a fresh key, as
     /// [`Self::issue_factory_identity`] (simplereenroll tests, e.g. an expired device
     /// certificate). Not recorded in [`Self::issued`].
-    pub fn issue_est_device_identity(&self, cn: &str, rsa: bool, days: i64) -> Result<(String, String), String> {
+    pub fn issue_est_device_identity(
+        &self,
+        cn: &str,
+        rsa: bool,
+        days: i64,
+    ) -> Result<(String, String), String> {
         issue_client_identity(&self.shared.pki.est_issuing, cn, rsa, days)
     }
 
@@ -666,7 +672,9 @@ fn issue_client_identity(
     let key = if rsa {
         crate::pki::rsa_pkcs8(2048)?
     } else {
-        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?.serialize_der()
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| e.to_string())?
+            .serialize_der()
     };
     let cert = crate::pki::issue_client_cert(ca, &key, "Acme", cn, days)?;
     Ok((crate::pki::cert_pem(&cert), crate::pki::pem_encode("PRIVATE KEY", &key)))

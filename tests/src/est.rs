@@ -101,8 +101,16 @@ impl EstState {
     pub(crate) fn new(factory_ca: &CertAuthority) -> Result<Self, String> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
         let factory_key = key.serialize_der();
-        let factory_cert = pki::issue_client_cert(factory_ca, &factory_key, "Acme", "sensor-0042 factory", 3650)?;
-        Ok(Self { factory_cert, factory_key, enrolls: 0, reenrolls: 0, csr_hashes: Vec::new(), last_auth: None })
+        let factory_cert =
+            pki::issue_client_cert(factory_ca, &factory_key, "Acme", "sensor-0042 factory", 3650)?;
+        Ok(Self {
+            factory_cert,
+            factory_key,
+            enrolls: 0,
+            reenrolls: 0,
+            csr_hashes: Vec::new(),
+            last_auth: None,
+        })
     }
 }
 
@@ -207,12 +215,10 @@ impl Shared {
         }
         if let Some(cert_der) = peer {
             // RFC 7030 §4.2.2: Subject and SubjectAltName identical to the current certificate.
-            let (_, cert) = X509Certificate::from_der(&cert_der).map_err(|_| text(400, "bad client certificate"))?;
-            let cert_san = cert
-                .extensions()
-                .iter()
-                .find(|e| e.oid.to_id_string() == "2.5.29.17")
-                .map(|e| e.value);
+            let (_, cert) =
+                X509Certificate::from_der(&cert_der).map_err(|_| text(400, "bad client certificate"))?;
+            let cert_san =
+                cert.extensions().iter().find(|e| e.oid.to_id_string() == "2.5.29.17").map(|e| e.value);
             if cert.subject().as_raw() != csr.subject_der.as_slice() || cert_san != csr.san_ext_der() {
                 return Err(text(403, "subject/SAN differ"));
             }
@@ -264,9 +270,10 @@ impl Shared {
             .ok()
             .and_then(|b| String::from_utf8(b).ok());
         let ok = scheme.eq_ignore_ascii_case("basic")
-            && creds.as_deref().and_then(|c| c.split_once(':')).is_some_and(|(u, p)| {
-                u == self.est_cfg.username && p == self.est_cfg.password
-            });
+            && creds
+                .as_deref()
+                .and_then(|c| c.split_once(':'))
+                .is_some_and(|(u, p)| u == self.est_cfg.username && p == self.est_cfg.password);
         if ok {
             Ok(EstAuth::Basic)
         } else {
@@ -277,7 +284,10 @@ impl Shared {
     /// `simplereenroll`: an unexpired client certificate from the EST issuing CA (§3.3.2, §4.2.2).
     fn device_cert_auth(&self, req: &Request) -> Result<Vec<u8>, Response> {
         let Some(der) = &req.peer_cert else {
-            return Err(text(403, "simplereenroll requires the current certificate as TLS client certificate"));
+            return Err(text(
+                403,
+                "simplereenroll requires the current certificate as TLS client certificate",
+            ));
         };
         let valid = issued_by(der, &self.pki.est_issuing).map_err(|e| text(403, &e))?;
         if !valid {
@@ -410,7 +420,9 @@ fn pkcs7_answer(certs: &[&[u8]], fault: Option<Fault>) -> Response {
         .body(base64_layout(&der, layout));
     let Some(f) = fault else { return r };
     match f {
-        Fault::MalformedJson => r.body = b"<html><body>EST: this is not base64 (emulated)</body></html>\n".to_vec(),
+        Fault::MalformedJson => {
+            r.body = b"<html><body>EST: this is not base64 (emulated)</body></html>\n".to_vec()
+        }
         // Cut inside a 4-character quantum, so no prefix decodes cleanly.
         Fault::TruncatedJson => {
             let cut = (r.body.len() / 2) | 1;

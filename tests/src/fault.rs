@@ -174,7 +174,9 @@ impl Fault {
             SectigoRevoked => ep == Endpoint::SectigoCollect,
             RedtrustTokenExpired => matches!(ep, Endpoint::RedtrustCreate | Endpoint::RedtrustFinalize),
             RedtrustFinalize500 => ep == Endpoint::RedtrustFinalize,
-            EstPending | EstForbidden | EstExtraCerts => matches!(ep, Endpoint::EstEnroll | Endpoint::EstReenroll),
+            EstPending | EstForbidden | EstExtraCerts => {
+                matches!(ep, Endpoint::EstEnroll | Endpoint::EstReenroll)
+            }
             EstWrap64 | EstWrap76 | EstCrlf | EstBer => {
                 matches!(ep, Endpoint::EstCaCerts | Endpoint::EstEnroll | Endpoint::EstReenroll)
             }
@@ -331,7 +333,9 @@ mod tests {
         );
         // EST: delivery and status faults on enroll/reenroll; encoding faults on cacerts too.
         for ep in [EstEnroll, EstReenroll] {
-            for f in [Fault::Http500, Fault::Timeout, Fault::WrongKeyCert, Fault::EstPending, Fault::RejectAuth] {
+            for f in
+                [Fault::Http500, Fault::Timeout, Fault::WrongKeyCert, Fault::EstPending, Fault::RejectAuth]
+            {
                 assert!(f.applies_to(ep), "{f} on {ep:?}");
             }
         }

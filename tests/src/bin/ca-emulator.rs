@@ -242,10 +242,8 @@ fn write_agent_configs(dir: &Path, emu: &Emulator) -> io::Result<()> {
         json!({ "cert_file": dir.join("est-factory.pem"), "key_file": dir.join("est-factory.key") }),
         "est",
     );
-    let est_basic = est(
-        json!({ "username": emu.est.username, "password_file": dir.join("est-password") }),
-        "est-basic",
-    );
+    let est_basic =
+        est(json!({ "username": emu.est.username, "password_file": dir.join("est-password") }), "est-basic");
     write_file(&dir, "agent-est.json", &format!("{est_cert:#}\n"), 0o644)?;
     write_file(&dir, "agent-est-basic.json", &format!("{est_basic:#}\n"), 0o644)?;
     write_file(&dir, "agent-enos.json", &format!("{enos:#}\n"), 0o644)?;

@@ -120,7 +120,12 @@ impl Env {
         Env::with_options(ca, algorithm, Options::default(), tweak)
     }
 
-    pub fn with_options(ca: Ca, algorithm: &str, mut options: Options, tweak: impl FnOnce(&mut Value)) -> Env {
+    pub fn with_options(
+        ca: Ca,
+        algorithm: &str,
+        mut options: Options,
+        tweak: impl FnOnce(&mut Value),
+    ) -> Env {
         if ca == Ca::Est {
             // Factory and device certificates are TLS client certificates (design.md §8).
             options.request_client_cert = true;
