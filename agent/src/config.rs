@@ -205,6 +205,9 @@ pub enum Backend {
     Ezca(EzcaSettings),
     Sectigo(SectigoSettings),
     Securosys(SecurosysSettings),
+    /// EST, RFC 7030 (cargo feature `est`).
+    #[cfg(feature = "est")]
+    Est(EstSettings),
 }
 
 impl Backend {
@@ -214,8 +217,41 @@ impl Backend {
             Backend::Ezca(_) => "ezca",
             Backend::Sectigo(_) => "sectigo",
             Backend::Securosys(_) => "securosys",
+            #[cfg(feature = "est")]
+            Backend::Est(_) => "est",
         }
     }
+}
+
+/// The CA protocols compiled into this build (`--version`).
+pub fn protocols() -> Vec<&'static str> {
+    let mut names = vec!["enos", "ezca", "sectigo", "securosys"];
+    if cfg!(feature = "est") {
+        names.push("est");
+    }
+    names
+}
+
+/// `ca.backend = "est"` (design.md §8, protocols.md §6.1).
+#[derive(Debug)]
+pub struct EstSettings {
+    /// The service root; `/.well-known/est/[label/]<operation>` is appended.
+    pub url: String,
+    /// The CA label (RFC 7030 §3.2.2), one path segment; none by default.
+    pub label: Option<String>,
+    /// The credential for `simpleenroll`; `None`: this device can only renew.
+    pub bootstrap: Option<EstBootstrap>,
+    /// Pauses between resends of a pending (202) request when the server sends no Retry-After
+    /// (60 s), `poll_wait_s` (120) and `poll_timeout_s` (86400).
+    pub polling: Polling,
+}
+
+#[derive(Debug)]
+pub enum EstBootstrap {
+    /// A factory (IDevID) TLS client certificate, leaf first, and its PKCS#8 key (PEM text).
+    Certificate { chain: Vec<Vec<u8>>, key_pem: Secret },
+    /// HTTP Basic (a one-time password, for example); only ever sent over verified https.
+    Basic { username: String, password: Secret },
 }
 
 /// How an asynchronous CA is polled (design.md §7 "Lifecycle").
@@ -427,6 +463,13 @@ impl Settings {
                 ));
             }
         }
+        #[cfg(feature = "est")]
+        if let Backend::Est(_) = &self.ca {
+            return Err(Error::config(
+                "ca.backend: EST renews over TLS client authentication, which a Redtrust key cannot sign \
+                 on this device",
+            ));
+        }
         Ok(())
     }
 }
@@ -537,14 +580,22 @@ fn parse_backend(root: &mut Fields, allow_http: bool) -> Result<Backend> {
         "ezca" => Backend::Ezca(parse_ezca(&mut fields, allow_http)?),
         "sectigo" => Backend::Sectigo(parse_sectigo(&mut fields, allow_http)?),
         "securosys" => Backend::Securosys(parse_securosys(&mut fields, allow_http)?),
-        name @ ("est" | "scep" | "acme") => {
+        #[cfg(feature = "est")]
+        "est" => Backend::Est(parse_est(&mut fields, allow_http)?),
+        #[cfg(not(feature = "est"))]
+        "est" => {
+            return Err(Error::config(
+                "ca.backend: \"est\" is not compiled into this build (cargo feature est)",
+            ))
+        }
+        name @ ("scep" | "acme") => {
             return Err(Error::config(format!(
                 "ca.backend: backend {name} is not implemented in this version"
             )))
         }
         other => {
             return Err(Error::config(format!(
-                "ca.backend: {other:?} is not one of \"enos\", \"ezca\", \"sectigo\", \"securosys\""
+                "ca.backend: {other:?} is not one of \"enos\", \"ezca\", \"sectigo\", \"securosys\", \"est\""
             )))
         }
     };
@@ -685,6 +736,64 @@ fn parse_securosys(fields: &mut Fields, allow_http: bool) -> Result<SecurosysSet
         ca_bundle,
         polling: parse_polling(fields, 10, 3_600)?,
     })
+}
+
+/// `ca` for EST: `url`, `label`, `bootstrap` (`cert_file` + `key_file`, or `username` +
+/// `password_file`), `poll_interval_s`, `poll_wait_s`, `poll_timeout_s`.
+#[cfg(feature = "est")]
+fn parse_est(fields: &mut Fields, allow_http: bool) -> Result<EstSettings> {
+    let url = fields.url("url", None, allow_http)?;
+    let label = fields.string("label")?;
+    if let Some(label) = &label {
+        if label.is_empty()
+            || !label.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(Error::config("ca.label: one path segment of letters, digits, '-', '_' and '.'"));
+        }
+    }
+    let bootstrap = match fields.object("bootstrap")? {
+        None => None,
+        Some(mut boot) => {
+            let bootstrap = if boot.has("cert_file") || boot.has("key_file") {
+                let chain = boot.certificate_file("cert_file")?;
+                let key_pem = boot.secret_file("key_file")?;
+                check_bootstrap_key(&chain[0], &key_pem)
+                    .map_err(|e| Error::config(format!("ca.bootstrap.key_file: {e}")))?;
+                EstBootstrap::Certificate { chain, key_pem }
+            } else if boot.has("username") || boot.has("password_file") {
+                if allow_http {
+                    // Basic credentials are only ever sent over verified TLS (design.md §8).
+                    return Err(Error::config(
+                        "ca.bootstrap.username: HTTP Basic credentials are only sent over verified https; \
+                         remove tls.danger_allow_http",
+                    ));
+                }
+                let username = boot.required_string("username")?;
+                if username.contains(':') {
+                    return Err(Error::config("ca.bootstrap.username: must not contain ':' (RFC 7617)"));
+                }
+                EstBootstrap::Basic { username, password: boot.secret_file("password_file")? }
+            } else {
+                return Err(Error::config(
+                    "ca.bootstrap: give cert_file + key_file, or username + password_file",
+                ));
+            };
+            boot.finish()?;
+            Some(bootstrap)
+        }
+    };
+    Ok(EstSettings { url, label, bootstrap, polling: parse_polling(fields, 60, 86_400)? })
+}
+
+/// The factory key must be a PKCS#8 P-256 or RSA-2048 key for the factory certificate.
+#[cfg(feature = "est")]
+fn check_bootstrap_key(cert: &[u8], key_pem: &Secret) -> std::result::Result<(), String> {
+    let key = crate::backend::est::load_key(key_pem)?;
+    let cert = crate::pki::Cert::from_der(cert).map_err(|e| e.to_string())?;
+    if key.public_key_spki() != cert.spki_der() {
+        return Err("the key does not belong to the certificate in ca.bootstrap.cert_file".into());
+    }
+    Ok(())
 }
 
 /// Whether the cargo feature of a hardware provider is in this build.

@@ -24,6 +24,8 @@ pub struct Response {
     pub body: Vec<u8>,
     pub content_type: Option<String>,
     pub location: Option<String>,
+    /// `Retry-After` (RFC 9110 §10.2.3), as sent: delta-seconds or an HTTP date.
+    pub retry_after: Option<String>,
 }
 
 impl Response {
@@ -94,8 +96,9 @@ impl Http {
         let status = response.status();
         let content_type = response.header("content-type").map(str::to_string);
         let location = response.header("location").map(str::to_string);
+        let retry_after = response.header("retry-after").map(str::to_string);
         let body = read_body(what, response.into_reader(), MAX_BODY_BYTES)?;
-        Ok(Response { status, body, content_type, location })
+        Ok(Response { status, body, content_type, location, retry_after })
     }
 }
 

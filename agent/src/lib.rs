@@ -16,6 +16,8 @@ pub mod hardware;
 pub mod http;
 pub mod json;
 pub mod lifecycle;
+#[cfg(feature = "est")]
+pub mod pkcs7;
 pub mod pki;
 pub mod redtrust;
 pub mod report;
@@ -59,9 +61,10 @@ pub fn execute(cli: &cli::Cli) -> Result<Outcome> {
         Command::Help => return Ok(Outcome::ok(cli::HELP.to_string())),
         Command::Version => {
             return Ok(Outcome::ok(format!(
-                "enroll-agent {}\nkey providers: {}\nbuilt: {} (the clock floor: an earlier clock is not believed)\n",
+                "enroll-agent {}\nkey providers: {}\nprotocols: {}\nbuilt: {} (the clock floor: an earlier clock is not believed)\n",
                 env!("CARGO_PKG_VERSION"),
                 providers(),
+                config::protocols().join(" "),
                 crate::time::rfc3339(crate::time::build_time())
             )))
         }

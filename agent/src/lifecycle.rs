@@ -183,6 +183,13 @@ fn forget_key(provider: &dyn KeyProvider, slot: &Path) {
     }
 }
 
+/// The intermediates after the leaf in a slot's chain.pem (none when unreadable).
+fn installed_chain(slot: &Path) -> Vec<Vec<u8>> {
+    let text = std::fs::read_to_string(slot.join("chain.pem")).unwrap_or_default();
+    let certs = pki::parse_pem_certs(&text).unwrap_or_default();
+    certs.into_iter().skip(1).map(|c| c.der).collect()
+}
+
 fn csr_from_pem(text: &str) -> Option<Csr> {
     let parsed = pem::parse(text).ok().filter(|p| p.tag() == "CERTIFICATE REQUEST")?;
     Some(Csr { der: parsed.contents().to_vec(), pem: text.to_string() })
@@ -456,8 +463,21 @@ impl<'a> Agent<'a> {
                 (slot, key)
             }
         };
+        // The CSR sent is kept in the slot: an asynchronous CA that is asked again with the
+        // identical request (EST 202) gets the same bytes after a restart, although a new
+        // signature over the same request would differ (ECDSA is randomized).
+        let kept = std::fs::read_to_string(slot.join(REQUEST_CSR)).ok().and_then(|t| csr_from_pem(&t));
+        if let Some(csr) = kept {
+            if pki::verify_csr(&csr.der).is_ok_and(|spki| spki == key.public_key_spki()) {
+                return Ok(Prepared { slot, key, csr });
+            }
+            log::warn!("the CSR kept in {} is not for its key; making a new one", slot.display());
+        }
         let csr = csr::build(key.as_ref(), &self.settings.subject, &self.settings.san)
             .context("building the CSR")?;
+        self.store
+            .write_slot_file(&slot, REQUEST_CSR, csr.pem.as_bytes(), 0o600)
+            .context("recording the CSR")?;
         Ok(Prepared { slot, key, csr })
     }
 
@@ -567,28 +587,38 @@ impl<'a> Agent<'a> {
         installed: Option<&Installed>,
         prepared: &Prepared,
     ) -> Result<(Issued, bool)> {
-        if let Some(id) = self.state.pending.as_ref().and_then(|p| p.request_id.clone()) {
-            if ca.polling().is_some() {
-                log::info!("resuming request {id} at {}", ca.name());
-                return self.await_issue(ca, &id).map(|issued| (issued, true));
-            }
-            log::warn!("request {id} was made with another CA configuration; starting a new one");
-            self.end_request()?;
-        }
         let request = Request {
             csr: &prepared.csr,
             algorithm: self.settings.key.algorithm,
             subject: &self.settings.subject,
             sans: &self.settings.san,
         };
-        let outcome = match (purpose, installed) {
+        let ca_ref = self.state.ca_ref.clone();
+        let current = match (purpose, installed) {
             (Purpose::Renew, Some(current)) => {
-                let current_key = self.provider()?.load(&current.slot).context("loading the current key")?;
-                let current =
-                    Current { cert: &current.cert, key: current_key, ca_ref: self.state.ca_ref.as_deref() };
-                ca.renew(&request, &current).context(format!("renewing with {}", ca.name()))?
+                let key = self.provider()?.load(&current.slot).context("loading the current key")?;
+                Some(Current {
+                    cert: &current.cert,
+                    key,
+                    chain: installed_chain(&current.slot),
+                    ca_ref: ca_ref.as_deref(),
+                })
             }
-            _ => ca.enroll(&request).context(format!("enrolling with {}", ca.name()))?,
+            _ => None,
+        };
+        if let Some(id) = self.state.pending.as_ref().and_then(|p| p.request_id.clone()) {
+            if ca.polling().is_some() {
+                log::info!("resuming request {id} at {}", ca.name());
+                return self
+                    .await_issue(ca, &id, &request, current.as_ref(), false)
+                    .map(|issued| (issued, true));
+            }
+            log::warn!("request {id} was made with another CA configuration; starting a new one");
+            self.end_request()?;
+        }
+        let outcome = match &current {
+            Some(current) => ca.renew(&request, current).context(format!("renewing with {}", ca.name()))?,
+            None => ca.enroll(&request).context(format!("enrolling with {}", ca.name()))?,
         };
         match outcome {
             Outcome::Issued(issued) => Ok((issued, false)),
@@ -599,14 +629,24 @@ impl<'a> Agent<'a> {
                     pending.since = time::now();
                 }
                 self.save()?;
-                self.await_issue(ca, &request_id).map(|issued| (issued, true))
+                self.await_issue(ca, &request_id, &request, current.as_ref(), true)
+                    .map(|issued| (issued, true))
             }
         }
     }
 
     /// Polls request `id` for at most `poll_wait_s` (this run) and `poll_timeout_s` (since the
-    /// request was made), pausing `poll_interval_s`, doubling up to `MAX_POLL_INTERVAL_S`.
-    fn await_issue(&mut self, ca: &mut dyn backend::CaBackend, id: &str) -> Result<Issued> {
+    /// request was made), pausing `poll_interval_s`, doubling up to `MAX_POLL_INTERVAL_S`, or as
+    /// long as the CA's `Retry-After` says. `just_accepted`: the CA answered "pending" a moment
+    /// ago, so the first poll waits for its Retry-After (when it sent one).
+    fn await_issue(
+        &mut self,
+        ca: &mut dyn backend::CaBackend,
+        id: &str,
+        request: &Request,
+        current: Option<&Current>,
+        just_accepted: bool,
+    ) -> Result<Issued> {
         let Some(polling) = ca.polling() else {
             return Err(Error::new(
                 Kind::Internal,
@@ -616,11 +656,27 @@ impl<'a> Agent<'a> {
         let since = self.state.pending.as_ref().map_or_else(time::now, |p| p.since);
         let started = std::time::Instant::now();
         let mut pause = polling.interval_s;
+        let mut wait = match (just_accepted, ca.retry_after()) {
+            (true, Some(seconds)) => Some((seconds, "accepted".to_string())),
+            _ => None,
+        };
         loop {
+            if let Some((seconds, words)) = wait.take() {
+                if started.elapsed().as_secs().saturating_add(seconds) > polling.wait_s {
+                    return Err(Error::temporary(format!(
+                        "request {id} is still pending at {} ({words}); the next run resumes it",
+                        ca.name()
+                    )));
+                }
+                log::info!("request {id} is not ready ({words}); asking again in {seconds} s");
+                std::thread::sleep(Duration::from_secs(seconds));
+            }
             if time::now() >= since.saturating_add(polling.timeout_s) {
                 return Err(self.give_up(ca, id, polling.timeout_s));
             }
-            let words = match ca.poll(id).context(format!("asking {} about request {id}", ca.name()))? {
+            let answer =
+                ca.poll(id, request, current).context(format!("asking {} about request {id}", ca.name()))?;
+            let words = match answer {
                 Poll::Issued(issued) => return Ok(issued),
                 Poll::Ended(error) => {
                     self.end_request()?;
@@ -628,15 +684,14 @@ impl<'a> Agent<'a> {
                 }
                 Poll::NotYet(words) => words,
             };
-            if started.elapsed().as_secs() + pause > polling.wait_s {
-                return Err(Error::temporary(format!(
-                    "request {id} is still pending at {} ({words}); the next run resumes it",
-                    ca.name()
-                )));
-            }
-            log::info!("request {id} is not ready ({words}); asking again in {pause} s");
-            std::thread::sleep(Duration::from_secs(pause));
-            pause = (pause * 2).min(MAX_POLL_INTERVAL_S.max(polling.interval_s));
+            wait = match ca.retry_after() {
+                Some(seconds) => Some((seconds, words)),
+                None => {
+                    let this = pause;
+                    pause = (pause * 2).min(MAX_POLL_INTERVAL_S.max(polling.interval_s));
+                    Some((this, words))
+                }
+            };
         }
     }
 
@@ -658,10 +713,19 @@ impl<'a> Agent<'a> {
         ))
     }
 
-    /// Forgets the CA's request id; the slot and its key stay for the next request.
+    /// Forgets the CA's request id; the slot and its key stay for the next request, which signs
+    /// a new CSR (a remote key's CSR is Redtrust's and stays).
     fn end_request(&mut self) -> Result<()> {
         if let Some(pending) = self.state.pending.as_mut() {
             pending.request_id = None;
+            if !self.settings.key.provider.is_remote() {
+                let slot = self.store.root().join("slots").join(&pending.slot);
+                if let Err(e) = std::fs::remove_file(slot.join(REQUEST_CSR)) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        log::warn!("could not remove the CSR of an ended request: {e}");
+                    }
+                }
+            }
         }
         self.save()
     }

@@ -21,7 +21,15 @@ fn version_names_the_release_the_key_providers_and_the_build_time() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], concat!("enroll-agent ", env!("CARGO_PKG_VERSION")));
     assert!(lines[1].starts_with("key providers: file"), "{stdout}");
-    let built = lines[2].strip_prefix("built: ").expect("a built: line");
+    let line = |prefix: &str| {
+        lines.iter().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| panic!("{stdout}"))
+    };
+    let protocols: Vec<&str> = line("protocols: ").split(' ').collect();
+    for name in ["enos", "ezca", "sectigo", "securosys"] {
+        assert!(protocols.contains(&name), "{stdout}");
+    }
+    assert_eq!(protocols.contains(&"est"), cfg!(feature = "est"), "{stdout}");
+    let built = line("built: ");
     assert!(enroll_agent::time::parse_rfc3339(&built[..20]).is_some(), "{built}");
 }
 

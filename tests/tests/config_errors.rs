@@ -107,9 +107,106 @@ fn providers_and_backends_not_in_this_build_say_so() {
     config_error(
         Ca::Enos,
         "p256",
-        |c| c["ca"]["backend"] = "est".into(),
-        "ca.backend: backend est is not implemented in this version",
+        |c| c["ca"]["backend"] = "scep".into(),
+        "ca.backend: backend scep is not implemented in this version",
     );
+    if !version.lines().any(|l| l.starts_with("protocols:") && l.split_whitespace().any(|w| w == "est")) {
+        config_error(
+            Ca::Enos,
+            "p256",
+            |c| c["ca"]["backend"] = "est".into(),
+            r#"ca.backend: "est" is not compiled into this build (cargo feature est)"#,
+        );
+    }
+}
+
+/// An EST `ca` block with a factory certificate and key (written to `dir`), edited by `tweak`.
+fn est_config(dir: &std::path::Path, tweak: impl FnOnce(&mut Value)) -> impl FnOnce(&mut Value) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["factory-0042".to_string()]).unwrap().self_signed(&key).unwrap();
+    let other = rcgen::KeyPair::generate().unwrap();
+    fs::write(dir.join("idevid.pem"), cert.pem()).unwrap();
+    common::write_secret(&dir.join("idevid.key"), key.serialize_pem().trim_end());
+    common::write_secret(&dir.join("other.key"), other.serialize_pem().trim_end());
+    common::write_secret(&dir.join("est-password"), "one-time-0042");
+    let dir = dir.to_path_buf();
+    move |c: &mut Value| {
+        let url = c["ca"]["api_gateway"].clone();
+        c["ca"] = serde_json::json!({
+            "backend": "est",
+            "url": url,
+            "label": "meters",
+            "bootstrap": { "cert_file": dir.join("idevid.pem"), "key_file": dir.join("idevid.key") }
+        });
+        tweak(c);
+    }
+}
+
+#[test]
+fn est_fields_are_checked_by_path() {
+    let scratch = common::Scratch::new("est-config");
+    let dir = scratch.0.clone();
+    let est = |tweak: fn(&mut Value, &std::path::Path)| {
+        let dir = dir.clone();
+        est_config(&scratch.0, move |c| tweak(c, &dir))
+    };
+    config_error(Ca::Enos, "p256", est(|c, _| c["ca"]["lable"] = "x".into()), "ca.lable: unknown field");
+    config_error(
+        Ca::Enos,
+        "p256",
+        est(|c, _| c["ca"]["label"] = "a/b".into()),
+        "ca.label: one path segment of letters, digits, '-', '_' and '.'",
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        est(|c, _| {
+            c["ca"].as_object_mut().unwrap().remove("url");
+        }),
+        "ca.url: missing",
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        est(|c, d| c["ca"]["bootstrap"]["key_file"] = d.join("other.key").to_str().unwrap().into()),
+        "ca.bootstrap.key_file: the key does not belong to the certificate in ca.bootstrap.cert_file",
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        est(|c, _| c["ca"]["bootstrap"]["password_file"] = "/x".into()),
+        "ca.bootstrap.password_file: unknown field",
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        est(|c, _| c["ca"]["bootstrap"] = serde_json::json!({ "token_file": "/x" })),
+        "ca.bootstrap: give cert_file + key_file, or username + password_file",
+    );
+    // HTTP Basic travels only over verified TLS: a lab's danger_allow_http refuses it outright.
+    config_error(
+        Ca::Enos,
+        "p256",
+        est(|c, d| {
+            c["ca"]["bootstrap"] =
+                serde_json::json!({ "username": "sensor-0042", "password_file": d.join("est-password") });
+            c["tls"]["danger_allow_http"] = true.into();
+        }),
+        "ca.bootstrap.username: HTTP Basic credentials are only sent over verified https; remove \
+         tls.danger_allow_http",
+    );
+    fs::write(dir.join("loose.key"), "-----BEGIN PRIVATE KEY-----\n").unwrap();
+    fs::set_permissions(dir.join("loose.key"), fs::Permissions::from_mode(0o644)).unwrap();
+    let env = Env::with_config(
+        Ca::Enos,
+        "p256",
+        est(|c, d| c["ca"]["bootstrap"]["key_file"] = d.join("loose.key").to_str().unwrap().into()),
+    );
+    let run = env.expect(&["enroll"], 78);
+    assert!(first_line(&run.stderr).starts_with("error: ca.bootstrap.key_file: "), "{run:?}");
+    assert!(run.stderr.contains("0644"), "{run:?}");
+    assert!(!run.stderr.contains("PRIVATE KEY"), "{run:?}");
 }
 
 #[test]

@@ -15,6 +15,8 @@ use crate::http::Http;
 use crate::pki::{Cert, Issued};
 
 pub mod enos;
+#[cfg(feature = "est")]
+pub mod est;
 pub mod ezca;
 pub mod sectigo;
 pub mod securosys;
@@ -31,6 +33,8 @@ pub struct Request<'a> {
 pub struct Current<'a> {
     pub cert: &'a Cert,
     pub key: Arc<dyn DeviceKey>,
+    /// The intermediates installed after it in chain.pem (sent with it for TLS client auth).
+    pub chain: Vec<Vec<u8>>,
     /// The CA's handle recorded at issue time (EnOS certSN).
     pub ca_ref: Option<&'a str>,
 }
@@ -73,8 +77,15 @@ pub trait CaBackend {
     fn polling(&self) -> Option<Polling> {
         None
     }
+    /// How long the CA asked us to wait before asking again (`Retry-After` of its last answer);
+    /// it wins over `poll_interval_s`.
+    fn retry_after(&self) -> Option<u64> {
+        None
+    }
     /// Asks about a request this CA accepted earlier (only called when `polling` is `Some`).
-    fn poll(&mut self, request_id: &str) -> Result<Poll> {
+    /// `request` is the original request (its identical CSR, kept in the pending slot), for CAs
+    /// that poll by sending it again (EST); `current` is the identity being renewed, if any.
+    fn poll(&mut self, request_id: &str, _request: &Request, _current: Option<&Current>) -> Result<Poll> {
         Err(crate::error::Error::new(
             crate::error::Kind::Internal,
             format!("{} has no pending requests to poll (request {request_id})", self.name()),
@@ -93,6 +104,8 @@ pub fn from_settings(settings: &Settings, http: Http) -> Box<dyn CaBackend + '_>
         Backend::Ezca(ezca) => Box::new(ezca::Ezca::new(ezca, http)),
         Backend::Sectigo(sectigo) => Box::new(sectigo::Sectigo::new(sectigo, http)),
         Backend::Securosys(securosys) => Box::new(securosys::Securosys::new(securosys, http)),
+        #[cfg(feature = "est")]
+        Backend::Est(est) => Box::new(est::Est::new(est, &settings.tls, http)),
     }
 }
 
@@ -103,6 +116,8 @@ pub fn credentials_of(settings: &Settings) -> Credentials {
         Backend::Ezca(ezca) => ezca::credentials(ezca),
         Backend::Sectigo(_) => sectigo::CREDENTIALS,
         Backend::Securosys(securosys) => securosys::credentials(securosys),
+        #[cfg(feature = "est")]
+        Backend::Est(est) => est::credentials(est),
     }
 }
 

@@ -146,7 +146,7 @@ impl CaBackend for Sectigo<'_> {
         Some(self.settings.polling)
     }
 
-    fn poll(&mut self, ssl_id: &str) -> Result<Poll> {
+    fn poll(&mut self, ssl_id: &str, _request: &Request, _current: Option<&Current>) -> Result<Poll> {
         let response = self.collect(ssl_id)?;
         if response.is_success() {
             if response.body.iter().all(u8::is_ascii_whitespace) {
@@ -217,7 +217,13 @@ mod tests {
     use super::*;
 
     fn response(status: u16, body: &str) -> Response {
-        Response { status, body: body.as_bytes().to_vec(), content_type: None, location: None }
+        Response {
+            status,
+            body: body.as_bytes().to_vec(),
+            content_type: None,
+            location: None,
+            retry_after: None,
+        }
     }
 
     #[test]

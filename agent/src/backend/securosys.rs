@@ -139,7 +139,7 @@ impl CaBackend for Securosys<'_> {
         self.settings.approval.then_some(self.settings.polling)
     }
 
-    fn poll(&mut self, id: &str) -> Result<Poll> {
+    fn poll(&mut self, id: &str, _request: &Request, _current: Option<&Current>) -> Result<Poll> {
         const STEP: &str = "Securosys request status";
         let response = self.send(STEP, "GET", &format!("{REQUEST}{id}"), None)?;
         if !response.is_success() {
@@ -235,6 +235,7 @@ mod tests {
                 .to_vec(),
             content_type: None,
             location: None,
+            retry_after: None,
         };
         let error = securosys_error("s", &response);
         assert_eq!(error.kind(), crate::error::Kind::Refused);
