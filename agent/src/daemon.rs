@@ -97,7 +97,11 @@ pub fn run(config_path: &Path, metrics_file: Option<&Path>) -> Result<()> {
             // retrying a PIN locks the token: stop with 78 so the service manager does not loop.
             Err(error) if error.kind() == crate::error::Kind::Config => return Err(error),
             Err(error) => {
-                let pause = lifecycle::backoff(failures, &settings.renewal, lifecycle::random_unit());
+                let mut pause = lifecycle::backoff(failures, &settings.renewal, lifecycle::random_unit());
+                // The CA's Retry-After (HTTP 429/503) is a floor, within retry_max_s.
+                if let Some(seconds) = error.retry_after() {
+                    pause = pause.max(Duration::from_secs(seconds.min(settings.renewal.retry_max_s)));
+                }
                 failures = failures.saturating_add(1);
                 log::error!("{} (retrying in {} s)", error.chain_line(), pause.as_secs());
                 pause

@@ -46,6 +46,9 @@ pub struct Error {
     kind: Kind,
     message: String,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    /// The CA's `Retry-After` (seconds) on a temporary failure (HTTP 429/503): `run` waits at
+    /// least this long before trying again.
+    retry_after: Option<u64>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -82,7 +85,7 @@ impl Error {
     /// Every message passes through [`sanitize`]: this is where CA text (EnOS `msg`, EZCA's text,
     /// Sectigo `description`, …) enters the chain that `main` prints and `state.json` records.
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error { kind, message: sanitize(&message.into(), MAX_MESSAGE_CHARS), source: None }
+        Error { kind, message: sanitize(&message.into(), MAX_MESSAGE_CHARS), source: None, retry_after: None }
     }
 
     pub fn config(message: impl Into<String>) -> Self {
@@ -113,7 +116,18 @@ impl Error {
     /// Wraps this error under a higher-level step; the kind (and so the exit code) is kept.
     pub fn context(self, message: impl Into<String>) -> Self {
         let message = sanitize(&message.into(), MAX_MESSAGE_CHARS);
-        Error { kind: self.kind, message, source: Some(Box::new(self)) }
+        let retry_after = self.retry_after;
+        Error { kind: self.kind, message, source: Some(Box::new(self)), retry_after }
+    }
+
+    /// Records the CA's `Retry-After` (kept through [`Error::context`]).
+    pub fn with_retry_after(mut self, seconds: Option<u64>) -> Self {
+        self.retry_after = seconds;
+        self
+    }
+
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after
     }
 
     pub fn kind(&self) -> Kind {

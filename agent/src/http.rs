@@ -146,10 +146,24 @@ impl std::error::Error for TransportError {}
 pub fn status_error(what: &str, response: &Response) -> Error {
     let message = format!("{what}: HTTP {}: {}", response.status, response.excerpt());
     match response.status {
-        408 | 429 | 500..=599 => Error::temporary(message),
+        408 | 429 | 500..=599 => Error::temporary(message).with_retry_after(
+            response.retry_after.as_deref().and_then(|t| parse_retry_after(t, crate::time::now())),
+        ),
         400..=499 => Error::refused(message),
         _ => Error::protocol(message),
     }
+}
+
+/// `Retry-After` (RFC 9110 §10.2.3): delta-seconds, or an HTTP date counted from `now`. At least
+/// one second, so a server saying 0 cannot make us spin.
+pub fn parse_retry_after(text: &str, now: u64) -> Option<u64> {
+    let text = text.trim();
+    let seconds = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse::<u64>().unwrap_or(u64::MAX)
+    } else {
+        crate::time::parse_http_date(text)?.saturating_sub(now)
+    };
+    Some(seconds.max(1))
 }
 
 /// `base` (no trailing slash) + `path` (with a leading slash).

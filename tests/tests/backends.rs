@@ -66,6 +66,8 @@ backend_suite!(securosys_rsa2048, Ca::Securosys, "rsa2048", no_tweak);
 backend_suite!(securosys_p256_with_approval, Ca::Securosys, "p256", |c: &mut serde_json::Value| {
     c["ca"]["approval"] = true.into();
 });
+backend_suite!(est_p256, Ca::Est, "p256", no_tweak);
+backend_suite!(est_rsa2048, Ca::Est, "rsa2048", no_tweak);
 
 fn suite_first_enroll(env: &Env) {
     let run = env.expect(&["enroll"], 0);
@@ -172,6 +174,15 @@ fn fault_table(ca: Ca) -> Vec<(Fault, i32, &'static str)> {
         (Fault::RejectAuth, 77, "refused"),
         (Fault::Oversized, 76, "larger than"),
     ];
+    if ca == Ca::Est {
+        // EST answers are base64 PKCS#7, not JSON.
+        for (fault, _, words) in table.iter_mut() {
+            if matches!(fault, Fault::MalformedJson | Fault::TruncatedJson) {
+                *words = "not a base64 certs-only PKCS#7";
+            }
+        }
+        table.extend([(Fault::EstForbidden, 77, "HTTP 403"), (Fault::Http503RetryAfter, 75, "retry after")]);
+    }
     if ca == Ca::Enos {
         table.extend([
             (Fault::Enos99400, 77, "EnOS code 99400"),

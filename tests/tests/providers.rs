@@ -116,6 +116,11 @@ fn contract_enroll_renew(provider: &str, ca: Ca, algorithm: &str) {
     if ca == Ca::Ezca {
         assert!(last.contains("RenewCertificateV3") && last.ends_with("-> 200"), "{last}");
     }
+    if ca == Ca::Est {
+        // design.md §5 rule 3: the TLS handshake was signed in place by the provider's key.
+        assert!(last.contains("simplereenroll") && last.ends_with("-> 200"), "{last}");
+        assert_eq!(env.emu.est_last_auth(), Some(enroll_tests::EstAuth::DeviceCert));
+    }
     env.assert_no_secret_in_outputs();
 }
 
@@ -243,6 +248,11 @@ macro_rules! provider_contract {
             #[test]
             fn ezca_renewal_token_is_signed_by_the_device_key() {
                 contract_enroll_renew($provider, Ca::Ezca, "rsa2048");
+            }
+
+            #[test]
+            fn est_renewal_is_tls_client_auth_with_the_device_key() {
+                contract_enroll_renew($provider, Ca::Est, "p256");
             }
 
             #[test]

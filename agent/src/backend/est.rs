@@ -16,7 +16,7 @@ use enroll_hal::DeviceKey;
 use super::{CaBackend, Credentials, Current, Outcome, Poll, Request};
 use crate::config::{EstBootstrap, EstSettings, Polling, TlsSettings};
 use crate::error::{Context, Error, Result};
-use crate::http::{self, Http, Response};
+use crate::http::{self, parse_retry_after, Http, Response};
 use crate::pki::{self, Cert, Issued};
 use crate::secret::Secret;
 use crate::tls::ClientIdentity;
@@ -88,18 +88,6 @@ pub fn decode_base64(body: &[u8]) -> std::result::Result<Vec<u8>, String> {
     engine.decode(&compact).map_err(|e| format!("the body is not base64: {e}"))
 }
 
-/// `Retry-After` (RFC 9110 §10.2.3): delta-seconds, or an HTTP date counted from `now`. At least
-/// one second, so a server saying 0 cannot make us spin.
-pub fn parse_retry_after(text: &str, now: u64) -> Option<u64> {
-    let text = text.trim();
-    let seconds = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        text.parse::<u64>().unwrap_or(u64::MAX)
-    } else {
-        crate::time::parse_http_date(text)?.saturating_sub(now)
-    };
-    Some(seconds.max(1))
-}
-
 /// The content types a certs-only answer may carry: `application/pkcs7-mime` with any
 /// parameters (and no header at all).
 fn is_pkcs7(content_type: Option<&str>) -> bool {
@@ -117,8 +105,10 @@ fn certs_of(step: &str, response: &Response) -> Result<Vec<Cert>> {
             response.content_type.as_deref().unwrap_or("")
         )));
     }
-    let der = decode_base64(&response.body).map_err(|e| Error::protocol(format!("{step}: {e}")))?;
-    let certs = crate::pkcs7::certificates(&der).map_err(|e| Error::protocol(format!("{step}: {e}")))?;
+    let malformed =
+        |e: String| Error::protocol(format!("{step}: the answer is not a base64 certs-only PKCS#7: {e}"));
+    let der = decode_base64(&response.body).map_err(malformed)?;
+    let certs = crate::pkcs7::certificates(&der).map_err(malformed)?;
     certs
         .iter()
         .map(|der| Cert::from_der(der).context(format!("{step}: a certificate in the answer")))
@@ -201,6 +191,11 @@ impl<'a> Est<'a> {
         let body = base64::engine::general_purpose::STANDARD.encode(&request.csr.der);
         let url = self.url(operation);
         let mut headers = vec![("Content-Type", "application/pkcs10"), ("Accept", "application/pkcs7-mime")];
+        let credential = match (&auth, operation) {
+            (Auth::Basic(..), _) => "the bootstrap password (HTTP Basic)",
+            (Auth::Tls(..), SIMPLEREENROLL) => "the device certificate",
+            (Auth::Tls(..), _) => "the factory certificate",
+        };
         let basic;
         let http = match auth {
             Auth::Tls(chain, key) => self.mtls(chain, key)?,
@@ -215,23 +210,34 @@ impl<'a> Est<'a> {
             }
         };
         let response = http.send(&step, "POST", &url, &headers, Some(body.as_bytes()))?;
-        self.answer(&step, request, &response)
+        self.answer(&step, request, &response, credential)
     }
 
-    fn answer(&mut self, step: &str, request: &Request, response: &Response) -> Result<Outcome> {
+    fn answer(
+        &mut self,
+        step: &str,
+        request: &Request,
+        response: &Response,
+        credential: &str,
+    ) -> Result<Outcome> {
         self.retry_after =
             response.retry_after.as_deref().and_then(|t| parse_retry_after(t, crate::time::now()));
         match response.status {
             200 => {}
             // 202 (RFC 7030 §4.2.3); 206 as one vendor documents it (protocols.md §6.1).
             202 | 206 => return Ok(Outcome::Pending { request_id: request_id(&request.csr.der) }),
+            401 | 403 => {
+                return Err(Error::refused(format!(
+                    "{step}: the EST server refused {credential}: HTTP {}: {}",
+                    response.status,
+                    response.excerpt()
+                )))
+            }
             _ => {
                 let error = http::status_error(step, response);
-                return Err(match self.retry_after {
-                    Some(seconds) if error.kind().is_retryable() => {
-                        error.context(format!("the server asks to retry after {seconds} s"))
-                    }
-                    _ => error,
+                return Err(match error.retry_after() {
+                    Some(seconds) => error.context(format!("the server asks to retry after {seconds} s")),
+                    None => error,
                 });
             }
         }
@@ -239,7 +245,7 @@ impl<'a> Est<'a> {
         let spki = pki::verify_csr(&request.csr.der).context("reading our own CSR")?;
         let Some(position) = certs.iter().position(|c| c.spki_der() == spki) else {
             return Err(Error::protocol(format!(
-                "{step}: none of the {} certificate(s) in the answer carries our public key",
+                "{step}: the answer does not carry our public key (none of its {} certificate(s) is for our key)",
                 certs.len()
             )));
         };
@@ -407,5 +413,12 @@ mod tests {
             assert!(error.to_string().contains("enrollment refused"), "{error}");
             assert!(!error.to_string().contains('\x1b'), "{error}");
         }
+        // A temporary failure carries the server's Retry-After through the error chain (for `run`).
+        let mut busy = response(503);
+        busy.retry_after = Some("30".into());
+        let error = http::status_error("EST simpleenroll", &busy).context("enrolling with EST");
+        assert_eq!(error.retry_after(), Some(30));
+        busy.status = 403;
+        assert_eq!(http::status_error("EST simpleenroll", &busy).retry_after(), None);
     }
 }
