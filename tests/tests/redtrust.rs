@@ -153,3 +153,16 @@ fn ezca_certificate_renewal_cannot_use_a_remote_key() {
     let run = env.expect(&["enroll"], 78);
     assert!(run.stderr.contains("ca.renew_auth: a Redtrust key cannot sign"), "{run:?}");
 }
+
+#[test]
+fn est_cannot_use_a_remote_key() {
+    // EST renews over TLS client authentication, which a Redtrust key cannot sign on the device.
+    let env = Env::with_config(Ca::Est, "rsa2048", |c| c["san"] = serde_json::json!({}));
+    env.use_redtrust();
+    let run = env.expect(&["enroll"], 78);
+    assert!(
+        run.stderr.starts_with("error: ca.backend: EST renews over TLS client authentication"),
+        "{run:?}"
+    );
+    assert!(!env.state_dir().exists(), "a config error creates nothing");
+}
