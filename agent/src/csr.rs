@@ -28,13 +28,7 @@ pub struct Csr {
 
 /// Builds and signs a CSR for `subject` and `sans` with `key`.
 pub fn build(key: &dyn DeviceKey, subject: &Subject, sans: &Sans) -> Result<Csr> {
-    let info = CertReqInfo {
-        version: Version::V1,
-        subject: encode_name(subject)?,
-        public_key: SubjectPublicKeyInfoOwned::from_der(key.public_key_spki())
-            .map_err(|e| Error::new(crate::error::Kind::Internal, format!("device key SPKI: {e}")))?,
-        attributes: san_attributes(sans, subject)?,
-    };
+    let info = request_info(key, subject, sans)?;
     let tbs = info.to_der().map_err(der_error)?;
     let scheme = key.algorithm().default_scheme();
     let signature = key.sign(scheme, &tbs).context("signing the CSR with the device key")?;
@@ -49,6 +43,26 @@ pub fn build(key: &dyn DeviceKey, subject: &Subject, sans: &Sans) -> Result<Csr>
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
     );
     Ok(Csr { der, pem })
+}
+
+/// What a CSR for `key`, `subject` and `sans` asks for (the part the signature covers).
+fn request_info(key: &dyn DeviceKey, subject: &Subject, sans: &Sans) -> Result<CertReqInfo> {
+    Ok(CertReqInfo {
+        version: Version::V1,
+        subject: encode_name(subject)?,
+        public_key: SubjectPublicKeyInfoOwned::from_der(key.public_key_spki())
+            .map_err(|e| Error::new(crate::error::Kind::Internal, format!("device key SPKI: {e}")))?,
+        attributes: san_attributes(sans, subject)?,
+    })
+}
+
+/// Whether `csr` (DER) asks exactly for `key`, `subject` and `sans`: a CSR kept from an earlier
+/// run is sent again only while the configuration still asks for the same thing.
+pub fn asks_for(csr: &[u8], key: &dyn DeviceKey, subject: &Subject, sans: &Sans) -> bool {
+    let (Ok(kept), Ok(wanted)) = (CertReq::from_der(csr), request_info(key, subject, sans)) else {
+        return false;
+    };
+    matches!((kept.info.to_der(), wanted.to_der()), (Ok(a), Ok(b)) if a == b)
 }
 
 /// The AlgorithmIdentifier for a signature made with `scheme` (RSA carries explicit NULL
@@ -164,6 +178,14 @@ mod tests {
             .verify(&tbs, parsed.signature.raw_bytes())
             .unwrap();
         assert!(csr.pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----\n"));
+        // A kept CSR is resent only while key, subject and SANs are still what it asks for.
+        assert!(asks_for(&csr.der, key.as_ref(), &subject, &sans));
+        let other_sans = Sans { dns: vec!["b.example".into()], ..sans.clone() };
+        assert!(!asks_for(&csr.der, key.as_ref(), &subject, &other_sans));
+        let other_key =
+            enroll_hal::soft::FileKeyProvider::default().generate(Algorithm::P256, &slot).unwrap();
+        assert!(!asks_for(&csr.der, other_key.as_ref(), &subject, &sans));
+        assert!(!asks_for(b"garbage", key.as_ref(), &subject, &sans));
         std::fs::remove_dir_all(&slot).unwrap();
     }
 }

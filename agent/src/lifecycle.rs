@@ -468,10 +468,15 @@ impl<'a> Agent<'a> {
         // signature over the same request would differ (ECDSA is randomized).
         let kept = std::fs::read_to_string(slot.join(REQUEST_CSR)).ok().and_then(|t| csr_from_pem(&t));
         if let Some(csr) = kept {
-            if pki::verify_csr(&csr.der).is_ok_and(|spki| spki == key.public_key_spki()) {
+            if csr::asks_for(&csr.der, key.as_ref(), &self.settings.subject, &self.settings.san)
+                && pki::verify_csr(&csr.der).is_ok()
+            {
                 return Ok(Prepared { slot, key, csr });
             }
-            log::warn!("the CSR kept in {} is not for its key; making a new one", slot.display());
+            log::warn!(
+                "the CSR kept in {} is not for its key or the configured subject and SANs; making a new one",
+                slot.display()
+            );
         }
         let csr = csr::build(key.as_ref(), &self.settings.subject, &self.settings.san)
             .context("building the CSR")?;
