@@ -65,14 +65,17 @@ def expect(cond, what):
 
 
 for pc, features, unit in (("", [], "enroll-agent.service"),
+                           ("est", ["--features=est"], "enroll-agent.service"),
                            ("pkcs11", ["--features=pkcs11"], "enroll-agent.service"),
-                           ("pkcs11 tpm", ["--features=pkcs11", "--features=tpm"], "enroll-agent.service"),
+                           ("est pkcs11 tpm", ["--features=est", "--features=pkcs11", "--features=tpm"],
+                            "enroll-agent.service"),
                            ("timer", [], "enroll-agent-renew.timer")):
     d = parse(pc)
     pn = d.getVar("PN")
     print(f"PACKAGECONFIG = {pc!r}")
     flags = d.getVar("CARGO_BUILD_FLAGS").split()
-    expect([f for f in flags if f.startswith("--features")] == features and "--bin" in flags,
+    expect([f for f in flags if f.startswith("--features")] == features and "--bin" in flags
+           and "--no-default-features" in flags,
            f"CARGO_BUILD_FLAGS = {' '.join(flags)!r}")
     expect(d.getVar("CARGO_SRC_DIR") == "agent", f"CARGO_SRC_DIR = {d.getVar('CARGO_SRC_DIR')!r}")
     expect(d.getVar(f"SYSTEMD_SERVICE:{pn}") == unit, f"SYSTEMD_SERVICE:{pn} = {d.getVar(f'SYSTEMD_SERVICE:{pn}')!r}")
