@@ -31,6 +31,8 @@ fn csr_ids(env: &Env) -> Vec<String> {
 #[test]
 fn factory_certificate_enrolls_and_the_device_certificate_renews() {
     let env = Env::new(Ca::Est, "p256");
+    let run = env.expect(&["check", "--online"], 0);
+    assert!(run.stdout.contains("reachable over verified TLS"), "{run:?}");
     env.expect(&["enroll"], 0);
     assert_eq!(env.emu.est_last_auth(), Some(EstAuth::FactoryCert));
     env.assert_chain_verifies();
