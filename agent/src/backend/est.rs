@@ -226,10 +226,15 @@ impl<'a> Est<'a> {
             200 => {}
             // 202 (RFC 7030 §4.2.3); 206 as one vendor documents it (protocols.md §6.1).
             202 | 206 => return Ok(Outcome::Pending { request_id: request_id(&request.csr.der) }),
-            401 | 403 => {
+            401 => {
                 return Err(Error::refused(format!(
-                    "{step}: the EST server refused {credential}: HTTP {}: {}",
-                    response.status,
+                    "{step}: the EST server refused {credential}: HTTP 401: {}",
+                    response.excerpt()
+                )))
+            }
+            403 => {
+                return Err(Error::refused(format!(
+                    "{step}: the EST server refused the request made with {credential}: HTTP 403: {}",
                     response.excerpt()
                 )))
             }
