@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine: start the bundled CA emulator (EnOS, EZCA, Sectigo
-# SCM, Securosys TSB, Redtrust), then run the real agent against each: first enrollment, status,
-# forced renewal, status. Sectigo and the TSB approval flow are asynchronous (the agent polls);
-# the Redtrust run keeps its key on the Redtrust server and has EnOS issue the certificate.
+# SCM, Securosys TSB, Redtrust, EST), then run the real agent against each: first enrollment,
+# status, forced renewal, status. Sectigo and the TSB approval flow are asynchronous (the agent
+# polls); the Redtrust run keeps its key on the Redtrust server and has EnOS issue the certificate;
+# EST enrolls with a factory certificate (or a one-time password) and renews over TLS client
+# authentication with the device's own certificate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --locked --quiet --workspace --bins
@@ -17,7 +19,7 @@ for _ in $(seq 100); do grep -q '^ca-emulator ready' "$work/emulator.out" 2>/dev
 grep '^ca-emulator ready' "$work/emulator.out" || { echo "the emulator did not start" >&2; exit 1; }
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
-for ca in enos ezca sectigo securosys securosys-approval redtrust-enos; do
+for ca in enos ezca sectigo securosys securosys-approval redtrust-enos est est-basic; do
   config=$work/emulator/agent-$ca.json
   printf '\n======== %s (config %s)\n' "$ca" "$config"
   step "$bin/enroll-agent" -c "$config" enroll
