@@ -50,7 +50,8 @@ def parse(packageconfig):
     d.setVar("PN", "${@bb.parse.vars_from_file(d.getVar('FILE', False), d)[0]}")
     d.setVar("PV", "${@bb.parse.vars_from_file(d.getVar('FILE', False), d)[1]}")
     d.setVar("BPN", "${PN}")
-    d.setVar("PACKAGECONFIG", packageconfig)
+    if packageconfig is not None:
+        d.setVar("PACKAGECONFIG", packageconfig)
     bb.parse.siggen = bb.siggen.init(d)
     return bb.parse.handle(recipe, d)[""]
 
@@ -64,8 +65,12 @@ def expect(cond, what):
         failures.append(what)
 
 
+ALL = "enos ezca sectigo securosys est redtrust"
 for pc, features, unit in (("", [], "enroll-agent.service"),
+                           (ALL, [f"--features={f}" for f in ALL.split()], "enroll-agent.service"),
                            ("est", ["--features=est"], "enroll-agent.service"),
+                           ("sectigo redtrust", ["--features=sectigo", "--features=redtrust"],
+                            "enroll-agent.service"),
                            ("pkcs11", ["--features=pkcs11"], "enroll-agent.service"),
                            ("est pkcs11 tpm", ["--features=est", "--features=pkcs11", "--features=tpm"],
                             "enroll-agent.service"),
@@ -74,7 +79,8 @@ for pc, features, unit in (("", [], "enroll-agent.service"),
     pn = d.getVar("PN")
     print(f"PACKAGECONFIG = {pc!r}")
     flags = d.getVar("CARGO_BUILD_FLAGS").split()
-    expect([f for f in flags if f.startswith("--features")] == features and "--bin" in flags
+    # bb.utils.filter sorts the names; the order of --features does not matter to cargo.
+    expect(sorted(f for f in flags if f.startswith("--features")) == sorted(features) and "--bin" in flags
            and "--no-default-features" in flags,
            f"CARGO_BUILD_FLAGS = {' '.join(flags)!r}")
     expect(d.getVar("CARGO_SRC_DIR") == "agent", f"CARGO_SRC_DIR = {d.getVar('CARGO_SRC_DIR')!r}")
@@ -88,6 +94,10 @@ for pc, features, unit in (("", [], "enroll-agent.service"),
     expect(src[0].startswith("git://") and len(crates) == len(sums) > 0,
            f"SRC_URI: first {src[0].split(';')[0]}, {len(crates)} crates, {len(sums)} sha256sums")
     expect(d.getVar("S") == "/work/git", f"S = {d.getVar('S')!r}")
+
+default = parse(None).getVar("PACKAGECONFIG")
+print("PACKAGECONFIG unset")
+expect(default == ALL, f"the recipe's default PACKAGECONFIG = {default!r} (every protocol and redtrust)")
 
 print("bb-parse: " + ("FAILED" if failures else "ok"))
 sys.exit(1 if failures else 0)

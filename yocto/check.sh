@@ -132,8 +132,8 @@ if ! "$bbvenv/bin/python" -c 'import bb' 2>/dev/null; then
 fi
 for bbfile in $(find "$layer" -name '*.bb' | sort); do
     if out=$("$bbvenv/bin/python" "$here/bb-parse.py" "$bbfile" 2>&1); then
-        echo "ok: $(basename "$bbfile") parses; per PACKAGECONFIG (none, est, pkcs11, est pkcs11 tpm, timer):"
-        grep -E 'CARGO_BUILD_FLAGS|SYSTEMD_SERVICE' <<<"$out" | sort -u | sed 's/^  ok: /    /'
+        echo "ok: $(basename "$bbfile") parses; per PACKAGECONFIG (none, all protocols + redtrust, est, sectigo redtrust, pkcs11, est pkcs11 tpm, timer):"
+        grep -E 'CARGO_BUILD_FLAGS|SYSTEMD_SERVICE|default PACKAGECONFIG' <<<"$out" | sort -u | sed 's/^  ok: /    /'
     else
         bad "BitBake parse of $(basename "$bbfile"):"; printf '%s\n' "$out"
     fi

@@ -5,8 +5,10 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use enroll_hal::Algorithm;
+use enroll_hal::soft::SoftKey;
+use enroll_hal::{Algorithm, DeviceKey};
 
 use crate::error::{Error, Result};
 use crate::files::Rule;
@@ -199,14 +201,16 @@ pub struct RedtrustSettings {
     pub hash_type: String,
 }
 
+/// The CA protocol and its block. Every variant exists in every build (style.md item 2); the
+/// client of each is compiled only with its cargo feature of the same name, and a config naming
+/// one that is not is refused while parsing ([`check_protocol`]).
 #[derive(Debug)]
 pub enum Backend {
     Enos(EnosSettings),
     Ezca(EzcaSettings),
     Sectigo(SectigoSettings),
     Securosys(SecurosysSettings),
-    /// EST, RFC 7030 (cargo feature `est`).
-    #[cfg(feature = "est")]
+    /// EST, RFC 7030.
     Est(EstSettings),
 }
 
@@ -217,19 +221,38 @@ impl Backend {
             Backend::Ezca(_) => "ezca",
             Backend::Sectigo(_) => "sectigo",
             Backend::Securosys(_) => "securosys",
-            #[cfg(feature = "est")]
             Backend::Est(_) => "est",
         }
     }
 }
 
+/// Every CA protocol this version implements; each one's cargo feature has its name.
+pub const PROTOCOLS: [&str; 5] = ["enos", "ezca", "sectigo", "securosys", "est"];
+
 /// The CA protocols compiled into this build (`--version`).
 pub fn protocols() -> Vec<&'static str> {
-    let mut names = vec!["enos", "ezca", "sectigo", "securosys"];
-    if cfg!(feature = "est") {
-        names.push("est");
+    let compiled = [
+        cfg!(feature = "enos"),
+        cfg!(feature = "ezca"),
+        cfg!(feature = "sectigo"),
+        cfg!(feature = "securosys"),
+        cfg!(feature = "est"),
+    ];
+    PROTOCOLS.into_iter().zip(compiled).filter_map(|(name, on)| on.then_some(name)).collect()
+}
+
+/// The 78 for a known protocol missing from `compiled` (this build's [`protocols`]), naming the
+/// cargo feature that would bring it in. Names that are not protocols are left to the caller.
+pub fn check_protocol(name: &str, compiled: &[&str]) -> Result<()> {
+    if PROTOCOLS.contains(&name) && !compiled.contains(&name) {
+        return Err(not_compiled(name));
     }
-    names
+    Ok(())
+}
+
+/// `ca.backend: "<name>" is not compiled into this build (cargo feature <name>)` (design.md §8).
+pub fn not_compiled(name: &str) -> Error {
+    Error::config(format!("ca.backend: {name:?} is not compiled into this build (cargo feature {name})"))
 }
 
 /// `ca.backend = "est"` (design.md §8, protocols.md §6.1).
@@ -463,7 +486,6 @@ impl Settings {
                 ));
             }
         }
-        #[cfg(feature = "est")]
         if let Backend::Est(_) = &self.ca {
             return Err(Error::config(
                 "ca.backend: EST renews over TLS client authentication, which a Redtrust key cannot sign \
@@ -545,7 +567,7 @@ fn parse_key(root: &mut Fields, allow_http: bool) -> Result<KeySettings> {
     };
     let provider = match fields.required_string("provider")?.as_str() {
         "file" => Provider::File,
-        name @ ("pkcs11" | "tpm") if !hardware_compiled(name) => {
+        name @ ("pkcs11" | "tpm" | "redtrust") if !provider_compiled(name) => {
             return Err(Error::config(format!(
                 "key.provider: provider {name} is not compiled into this build (cargo feature {name})"
             )))
@@ -575,19 +597,15 @@ fn parse_backend(root: &mut Fields, allow_http: bool) -> Result<Backend> {
     let Some(mut fields) = root.object("ca")? else {
         return Err(Error::config("ca: missing"));
     };
-    let backend = match fields.required_string("backend")?.as_str() {
+    let name = fields.required_string("backend")?;
+    // Before the block's fields: they are another protocol's business in this build.
+    check_protocol(&name, &protocols())?;
+    let backend = match name.as_str() {
         "enos" => Backend::Enos(parse_enos(&mut fields, allow_http)?),
         "ezca" => Backend::Ezca(parse_ezca(&mut fields, allow_http)?),
         "sectigo" => Backend::Sectigo(parse_sectigo(&mut fields, allow_http)?),
         "securosys" => Backend::Securosys(parse_securosys(&mut fields, allow_http)?),
-        #[cfg(feature = "est")]
         "est" => Backend::Est(parse_est(&mut fields, allow_http)?),
-        #[cfg(not(feature = "est"))]
-        "est" => {
-            return Err(Error::config(
-                "ca.backend: \"est\" is not compiled into this build (cargo feature est)",
-            ))
-        }
         name @ ("scep" | "acme") => {
             return Err(Error::config(format!(
                 "ca.backend: backend {name} is not implemented in this version"
@@ -740,7 +758,6 @@ fn parse_securosys(fields: &mut Fields, allow_http: bool) -> Result<SecurosysSet
 
 /// `ca` for EST: `url`, `label`, `bootstrap` (`cert_file` + `key_file`, or `username` +
 /// `password_file`), `poll_interval_s`, `poll_wait_s`, `poll_timeout_s`.
-#[cfg(feature = "est")]
 fn parse_est(fields: &mut Fields, allow_http: bool) -> Result<EstSettings> {
     let url = fields.url("url", None, allow_http)?;
     let label = fields.string("label")?;
@@ -786,9 +803,8 @@ fn parse_est(fields: &mut Fields, allow_http: bool) -> Result<EstSettings> {
 }
 
 /// The factory key must be a PKCS#8 P-256 or RSA-2048 key for the factory certificate.
-#[cfg(feature = "est")]
 fn check_bootstrap_key(cert: &[u8], key_pem: &Secret) -> std::result::Result<(), String> {
-    let key = crate::backend::est::load_key(key_pem)?;
+    let key = load_pkcs8_key(key_pem)?;
     let cert = crate::pki::Cert::from_der(cert).map_err(|e| e.to_string())?;
     if key.public_key_spki() != cert.spki_der() {
         return Err("the key does not belong to the certificate in ca.bootstrap.cert_file".into());
@@ -796,9 +812,24 @@ fn check_bootstrap_key(cert: &[u8], key_pem: &Secret) -> std::result::Result<(),
     Ok(())
 }
 
-/// Whether the cargo feature of a hardware provider is in this build.
-fn hardware_compiled(name: &str) -> bool {
-    (name == "pkcs11" && cfg!(feature = "pkcs11")) || (name == "tpm" && cfg!(feature = "tpm"))
+/// Loads a PKCS#8 PEM key (the EST factory key) as a soft key.
+pub fn load_pkcs8_key(pem_text: &Secret) -> std::result::Result<Arc<dyn DeviceKey>, String> {
+    let parsed = pem::parse(pem_text.expose().as_bytes()).map_err(|_| "not a PEM file".to_string())?;
+    if parsed.tag() != "PRIVATE KEY" {
+        return Err(format!("a {} PEM block; a PKCS#8 \"PRIVATE KEY\" is needed", parsed.tag()));
+    }
+    let der = zeroize::Zeroizing::new(parsed.into_contents());
+    SoftKey::from_pkcs8(&der).map(|k| Arc::new(k) as Arc<dyn DeviceKey>).map_err(|e| e.to_string())
+}
+
+/// Whether the cargo feature of an optional key provider (same name) is in this build.
+fn provider_compiled(name: &str) -> bool {
+    let optional = [
+        ("pkcs11", cfg!(feature = "pkcs11")),
+        ("tpm", cfg!(feature = "tpm")),
+        ("redtrust", cfg!(feature = "redtrust")),
+    ];
+    optional.into_iter().all(|(provider, compiled)| provider != name || compiled)
 }
 
 /// `key.pkcs11`: `module`, `token_label` or `slot`, `pin_file`, `key_label`; or an RFC 7512
@@ -1303,6 +1334,43 @@ mod tests {
         assert!(err.contains("key.algorithm") && err.contains("\"bootstrap\""), "{err}");
         let fixed = text.replacen(r#""ca_id""#, r#""renew_auth":"bootstrap","ca_id""#, 1);
         assert!(load(&fixed).is_ok());
+    }
+
+    #[test]
+    fn a_protocol_not_compiled_in_is_a_config_error_naming_its_feature() {
+        // This test build has every protocol: hand check_protocol a build that lacks some.
+        let error = check_protocol("sectigo", &["enos", "est"]).unwrap_err();
+        assert_eq!(error.kind().exit_code(), 78);
+        assert_eq!(
+            error.to_string(),
+            r#"ca.backend: "sectigo" is not compiled into this build (cargo feature sectigo)"#
+        );
+        for name in PROTOCOLS {
+            assert!(check_protocol(name, &PROTOCOLS).is_ok(), "{name}");
+            let error = check_protocol(name, &[]).unwrap_err();
+            assert_eq!(error.kind().exit_code(), 78);
+            assert!(error.to_string().ends_with(&format!("(cargo feature {name})")), "{error}");
+        }
+        // Names that are no protocol get parse_backend's own words ("not one of", "not implemented").
+        assert!(check_protocol("scep", &[]).is_ok());
+        assert!(check_protocol("Sectigo", &[]).is_ok());
+    }
+
+    #[test]
+    fn protocols_lists_the_cargo_features_of_this_build() {
+        let features = [
+            cfg!(feature = "enos"),
+            cfg!(feature = "ezca"),
+            cfg!(feature = "sectigo"),
+            cfg!(feature = "securosys"),
+            cfg!(feature = "est"),
+        ];
+        let expected: Vec<&str> =
+            PROTOCOLS.iter().zip(features).filter(|(_, on)| *on).map(|(p, _)| *p).collect();
+        assert_eq!(protocols(), expected);
+        for name in protocols() {
+            assert!(check_protocol(name, &protocols()).is_ok(), "{name}");
+        }
     }
 
     #[cfg(feature = "tpm")]

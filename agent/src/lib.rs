@@ -19,6 +19,7 @@ pub mod lifecycle;
 #[cfg(feature = "est")]
 pub mod pkcs7;
 pub mod pki;
+#[cfg(feature = "redtrust")]
 pub mod redtrust;
 pub mod report;
 pub mod secret;
@@ -43,9 +44,15 @@ impl Outcome {
     }
 }
 
+/// `--version`'s `protocols:` line of a build with no protocol feature.
+const NO_PROTOCOL: &str = "none (every ca.backend is refused; build with a protocol's cargo feature)";
+
 /// The key providers compiled into this build.
 fn providers() -> String {
-    let mut names = vec!["file", "redtrust"];
+    let mut names = vec!["file"];
+    if cfg!(feature = "redtrust") {
+        names.push("redtrust");
+    }
     if cfg!(feature = "pkcs11") {
         names.push("pkcs11");
     }
@@ -64,7 +71,10 @@ pub fn execute(cli: &cli::Cli) -> Result<Outcome> {
                 "enroll-agent {}\nkey providers: {}\nprotocols: {}\nbuilt: {} (the clock floor: an earlier clock is not believed)\n",
                 env!("CARGO_PKG_VERSION"),
                 providers(),
-                config::protocols().join(" "),
+                match config::protocols() {
+                    none if none.is_empty() => NO_PROTOCOL.to_string(),
+                    names => names.join(" "),
+                },
                 crate::time::rfc3339(crate::time::build_time())
             )))
         }

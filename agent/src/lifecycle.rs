@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "redtrust")]
 use enroll_hal::remote::RemoteKeyProvider;
 use enroll_hal::soft::FileKeyProvider;
 use enroll_hal::{DeviceKey, KeyProvider, Store};
@@ -19,9 +20,15 @@ use crate::csr::{self, Csr};
 use crate::error::{Context, Error, Kind, Result};
 use crate::http::Http;
 use crate::pki::{self, Cert, Expectation, Issued, Verified};
+#[cfg(feature = "redtrust")]
 use crate::redtrust::Redtrust;
 use crate::state::{Pending, Purpose, State};
 use crate::time;
+
+/// Without the cargo feature `redtrust` no remote key session can exist: the type has no values,
+/// and `key.provider "redtrust"` was refused with 78 when the config was parsed.
+#[cfg(not(feature = "redtrust"))]
+enum Redtrust {}
 
 /// A renewal is never started sooner than this after an install, whatever the certificate says
 /// (a CA issuing very short or back-dated certificates must not make us hammer it).
@@ -139,6 +146,7 @@ struct Prepared {
 pub fn open_provider(settings: &Settings) -> Result<Box<dyn KeyProvider>> {
     match &settings.key.provider {
         Provider::File => Ok(Box::new(FileKeyProvider::shared_with(settings.storage_group))),
+        #[cfg(feature = "redtrust")]
         Provider::Redtrust(_) => Ok(Box::new(RemoteKeyProvider::new("redtrust", settings.key.algorithm))),
         #[cfg(feature = "pkcs11")]
         Provider::Pkcs11(p11) => crate::hardware::pkcs11(p11),
@@ -384,14 +392,16 @@ impl<'a> Agent<'a> {
         log::info!("abandoning the pending {} request in slot {}", pending.purpose.name(), pending.slot);
         if let Some(id) = &pending.request_id {
             match self.http() {
-                Ok(http) => {
-                    let mut ca = backend::from_settings(self.settings, http);
-                    if ca.polling().is_some() {
-                        if let Err(e) = ca.cancel(id) {
-                            log::warn!("could not withdraw request {id}: {}", e.chain_line());
+                Ok(http) => match backend::from_settings(self.settings, http) {
+                    Ok(mut ca) => {
+                        if ca.polling().is_some() {
+                            if let Err(e) = ca.cancel(id) {
+                                log::warn!("could not withdraw request {id}: {}", e.chain_line());
+                            }
                         }
                     }
-                }
+                    Err(e) => log::warn!("could not withdraw request {id}: {}", e.chain_line()),
+                },
                 Err(e) => log::warn!("could not withdraw request {id}: {}", e.chain_line()),
             }
         }
@@ -489,6 +499,7 @@ impl<'a> Agent<'a> {
     /// Slot, key and CSR for a Redtrust key: Redtrust generates the key and makes the CSR
     /// (`csr/create`, v2 with `thumbprintToRenew` for a renewal). The CSR and the request code
     /// are kept so a crash before `csr/finalize` resumes without a second key.
+    #[cfg(feature = "redtrust")]
     fn remote_request(
         &mut self,
         purpose: Purpose,
@@ -526,15 +537,14 @@ impl<'a> Agent<'a> {
 
     fn obtain(&mut self, purpose: Purpose, installed: Option<&Installed>) -> Result<Done> {
         let http = self.http()?;
-        let mut redtrust = match &self.settings.key.provider {
-            Provider::Redtrust(settings) => Some(Redtrust::new(settings, http.clone())),
-            Provider::File | Provider::Pkcs11(_) | Provider::Tpm(_) => None,
-        };
-        let result = self.obtain_with(purpose, installed, &http, redtrust.as_mut());
-        if let Some(session) = redtrust.as_mut() {
+        #[cfg(feature = "redtrust")]
+        if let Provider::Redtrust(settings) = &self.settings.key.provider {
+            let mut session = Redtrust::new(settings, http.clone());
+            let result = self.obtain_with(purpose, installed, &http, Some(&mut session));
             session.logout();
+            return result;
         }
-        result
+        self.obtain_with(purpose, installed, &http, None)
     }
 
     fn obtain_with(
@@ -544,12 +554,15 @@ impl<'a> Agent<'a> {
         http: &Http,
         redtrust: Option<&mut Redtrust>,
     ) -> Result<Done> {
-        let mut ca = backend::from_settings(self.settings, http.clone());
+        let mut ca = backend::from_settings(self.settings, http.clone())?;
         if !time::clock_trusted() && !time::has_server_time() {
             learn_time_from_ca(http, &ca.probe_url());
         }
-        let (prepared, redtrust) = match redtrust {
+        let (prepared, redtrust): (Prepared, Option<&mut Redtrust>) = match redtrust {
+            #[cfg(feature = "redtrust")]
             Some(session) => (self.remote_request(purpose, installed, session)?, Some(session)),
+            #[cfg(not(feature = "redtrust"))]
+            Some(session) => match *session {},
             None => (self.local_request(purpose, installed)?, None),
         };
         // A certificate this slot already received (a crash before finalize or install) is not
@@ -571,7 +584,10 @@ impl<'a> Agent<'a> {
         };
         self.write_identity(&prepared.slot, &verified)?;
         let uri = match redtrust {
+            #[cfg(feature = "redtrust")]
             Some(session) => Some(self.finalize_remote(session, &verified.leaf)?),
+            #[cfg(not(feature = "redtrust"))]
+            Some(session) => match *session {},
             None => prepared.key.uri(),
         };
         if let Some(uri) = uri {
@@ -779,6 +795,7 @@ impl<'a> Agent<'a> {
     }
 
     /// Hands the certificate back to Redtrust (`csr/finalize`); answers the key's URI.
+    #[cfg(feature = "redtrust")]
     fn finalize_remote(&mut self, redtrust: &mut Redtrust, leaf: &Cert) -> Result<String> {
         let Some(code) = self.state.pending.as_ref().and_then(|p| p.key_ref.clone()) else {
             return Err(Error::new(Kind::Internal, "the Redtrust request code was lost"));

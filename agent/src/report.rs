@@ -289,7 +289,7 @@ pub fn check(settings: &Settings, online: bool) -> Result<String> {
     lines.push(format!("ok: trust bundle ({} roots)", roots.len()));
     if online {
         let http = crate::http::Http::new(crate::tls::client_config(roots, crate::tls::clock_window(&settings.tls), None)?, settings.tls.timeout_s);
-        let backend = backend::from_settings(settings, http.clone());
+        let backend = backend::from_settings(settings, http.clone())?;
         let url = backend.probe_url();
         let response = http.send("reaching the CA", "GET", &url, &[], None)?;
         // Only an https:// URL went through TLS; tls.danger_allow_http lets a lab CA use http://.

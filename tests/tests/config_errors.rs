@@ -96,7 +96,8 @@ fn providers_and_backends_not_in_this_build_say_so() {
     // Hardware providers are compiled into the test build (scripts/test.sh), not into the static
     // one: check whichever this binary lacks (scripts/static-build.sh checks the static binary).
     let version = Env::new(Ca::Enos, "p256").expect(&["--version"], 0).stdout;
-    for provider in ["pkcs11", "tpm"].into_iter().filter(|p| !version.contains(&format!(" {p}"))) {
+    let missing = |p: &&str| !version.contains(&format!(" {p}"));
+    for provider in ["pkcs11", "tpm", "redtrust"].into_iter().filter(missing) {
         config_error(
             Ca::Enos,
             "p256",
@@ -110,13 +111,20 @@ fn providers_and_backends_not_in_this_build_say_so() {
         |c| c["ca"]["backend"] = "scep".into(),
         "ca.backend: backend scep is not implemented in this version",
     );
-    if !version.lines().any(|l| l.starts_with("protocols:") && l.split_whitespace().any(|w| w == "est")) {
-        config_error(
-            Ca::Enos,
-            "p256",
-            |c| c["ca"]["backend"] = "est".into(),
-            r#"ca.backend: "est" is not compiled into this build (cargo feature est)"#,
-        );
+    // The binary under test has every protocol (the unit test of config::check_protocol covers
+    // the refusal); a build without some refuses each with 78 before reading the rest of `ca`.
+    let protocols = version.lines().find_map(|l| l.strip_prefix("protocols: ")).expect("a protocols: line");
+    for protocol in ["enos", "ezca", "sectigo", "securosys", "est"] {
+        if !protocols.split_whitespace().any(|w| w == protocol) {
+            config_error(
+                Ca::Enos,
+                "p256",
+                |c| c["ca"]["backend"] = protocol.into(),
+                &format!(
+                    "ca.backend: {protocol:?} is not compiled into this build (cargo feature {protocol})"
+                ),
+            );
+        }
     }
 }
 

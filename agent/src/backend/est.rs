@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use base64::Engine;
-use enroll_hal::soft::SoftKey;
 use enroll_hal::DeviceKey;
 
 use super::{CaBackend, Credentials, Current, Outcome, Poll, Request};
@@ -44,16 +43,6 @@ pub fn credentials(settings: &EstSettings) -> Credentials {
         Some(EstBootstrap::Basic { .. }) => CREDENTIALS_BASIC,
         None => CREDENTIALS_NONE,
     }
-}
-
-/// Loads a PKCS#8 PEM key (the factory key) as a soft key.
-pub fn load_key(pem_text: &Secret) -> std::result::Result<Arc<dyn DeviceKey>, String> {
-    let parsed = pem::parse(pem_text.expose().as_bytes()).map_err(|_| "not a PEM file".to_string())?;
-    if parsed.tag() != "PRIVATE KEY" {
-        return Err(format!("a {} PEM block; a PKCS#8 \"PRIVATE KEY\" is needed", parsed.tag()));
-    }
-    let der = zeroize::Zeroizing::new(parsed.into_contents());
-    SoftKey::from_pkcs8(&der).map(|k| Arc::new(k) as Arc<dyn DeviceKey>).map_err(|e| e.to_string())
 }
 
 /// `<url>/.well-known/est/[<label>/]<operation>` (RFC 7030 §3.2.2).
@@ -174,7 +163,8 @@ impl<'a> Est<'a> {
     fn bootstrap_auth(&self) -> Result<Auth<'a>> {
         match &self.settings.bootstrap {
             Some(EstBootstrap::Certificate { chain, key_pem }) => {
-                let key = load_key(key_pem).map_err(|e| Error::config(format!("ca.bootstrap.key_file: {e}")))?;
+                let key = crate::config::load_pkcs8_key(key_pem)
+                    .map_err(|e| Error::config(format!("ca.bootstrap.key_file: {e}")))?;
                 Ok(Auth::Tls(chain, key))
             }
             Some(EstBootstrap::Basic { username, password }) => Ok(Auth::Basic(username, password)),

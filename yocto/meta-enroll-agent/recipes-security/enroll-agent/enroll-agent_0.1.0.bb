@@ -53,10 +53,18 @@ CARGO_LOCK_PATH = "${S}/Cargo.lock"
 #           sys/tctildr; the device TCTI is dlopened by tctildr, so it is an explicit RDEPENDS.
 #           Also installs the 10-tpm.conf drop-ins that open /dev/tpmrm0 to the services.
 #   timer:  enable enroll-agent-renew.timer instead of the long-running enroll-agent.service.
-# and the CA protocols beyond the four vendor APIs (one per protocol, design.md §8):
-#   est:    the EST client (RFC 7030), on by default; without it a config naming "est" is refused.
-PACKAGECONFIG ??= "est"
+# and one per CA protocol and for the remote key provider (design.md §8), all on by default; a
+# config naming one that is left out is refused with exit 78 naming its cargo feature:
+#   enos, ezca, sectigo, securosys: the EnOS, EZCA, Sectigo SCM and Securosys TSB API clients.
+#   est:      the EST client (RFC 7030).
+#   redtrust: the Redtrust remote key provider (key.provider "redtrust").
+PACKAGECONFIG ??= "enos ezca sectigo securosys est redtrust"
+PACKAGECONFIG[enos] = ",,,"
+PACKAGECONFIG[ezca] = ",,,"
+PACKAGECONFIG[sectigo] = ",,,"
+PACKAGECONFIG[securosys] = ",,,"
 PACKAGECONFIG[est] = ",,,"
+PACKAGECONFIG[redtrust] = ",,,"
 PACKAGECONFIG[pkcs11] = ",,,,"
 PACKAGECONFIG[tpm] = ",,tpm2-tss,libtss2-tcti-device"
 PACKAGECONFIG[timer] = ",,,"
@@ -64,7 +72,7 @@ PACKAGECONFIG[timer] = ",,,"
 # The cargo features are passed explicitly: scarthgap's cargo class does not add
 # PACKAGECONFIG_CONFARGS to the cargo command line (later ones do), so the PACKAGECONFIG flags
 # above leave their first field empty and this works on every release without doubling.
-CARGO_BUILD_FLAGS += "--bin enroll-agent --no-default-features ${@' '.join('--features=' + f for f in bb.utils.filter('PACKAGECONFIG', 'est pkcs11 tpm', d).split())}"
+CARGO_BUILD_FLAGS += "--bin enroll-agent --no-default-features ${@' '.join('--features=' + f for f in bb.utils.filter('PACKAGECONFIG', 'enos ezca sectigo securosys est redtrust pkcs11 tpm', d).split())}"
 
 # Defaults compiled into the binary (read with option_env! at build time).
 export ENROLL_AGENT_DEFAULT_CONFIG = "${sysconfdir}/enroll-agent/config.json"
