@@ -183,11 +183,14 @@ fn past_poll_timeout_s_the_request_is_cancelled_at_tsb_and_replaced() {
     let env = Env::with_config(Ca::Securosys, "p256", |c| {
         c["ca"]["approval"] = true.into();
         c["ca"]["poll_wait_s"] = 1.into();
-        c["ca"]["poll_timeout_s"] = 2.into();
     });
     env.emu.set_pending_polls(1_000_000);
     env.expect(&["enroll"], 75);
     assert_eq!(env.status_json()["state"], "pending");
+    // poll_timeout_s counts from the request's creation (persisted), so shortening it now makes
+    // the next run give up; setting it before the first run raced a busy machine, where the
+    // first run could already be past 2 s when it started polling.
+    env.edit_config(|c| c["ca"]["poll_timeout_s"] = 2.into());
     std::thread::sleep(Duration::from_secs(3));
     let run = env.expect(&["enroll"], 75);
     assert!(run.stderr.contains("poll_timeout_s (2 s)"), "{run:?}");
