@@ -271,8 +271,9 @@ pub struct EstSettings {
 
 #[derive(Debug)]
 pub enum EstBootstrap {
-    /// A factory (IDevID) TLS client certificate, leaf first, and its PKCS#8 key (PEM text).
-    Certificate { chain: Vec<Vec<u8>>, key_pem: Secret },
+    /// A factory (IDevID) TLS client certificate, leaf first, and its key (read from a PKCS#8
+    /// file once, when the config is loaded, and checked against the certificate then).
+    Certificate { chain: Vec<Vec<u8>>, key: Arc<dyn DeviceKey> },
     /// HTTP Basic (a one-time password, for example); only ever sent over verified https.
     Basic { username: String, password: Secret },
 }
@@ -774,9 +775,9 @@ fn parse_est(fields: &mut Fields, allow_http: bool) -> Result<EstSettings> {
             let bootstrap = if boot.has("cert_file") || boot.has("key_file") {
                 let chain = boot.certificate_file("cert_file")?;
                 let key_pem = boot.secret_file("key_file")?;
-                check_bootstrap_key(&chain[0], &key_pem)
+                let key = bootstrap_key(&chain[0], &key_pem)
                     .map_err(|e| Error::config(format!("ca.bootstrap.key_file: {e}")))?;
-                EstBootstrap::Certificate { chain, key_pem }
+                EstBootstrap::Certificate { chain, key }
             } else if boot.has("username") || boot.has("password_file") {
                 if allow_http {
                     // Basic credentials are only ever sent over verified TLS (design.md §8).
@@ -802,18 +803,18 @@ fn parse_est(fields: &mut Fields, allow_http: bool) -> Result<EstSettings> {
     Ok(EstSettings { url, label, bootstrap, polling: parse_polling(fields, 60, 86_400)? })
 }
 
-/// The factory key must be a PKCS#8 P-256 or RSA-2048 key for the factory certificate.
-fn check_bootstrap_key(cert: &[u8], key_pem: &Secret) -> std::result::Result<(), String> {
+/// The factory key: a PKCS#8 P-256 or RSA-2048 key that belongs to the factory certificate.
+fn bootstrap_key(cert: &[u8], key_pem: &Secret) -> std::result::Result<Arc<dyn DeviceKey>, String> {
     let key = load_pkcs8_key(key_pem)?;
     let cert = crate::pki::Cert::from_der(cert).map_err(|e| e.to_string())?;
     if key.public_key_spki() != cert.spki_der() {
         return Err("the key does not belong to the certificate in ca.bootstrap.cert_file".into());
     }
-    Ok(())
+    Ok(key)
 }
 
 /// Loads a PKCS#8 PEM key (the EST factory key) as a soft key.
-pub fn load_pkcs8_key(pem_text: &Secret) -> std::result::Result<Arc<dyn DeviceKey>, String> {
+fn load_pkcs8_key(pem_text: &Secret) -> std::result::Result<Arc<dyn DeviceKey>, String> {
     let parsed = pem::parse(pem_text.expose().as_bytes()).map_err(|_| "not a PEM file".to_string())?;
     if parsed.tag() != "PRIVATE KEY" {
         return Err(format!("a {} PEM block; a PKCS#8 \"PRIVATE KEY\" is needed", parsed.tag()));

@@ -739,9 +739,9 @@ impl<'a> Agent<'a> {
     fn end_request(&mut self) -> Result<()> {
         if let Some(pending) = self.state.pending.as_mut() {
             pending.request_id = None;
+            let slot = pending.slot.clone();
             if !self.settings.key.provider.is_remote() {
-                let slot = self.store.root().join("slots").join(&pending.slot);
-                if let Err(e) = std::fs::remove_file(slot.join(REQUEST_CSR)) {
+                if let Err(e) = std::fs::remove_file(self.slot_path(&slot).join(REQUEST_CSR)) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         log::warn!("could not remove the CSR of an ended request: {e}");
                     }
@@ -920,26 +920,21 @@ fn run_with_timeout(command: &mut std::process::Command, limit: Duration) -> std
         .map_err(|e| format!("could not start: {e}"))?;
     let started = std::time::Instant::now();
     loop {
-        let cut_short = if started.elapsed() > limit {
-            Some(format!("killed after {} s (hooks.timeout_s)", limit.as_secs()))
-        } else if crate::daemon::stop_requested() {
-            Some("killed: the agent is stopping".to_string())
-        } else {
-            None
-        };
-        match child.try_wait() {
+        let cut_short = match child.try_wait() {
             Ok(Some(status)) if status.success() => return Ok(()),
             Ok(Some(status)) => return Err(format!("exited with {status}")),
-            Ok(None) if cut_short.is_some() => {
-                kill_group(&mut child);
-                return Err(cut_short.unwrap_or_default());
+            Err(e) => format!("could not wait for it: {e}"),
+            Ok(None) if started.elapsed() > limit => {
+                format!("killed after {} s (hooks.timeout_s)", limit.as_secs())
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => {
-                kill_group(&mut child);
-                return Err(format!("could not wait for it: {e}"));
+            Ok(None) if crate::daemon::stop_requested() => "killed: the agent is stopping".to_string(),
+            Ok(None) => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
-        }
+        };
+        kill_group(&mut child);
+        return Err(cut_short);
     }
 }
 

@@ -33,8 +33,7 @@ pub fn floor() -> u64 {
     build_time().max(PERSISTED_FLOOR.load(Ordering::Relaxed))
 }
 
-/// Sets the persisted last-known-good time read from state.json.
-/// Answers whether the value was believed.
+/// Sets the persisted last-known-good time read from state.json; answers whether it was believed.
 pub fn set_persisted_floor(unix: u64) -> bool {
     // The floor only ever comes from a corroborated clock or a certificate's notBefore, so one
     // far beyond the build is a corrupt state.json (a flipped bit), not time that has passed:
@@ -43,7 +42,7 @@ pub fn set_persisted_floor(unix: u64) -> bool {
         log::warn!("state.json: ignoring clock_floor {unix}, implausibly far beyond this build");
         return false;
     }
-    PERSISTED_FLOOR.fetch_max(unix.min(MAX_UNIX), Ordering::Relaxed);
+    PERSISTED_FLOOR.fetch_max(unix, Ordering::Relaxed);
     true
 }
 
@@ -61,8 +60,7 @@ pub fn now() -> u64 {
 /// else the floor. Never the CA's `Date`: that header arrives from a server we have not yet
 /// authenticated, so it must not decide whether we authenticate it.
 pub fn tls_now() -> u64 {
-    let system = system_now();
-    system.max(floor())
+    system_now().max(floor())
 }
 
 /// Whether the CA's time is known (only learnt while the system clock is untrusted).

@@ -162,11 +162,7 @@ impl<'a> Est<'a> {
     /// The bootstrap credential, or 77 saying there is none.
     fn bootstrap_auth(&self) -> Result<Auth<'a>> {
         match &self.settings.bootstrap {
-            Some(EstBootstrap::Certificate { chain, key_pem }) => {
-                let key = crate::config::load_pkcs8_key(key_pem)
-                    .map_err(|e| Error::config(format!("ca.bootstrap.key_file: {e}")))?;
-                Ok(Auth::Tls(chain, key))
-            }
+            Some(EstBootstrap::Certificate { chain, key }) => Ok(Auth::Tls(chain, key.clone())),
             Some(EstBootstrap::Basic { username, password }) => Ok(Auth::Basic(username, password)),
             None => Err(Error::refused(
                 "EST enrollment (simpleenroll) needs a bootstrap credential and ca.bootstrap is not configured \
