@@ -5,10 +5,9 @@
 mod common;
 
 use std::fs;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{agent_binary, Ca, Env};
+use common::{Ca, Env};
 use enroll_tests::Fault;
 use serde_json::Value;
 
@@ -16,51 +15,14 @@ fn securosys_with_approval() -> Env {
     Env::with_config(Ca::Securosys, "p256", |c| c["ca"]["approval"] = true.into())
 }
 
-/// Starts the agent without waiting for it.
-fn spawn(env: &Env, args: &[&str]) -> Child {
-    Command::new(agent_binary())
-        .arg("-c")
-        .arg(&env.config)
-        .args(args)
-        .env_remove("ENROLL_AGENT_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start enroll-agent")
-}
-
-/// Waits until state.json records the CA's request id; answers it.
-fn wait_for_request_id(env: &Env) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let state = fs::read(env.state_dir().join("state.json")).ok();
-        let id = state
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|s| s["pending"]["request_id"].as_str().map(str::to_string));
-        if let Some(id) = id {
-            return id;
-        }
-        assert!(Instant::now() < deadline, "the agent never recorded a request id");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The key file of the only slot (the pending one before any install).
-fn only_slot_key(env: &Env) -> Vec<u8> {
-    let slots: Vec<_> =
-        fs::read_dir(env.state_dir().join("slots")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(slots.len(), 1, "exactly one slot: {slots:?}");
-    fs::read(slots[0].join("key.pem")).unwrap()
-}
-
 /// design.md §4: "resuming never creates a second key or a second request".
 fn killed_while_pending_resumes_the_same_request(env: &Env, requests: impl Fn(&Env) -> usize) {
     env.emu.set_pending_polls(1_000_000);
-    let mut child = spawn(env, &["enroll"]);
-    let id = wait_for_request_id(env);
+    let mut child = env.spawn(&["enroll"], &[]);
+    let id = env.wait_for_request_id();
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let key_before = only_slot_key(env);
+    let key_before = env.only_slot_key();
     let status = env.status_json();
     assert_eq!(status["state"], "pending", "{status}");
     assert_eq!(status["pending"]["request_id"], id.as_str());

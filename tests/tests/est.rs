@@ -8,10 +8,9 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{agent_binary, openssl, Ca, Env};
+use common::{openssl, Ca, Env};
 use enroll_tests::{EstAuth, Fault};
 use serde_json::Value;
 
@@ -131,33 +130,11 @@ fn a_run_waits_at_most_poll_wait_s_and_the_next_run_resends_the_same_csr() {
 fn killed_while_pending_the_restart_resends_the_identical_csr_with_the_same_key() {
     let env = Env::new(Ca::Est, "p256");
     env.emu.set_fault(Fault::EstPending, None);
-    let mut child = Command::new(agent_binary())
-        .arg("-c")
-        .arg(&env.config)
-        .arg("enroll")
-        .env_remove("ENROLL_AGENT_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let id = loop {
-        let state = fs::read(env.state_dir().join("state.json")).ok();
-        let id = state
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|s| s["pending"]["request_id"].as_str().map(str::to_string));
-        if let Some(id) = id {
-            break id;
-        }
-        assert!(Instant::now() < deadline, "the agent never recorded the pending request");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut child = env.spawn(&["enroll"], &[]);
+    let id = env.wait_for_request_id();
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let slots: Vec<_> =
-        fs::read_dir(env.state_dir().join("slots")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(slots.len(), 1, "{slots:?}");
-    let key_before = fs::read(slots[0].join("key.pem")).unwrap();
+    let key_before = env.only_slot_key();
     assert_eq!(env.status_json()["state"], "pending");
 
     env.emu.clear_fault();

@@ -6,23 +6,10 @@ mod common;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{agent_binary, mode, Ca, Env};
-
-fn spawn(env: &Env, args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Child {
-    Command::new(agent_binary())
-        .arg("-c")
-        .arg(&env.config)
-        .args(args)
-        .env_remove("ENROLL_AGENT_CONFIG")
-        .envs(extra_env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run enroll-agent")
-}
+use common::{mode, Ca, Env};
 
 fn finish(child: std::process::Child) -> (i32, String) {
     let output = child.wait_with_output().unwrap();
@@ -53,8 +40,8 @@ fn concurrent_renewals_take_turns_and_leave_the_identity_intact() {
     let env = Env::new(Ca::Enos, "p256");
     env.expect(&["enroll"], 0);
     for round in 0..10 {
-        let a = spawn(&env, &["renew", "--force"], &[]);
-        let b = spawn(&env, &["renew", "--force"], &[]);
+        let a = env.spawn(&["renew", "--force"], &[]);
+        let b = env.spawn(&["renew", "--force"], &[]);
         let (code_a, out_a) = finish(a);
         let (code_b, out_b) = finish(b);
         assert_eq!((code_a, code_b), (0, 0), "round {round}:\n--- a\n{out_a}--- b\n{out_b}");
@@ -69,8 +56,8 @@ fn concurrent_renewals_take_turns_and_leave_the_identity_intact() {
 #[test]
 fn concurrent_enrollments_make_one_identity() {
     let env = Env::new(Ca::Enos, "p256");
-    let a = spawn(&env, &["enroll"], &[]);
-    let b = spawn(&env, &["enroll"], &[]);
+    let a = env.spawn(&["enroll"], &[]);
+    let b = env.spawn(&["enroll"], &[]);
     let (code_a, out_a) = finish(a);
     let (code_b, out_b) = finish(b);
     assert_eq!((code_a, code_b), (0, 0), "--- a\n{out_a}--- b\n{out_b}");
@@ -113,7 +100,7 @@ fn a_held_lock_makes_writers_wait_then_exit_75_and_never_blocks_readers() {
     let mut holder =
         Command::new("flock").args(["-x", "--no-fork"]).arg(&lock).args(["sleep", "30"]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let child = spawn(&env, &["renew", "--force"], &[("ENROLL_AGENT_LOCK_WAIT_S", "1")]);
+    let child = env.spawn(&["renew", "--force"], &[("ENROLL_AGENT_LOCK_WAIT_S", "1")]);
     let (code, out) = finish(child);
     let _ = holder.kill();
     let _ = holder.wait();
@@ -127,14 +114,14 @@ fn a_held_lock_makes_writers_wait_then_exit_75_and_never_blocks_readers() {
 #[test]
 fn run_releases_the_lock_while_it_sleeps() {
     let env = Env::new(Ca::Enos, "p256");
-    let mut daemon = spawn(&env, &["run"], &[]);
+    let mut daemon = env.spawn(&["run"], &[]);
     let start = Instant::now();
     while !env.current().exists() {
         assert!(start.elapsed() < Duration::from_secs(30), "run did not enroll");
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let child = spawn(&env, &["renew", "--force"], &[("ENROLL_AGENT_LOCK_WAIT_S", "1")]);
+    let child = env.spawn(&["renew", "--force"], &[("ENROLL_AGENT_LOCK_WAIT_S", "1")]);
     let (code, out) = finish(child);
     let _ = Command::new("kill").arg(daemon.id().to_string()).status();
     let _ = daemon.wait();

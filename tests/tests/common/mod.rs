@@ -274,6 +274,46 @@ impl Env {
         run
     }
 
+    /// Starts `enroll-agent -c CONFIG args…` without waiting (stdout and stderr piped), with
+    /// this environment's variables and `extra`.
+    pub fn spawn(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Child {
+        Command::new(agent_binary())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("ENROLL_AGENT_CONFIG")
+            .envs(self.env_vars.lock().unwrap().iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start enroll-agent")
+    }
+
+    /// Waits (20 s at most) until state.json records the CA's request id; answers it.
+    pub fn wait_for_request_id(&self) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let state = fs::read(self.state_dir().join("state.json")).ok();
+            let id = state
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|s| s["pending"]["request_id"].as_str().map(str::to_string));
+            if let Some(id) = id {
+                return id;
+            }
+            assert!(std::time::Instant::now() < deadline, "the agent never recorded a request id");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The key file of the only slot (the pending one before any install).
+    pub fn only_slot_key(&self) -> Vec<u8> {
+        let slots: Vec<_> =
+            fs::read_dir(self.state_dir().join("slots")).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(slots.len(), 1, "exactly one slot: {slots:?}");
+        fs::read(slots[0].join("key.pem")).unwrap()
+    }
+
     /// Runs the agent and insists on exit code `code`.
     pub fn expect(&self, args: &[&str], code: i32) -> Run {
         let run = self.agent(args);
