@@ -403,3 +403,32 @@ fn a_missing_or_empty_trust_bundle_is_a_config_error_naming_it() {
     let run = env.expect(&["check"], 78);
     assert!(run.stderr.contains("contains no certificate"), "{run:?}");
 }
+
+/// Issue 14: the new bounds (tls.clock_window_s, hooks.timeout_s) are config errors by path.
+#[test]
+fn clock_window_and_hook_timeout_out_of_bounds_are_named() {
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["tls"]["clock_window_s"] = 315_360_001u64.into(),
+        "tls.clock_window_s: must be at most 315360000 seconds",
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["tls"]["clock_window_s"] = (-1).into(),
+        "tls.clock_window_s: must be a whole number",
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["hooks"] = serde_json::json!({ "after_install": ["/bin/true"], "timeout_s": 3601 }),
+        "hooks.timeout_s: must be at most 3600 seconds",
+    );
+    config_error(
+        Ca::Enos,
+        "p256",
+        |c| c["hooks"] = serde_json::json!({ "after_install": ["/bin/true"], "timeout_s": 0 }),
+        "hooks.timeout_s: must be a whole number of at least 1",
+    );
+}
