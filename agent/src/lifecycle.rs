@@ -616,7 +616,7 @@ impl<'a> Agent<'a> {
                 let key = self.provider()?.load(&current.slot).context("loading the current key")?;
                 Some(Current {
                     cert: &current.cert,
-                    key,
+                    key: Some(key),
                     chain: installed_chain(&current.slot),
                     ca_ref: ca_ref.as_deref(),
                 })

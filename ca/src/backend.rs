@@ -27,7 +27,9 @@ pub struct Request<'a> {
 /// The identity being renewed: the credential for CAs that accept it.
 pub struct Current<'a> {
     pub cert: &'a Cert,
-    pub key: Arc<dyn DeviceKey>,
+    /// The certificate's key, signing in place; `None` where the caller does not hold it (the
+    /// gateway renews on a device's behalf through the vendor's renewal call).
+    pub key: Option<Arc<dyn DeviceKey>>,
     /// The intermediates installed after it in chain.pem (sent with it for TLS client auth).
     pub chain: Vec<Vec<u8>>,
     /// The CA's handle recorded at issue time (EnOS certSN).
@@ -113,6 +115,15 @@ pub struct RemoteRequest {
     pub csr_der: Vec<u8>,
 }
 
+/// The current key, for the CAs whose renewal it must sign (EST over TLS, EZCA's token).
+pub fn current_key(current: &Current, what: &str) -> Result<Arc<dyn DeviceKey>> {
+    current.key.clone().ok_or_else(|| {
+        Error::refused(format!(
+            "{what} is signed with the current certificate's key, which this caller does not hold"
+        ))
+    })
+}
+
 /// Reads a JSON body, naming the step.
 pub fn parse_json(what: &str, response: &crate::http::Response) -> Result<crate::json::Value> {
     crate::json::parse(&response.body).map_err(|e| {
@@ -191,9 +202,11 @@ impl Backend {
                     "ca.backend: backend {name} is not implemented in this version"
                 )))
             }
-            other => return Err(Error::config(format!(
+            other => {
+                return Err(Error::config(format!(
                 "ca.backend: {other:?} is not one of \"enos\", \"ezca\", \"sectigo\", \"securosys\", \"est\""
-            ))),
+            )))
+            }
         };
         fields.finish()?;
         Ok(backend)

@@ -260,7 +260,8 @@ impl<'a> Est<'a> {
         }
         let chain: Vec<Vec<u8>> =
             std::iter::once(current.cert.der.clone()).chain(current.chain.iter().cloned()).collect();
-        self.send_csr(SIMPLEREENROLL, request, Auth::Tls(&chain, current.key.clone()))
+        let key = crate::backend::current_key(current, "EST simplereenroll")?;
+        self.send_csr(SIMPLEREENROLL, request, Auth::Tls(&chain, key))
     }
 }
 

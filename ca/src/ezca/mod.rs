@@ -266,11 +266,10 @@ fn certificate_jwt(current: &Current, now: u64) -> Result<String> {
     ]);
     let signing_input =
         format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_json()), URL_SAFE_NO_PAD.encode(claims.to_json()));
-    let signature =
-        current
-            .key
-            .sign(enroll_hal::SignatureScheme::RsaPkcs1Sha256, signing_input.as_bytes())
-            .map_err(|e| Error::from(e).context("signing the EZCA renewal token with the device key"))?;
+    let key = crate::backend::current_key(current, "EZCA certificate renewal")?;
+    let signature = key
+        .sign(enroll_hal::SignatureScheme::RsaPkcs1Sha256, signing_input.as_bytes())
+        .map_err(|e| Error::from(e).context("signing the EZCA renewal token with the device key"))?;
     Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature)))
 }
 
