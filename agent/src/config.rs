@@ -594,7 +594,7 @@ mod tests {
             r#"ca.backend: "sectigo" is not compiled into this build (cargo feature sectigo)"#
         );
         for name in PROTOCOLS {
-            assert!(check_protocol(name, &PROTOCOLS).is_ok(), "{name}");
+            assert!(check_protocol(name, PROTOCOLS).is_ok(), "{name}");
             let error = check_protocol(name, &[]).unwrap_err();
             assert_eq!(error.kind().exit_code(), 78);
             assert!(error.to_string().ends_with(&format!("(cargo feature {name})")), "{error}");

@@ -150,156 +150,122 @@ pub fn pem_field(what: &str, value: &crate::json::Value, field: &str) -> Result<
     Ok(certs.into_iter().map(|c| c.der).collect())
 }
 
-/// The CA protocol and its block (the `ca` object of the agent's config, and of each gateway
-/// label). A variant exists only with its protocol's cargo feature of the same name; a config
-/// naming one that is not compiled in is refused while parsing ([`check_protocol`]).
-#[derive(Debug)]
-pub enum Backend {
-    #[cfg(feature = "enos")]
-    Enos(crate::enos::EnosSettings),
-    #[cfg(feature = "ezca")]
-    Ezca(crate::ezca::EzcaSettings),
-    #[cfg(feature = "sectigo")]
-    Sectigo(crate::sectigo::SectigoSettings),
-    #[cfg(feature = "securosys")]
-    Securosys(crate::securosys::SecurosysSettings),
-    /// EST, RFC 7030.
-    #[cfg(feature = "est")]
-    Est(crate::est::EstSettings),
+/// What a protocol's `ca` block offers: implemented by each protocol's settings type (in its
+/// folder's `config.rs`), which is then listed once in [`protocols!`] below.
+pub trait Protocol: std::fmt::Debug {
+    /// Reads the block's fields (`backend` has been read already).
+    fn parse(fields: &mut Fields, allow_http: bool) -> Result<Self>
+    where
+        Self: Sized;
+    /// The client for this block, talking through `http`.
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_>;
+    /// Which credential this block uses for what (for `status`, without building a client).
+    fn credentials(&self) -> Credentials;
+    /// Whether a key of `algorithm` can serve this CA (`remote`: it cannot sign on the device,
+    /// as a Redtrust key); the 78 names the field to change.
+    fn check_key(&self, _algorithm: Algorithm, _remote: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Makes [`Backend`] and the protocol lists from one line per protocol: its name (= its cargo
+/// feature and `ca.backend` value), its variant and its settings type.
+macro_rules! protocols {
+    ($($name:literal => $variant:ident($settings:ty)),* $(,)?) => {
+        /// The CA protocol and its block (the `ca` object of the agent's config, and of each
+        /// gateway label). A variant exists only with its protocol's cargo feature; a config
+        /// naming one that is not compiled in is refused while parsing ([`check_protocol`]).
+        #[derive(Debug)]
+        pub enum Backend {
+            $( #[cfg(feature = $name)] $variant($settings), )*
+        }
+
+        /// Every CA protocol this version implements; each one's cargo feature has its name.
+        pub const PROTOCOLS: &[&str] = &[$($name),*];
+
+        /// The CA protocols compiled into this build (`--version`).
+        pub fn protocols() -> Vec<&'static str> {
+            let compiled = [$(cfg!(feature = $name)),*];
+            PROTOCOLS.iter().copied().zip(compiled).filter_map(|(name, on)| on.then_some(name)).collect()
+        }
+
+        // A build without any protocol has no variants: nothing here can run.
+        #[cfg_attr(not(any($(feature = $name),*)), allow(unused_variables, unreachable_code))]
+        impl Backend {
+            /// The block of the protocol called `name`, if this build has it.
+            fn parse_named(name: &str, fields: &mut Fields, allow_http: bool) -> Option<Result<Backend>> {
+                match name {
+                    $( #[cfg(feature = $name)]
+                    $name => Some(<$settings as Protocol>::parse(fields, allow_http).map(Backend::$variant)), )*
+                    _ => None,
+                }
+            }
+
+            pub fn name(&self) -> &'static str {
+                match *self {
+                    $( #[cfg(feature = $name)] Backend::$variant(_) => $name, )*
+                }
+            }
+
+            /// The protocol's own side of this block.
+            fn protocol(&self) -> &dyn Protocol {
+                match *self {
+                    $( #[cfg(feature = $name)] Backend::$variant(ref settings) => settings, )*
+                }
+            }
+        }
+    };
+}
+
+protocols! {
+    "enos" => Enos(crate::enos::EnosSettings),
+    "ezca" => Ezca(crate::ezca::EzcaSettings),
+    "sectigo" => Sectigo(crate::sectigo::SectigoSettings),
+    "securosys" => Securosys(crate::securosys::SecurosysSettings),
+    "est" => Est(crate::est::EstSettings),
 }
 
 impl Backend {
     /// Reads a `ca` block (`fields` is that object): `backend` picks the protocol, whose own
     /// module reads the rest. `allow_http`: `tls.danger_allow_http`.
-    // A build without any protocol refuses every name, and so never reaches the end.
-    #[cfg_attr(
-        not(any(
-            feature = "enos",
-            feature = "ezca",
-            feature = "sectigo",
-            feature = "securosys",
-            feature = "est"
-        )),
-        allow(unused_variables, unreachable_code)
-    )]
     pub fn parse(mut fields: Fields, allow_http: bool) -> Result<Backend> {
         let name = fields.required_string("backend")?;
         // Before the block's fields: they are another protocol's business in this build.
         check_protocol(&name, &protocols())?;
-        let backend = match name.as_str() {
-            #[cfg(feature = "enos")]
-            "enos" => Backend::Enos(crate::enos::config::parse(&mut fields, allow_http)?),
-            #[cfg(feature = "ezca")]
-            "ezca" => Backend::Ezca(crate::ezca::config::parse(&mut fields, allow_http)?),
-            #[cfg(feature = "sectigo")]
-            "sectigo" => Backend::Sectigo(crate::sectigo::config::parse(&mut fields, allow_http)?),
-            #[cfg(feature = "securosys")]
-            "securosys" => Backend::Securosys(crate::securosys::config::parse(&mut fields, allow_http)?),
-            #[cfg(feature = "est")]
-            "est" => Backend::Est(crate::est::config::parse(&mut fields, allow_http)?),
-            name @ ("scep" | "acme") => {
+        let backend = match Backend::parse_named(&name, &mut fields, allow_http) {
+            Some(parsed) => parsed?,
+            None if matches!(name.as_str(), "scep" | "acme") => {
                 return Err(Error::config(format!(
                     "ca.backend: backend {name} is not implemented in this version"
                 )))
             }
-            other => {
+            None => {
+                let known: Vec<String> = PROTOCOLS.iter().map(|p| format!("{p:?}")).collect();
                 return Err(Error::config(format!(
-                "ca.backend: {other:?} is not one of \"enos\", \"ezca\", \"sectigo\", \"securosys\", \"est\""
-            )))
+                    "ca.backend: {name:?} is not one of {}",
+                    known.join(", ")
+                )));
             }
         };
         fields.finish()?;
         Ok(backend)
     }
 
-    pub fn name(&self) -> &'static str {
-        match *self {
-            #[cfg(feature = "enos")]
-            Backend::Enos(_) => "enos",
-            #[cfg(feature = "ezca")]
-            Backend::Ezca(_) => "ezca",
-            #[cfg(feature = "sectigo")]
-            Backend::Sectigo(_) => "sectigo",
-            #[cfg(feature = "securosys")]
-            Backend::Securosys(_) => "securosys",
-            #[cfg(feature = "est")]
-            Backend::Est(_) => "est",
-        }
-    }
-
     /// The client for this block, talking through `http`.
-    #[cfg_attr(
-        not(any(
-            feature = "enos",
-            feature = "ezca",
-            feature = "sectigo",
-            feature = "securosys",
-            feature = "est"
-        )),
-        allow(unused_variables)
-    )]
     pub fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
-        match *self {
-            #[cfg(feature = "enos")]
-            Backend::Enos(ref enos) => Box::new(crate::enos::Enos::new(enos, http)),
-            #[cfg(feature = "ezca")]
-            Backend::Ezca(ref ezca) => Box::new(crate::ezca::Ezca::new(ezca, http)),
-            #[cfg(feature = "sectigo")]
-            Backend::Sectigo(ref sectigo) => Box::new(crate::sectigo::Sectigo::new(sectigo, http)),
-            #[cfg(feature = "securosys")]
-            Backend::Securosys(ref securosys) => Box::new(crate::securosys::Securosys::new(securosys, http)),
-            #[cfg(feature = "est")]
-            Backend::Est(ref est) => Box::new(crate::est::Est::new(est, http)),
-        }
+        self.protocol().client(http)
     }
 
     /// Which credential this block uses for what, without building a client (for `status`).
     pub fn credentials(&self) -> Credentials {
-        match *self {
-            #[cfg(feature = "enos")]
-            Backend::Enos(_) => crate::enos::CREDENTIALS,
-            #[cfg(feature = "ezca")]
-            Backend::Ezca(ref ezca) => crate::ezca::credentials(ezca),
-            #[cfg(feature = "sectigo")]
-            Backend::Sectigo(_) => crate::sectigo::CREDENTIALS,
-            #[cfg(feature = "securosys")]
-            Backend::Securosys(ref securosys) => crate::securosys::credentials(securosys),
-            #[cfg(feature = "est")]
-            Backend::Est(ref est) => crate::est::credentials(est),
-        }
+        self.protocol().credentials()
     }
 
-    /// Whether a key of `algorithm` can serve this CA (`remote`: it cannot sign on the device,
-    /// as a Redtrust key): the 78 names the field to change.
-    #[cfg_attr(not(all(feature = "ezca", feature = "est")), allow(unused_variables))]
+    /// Whether a key of `algorithm` can serve this CA (`remote`: a key that cannot sign on the
+    /// device, as Redtrust's); the 78 names the field to change.
     pub fn check_key(&self, algorithm: Algorithm, remote: bool) -> Result<()> {
-        match self {
-            #[cfg(feature = "ezca")]
-            Backend::Ezca(ezca) => crate::ezca::check_key(ezca, algorithm, remote),
-            #[cfg(feature = "est")]
-            Backend::Est(_) if remote => Err(Error::config(
-                "ca.backend: EST renews over TLS client authentication, which a Redtrust key cannot sign \
-                 on this device",
-            )),
-            #[allow(unreachable_patterns)] // every other protocol takes any key
-            _ => Ok(()),
-        }
+        self.protocol().check_key(algorithm, remote)
     }
-}
-
-/// Every CA protocol this version implements; each one's cargo feature has its name.
-pub const PROTOCOLS: [&str; 5] = ["enos", "ezca", "sectigo", "securosys", "est"];
-
-/// The CA protocols compiled into this build (`--version`).
-pub fn protocols() -> Vec<&'static str> {
-    let compiled = [
-        cfg!(feature = "enos"),
-        cfg!(feature = "ezca"),
-        cfg!(feature = "sectigo"),
-        cfg!(feature = "securosys"),
-        cfg!(feature = "est"),
-    ];
-    PROTOCOLS.into_iter().zip(compiled).filter_map(|(name, on)| on.then_some(name)).collect()
 }
 
 /// The 78 for a known protocol missing from `compiled` (this build's [`protocols`]), naming the

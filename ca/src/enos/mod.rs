@@ -322,6 +322,20 @@ fn service_error(step: &str, answer: &Value) -> Error {
     error.with_answer(200, Some(code), &http::excerpt(msg))
 }
 
+impl crate::backend::Protocol for EnosSettings {
+    fn parse(fields: &mut crate::fields::Fields, allow_http: bool) -> Result<Self> {
+        config::parse(fields, allow_http)
+    }
+
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
+        Box::new(Enos::new(self, http))
+    }
+
+    fn credentials(&self) -> Credentials {
+        CREDENTIALS
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -319,6 +319,31 @@ impl CaBackend for Est<'_> {
     }
 }
 
+impl crate::backend::Protocol for EstSettings {
+    fn parse(fields: &mut crate::fields::Fields, allow_http: bool) -> Result<Self> {
+        config::parse(fields, allow_http)
+    }
+
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
+        Box::new(Est::new(self, http))
+    }
+
+    fn credentials(&self) -> Credentials {
+        credentials(self)
+    }
+
+    /// EST renews over TLS client authentication, signed on the device.
+    fn check_key(&self, _algorithm: enroll_hal::Algorithm, remote: bool) -> Result<()> {
+        match remote {
+            true => Err(Error::config(
+                "ca.backend: EST renews over TLS client authentication, which a Redtrust key cannot sign \
+                 on this device",
+            )),
+            false => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -339,3 +339,21 @@ fn issued_from_pem_text(step: &str, response: &Response) -> Result<Issued> {
         ca_ref: None,
     })
 }
+
+impl crate::backend::Protocol for EzcaSettings {
+    fn parse(fields: &mut crate::fields::Fields, allow_http: bool) -> Result<Self> {
+        config::parse(fields, allow_http)
+    }
+
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
+        Box::new(Ezca::new(self, http))
+    }
+
+    fn credentials(&self) -> Credentials {
+        credentials(self)
+    }
+
+    fn check_key(&self, algorithm: enroll_hal::Algorithm, remote: bool) -> Result<()> {
+        check_key(self, algorithm, remote)
+    }
+}

@@ -216,6 +216,20 @@ fn without_nulls(value: Value) -> Value {
     }
 }
 
+impl crate::backend::Protocol for SectigoSettings {
+    fn parse(fields: &mut crate::fields::Fields, allow_http: bool) -> Result<Self> {
+        config::parse(fields, allow_http)
+    }
+
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
+        Box::new(Sectigo::new(self, http))
+    }
+
+    fn credentials(&self) -> Credentials {
+        CREDENTIALS
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

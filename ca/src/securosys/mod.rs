@@ -227,6 +227,20 @@ fn securosys_error(step: &str, response: &Response) -> Error {
     error.with_answer(response.status, Some(code), &format!("{reason}: {message}"))
 }
 
+impl crate::backend::Protocol for SecurosysSettings {
+    fn parse(fields: &mut crate::fields::Fields, allow_http: bool) -> Result<Self> {
+        config::parse(fields, allow_http)
+    }
+
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
+        Box::new(Securosys::new(self, http))
+    }
+
+    fn credentials(&self) -> Credentials {
+        credentials(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
