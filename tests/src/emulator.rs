@@ -249,7 +249,9 @@ impl Shared {
         match (req.method.as_str(), req.path.as_str()) {
             (_, "/apim-token-service/v2.0/token/get") if post => self.enos_token(req, false),
             (_, "/apim-token-service/v2.0/token/refresh") if post => self.enos_token(req, true),
-            (_, "/connect-service/v2.0/certificates") if post => self.enos_certificates(req),
+            (_, "/connect-service/v2.0/certificates") if post || req.method == "GET" => {
+                self.enos_certificates(req)
+            }
             ("GET", p) if p.starts_with("/enos/CA/cacert") => Response::new(200)
                 .header("Content-Type", "application/x-pem-file")
                 .body(self.pki.enos_root.pem().into_bytes()),
@@ -405,7 +407,7 @@ pub(crate) fn answer_fault(f: Option<Fault>, mut r: Response) -> Response {
             let half = r.body.len() / 2;
             r.body.truncate(half);
         }
-        Fault::TruncatedBody => r.truncate_body_at = Some(r.body.len() / 2),
+        Fault::TruncatedBody | Fault::EnosAnswerLost => r.truncate_body_at = Some(r.body.len() / 2),
         Fault::EzcaWrapped => {
             let inner = String::from_utf8_lossy(&r.body).into_owned();
             r.body = Value::String(inner).to_string().into_bytes();

@@ -75,6 +75,16 @@ pub struct EnosState {
     current_token: Option<String>,
     used_encryptions: HashSet<String>,
     current: Option<CurrentCert>,
+    /// Every certificate issued to the device, oldest first (`action=list`, §1.7).
+    history: Vec<Listed>,
+}
+
+/// One `action=list` entry: a renewal supersedes (revokes) every earlier certificate (§1.5).
+struct Listed {
+    serial: u64,
+    pem: String,
+    not_after: SystemTime,
+    revoked: bool,
 }
 
 struct CurrentCert {
@@ -244,6 +254,9 @@ impl Shared {
             return self.enos_vendor_fault(f, &token);
         }
         let result = self.check_device(req).and_then(|()| {
+            if req.query_param("action") == Some("list") {
+                return Ok(self.enos_list());
+            }
             let body: Value = serde_json::from_slice(&req.body).map_err(|_| {
                 envelope(99400, "Invalid Argument body:request body is not JSON", Value::Null)
             })?;
@@ -388,7 +401,8 @@ impl Shared {
             .map_err(|e| {
                 envelope(99500, &format!("Internal error of certificate service. {e}"), Value::Null)
             })?;
-        if fault.is_none() {
+        // A lost answer is an answer the CA gave: the certificate is issued and bound.
+        if fault.is_none() || fault == Some(Fault::EnosAnswerLost) {
             self.bind(&issued, csr);
         }
         Ok(answer_fault(fault, self.apply_result(&issued, &authority)))
@@ -414,9 +428,34 @@ impl Shared {
 
     /// Makes `issued` the device's current certificate; the previous certSn becomes invalid.
     fn bind(&self, issued: &IssuedCert, csr: ParsedCsr) {
-        lock(&self.enos).current =
-            Some(CurrentCert { serial: issued.serial, not_after: issued.not_after, csr });
+        let mut enos = lock(&self.enos);
+        enos.current = Some(CurrentCert { serial: issued.serial, not_after: issued.not_after, csr });
+        for earlier in &mut enos.history {
+            earlier.revoked = true;
+        }
+        enos.history.push(Listed {
+            serial: issued.serial,
+            pem: issued.pem.clone(),
+            not_after: issued.not_after,
+            revoked: false,
+        });
+        drop(enos);
         self.record_issued(&issued.der);
+    }
+
+    /// `GET …?action=list` (§1.7): the device's certificates with certStatus 0 valid, 1 revoked,
+    /// 2 expired. `cert` is the PEM (the doc's sample shows a serial there; see protocols.md).
+    fn enos_list(&self) -> Response {
+        let now = SystemTime::now();
+        let entries: Vec<Value> = lock(&self.enos)
+            .history
+            .iter()
+            .map(|c| {
+                let status = if c.revoked { 1 } else if c.not_after <= now { 2 } else { 0 };
+                json!({"certSN": c.serial.to_string(), "cert": c.pem, "certStatus": status, "isEnosCert": true})
+            })
+            .collect();
+        envelope(0, "OK", Value::Array(entries))
     }
 
     /// `data` = DeviceCertApplyResultInfo, as in the seed's response sample.

@@ -132,6 +132,7 @@ faults! {
     Enos11404 = "enos-11404", "EnOS body code 11404 (device cannot be found).";
     Enos11833 = "enos-11833", "EnOS body code 11833 (certificate bound to another device).";
     Enos99500 = "enos-99500", "EnOS body code 99500 (internal error).";
+    EnosAnswerLost = "enos-answer-lost", "EnOS apply/renew: the certificate is issued and bound (the previous one superseded, as §1.5 says), then the answer is cut off mid-body: the CA acted and the agent never hears of it.";
     EnosControlChars = "enos-control-chars", "EnOS body code 99400 whose msg and requestId carry ANSI escapes, CR/LF, BEL and bidi controls.";
     AbsurdDate = "absurd-date", "The normal answer, with a Date header of the year 99999999999999.";
     EnosTokenExpired = "enos-token-expired", "The next authenticated EnOS API call answers code 1203 and its token is expired for good.";
@@ -164,7 +165,7 @@ impl Fault {
             None => false,
             RejectAuth => ep.creates_request() || ep == Endpoint::EnosToken || ep == Endpoint::RedtrustLogin,
             Enos99400 | Enos11404 | Enos11833 | Enos99500 | EnosControlChars | EnosTokenExpired
-            | Gateway401 | Gateway429 => ep == Endpoint::EnosCert,
+            | EnosAnswerLost | Gateway401 | Gateway429 => ep == Endpoint::EnosCert,
             EzcaV3404 | EzcaWrapped => ep == Endpoint::EzcaRenewV3,
             WrongKeyCert | ExpiredCert => ep.delivers_cert(),
             PendingForever | ApprovalRejected | RequestExpired => {
@@ -201,7 +202,9 @@ impl Fault {
             // EST: the server answers 202 / 403 only to a client it has authenticated.
             EstPending | EstForbidden => Phase::Authenticated,
             MalformedJson | TruncatedJson | TruncatedBody | WrongKeyCert | ExpiredCert | EzcaWrapped
-            | AbsurdDate | EstWrap64 | EstWrap76 | EstCrlf | EstBer | EstExtraCerts => Phase::Answer,
+            | EnosAnswerLost | AbsurdDate | EstWrap64 | EstWrap76 | EstCrlf | EstBer | EstExtraCerts => {
+                Phase::Answer
+            }
             _ => Phase::Early,
         }
     }

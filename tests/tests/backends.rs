@@ -258,3 +258,40 @@ fn suite_forced_enrollment(env: &Env) {
     };
     assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
 }
+
+/// Issue 11's defect: EnOS renewed (superseding the old certificate, §1.5) and the answer was
+/// lost. The next run resends its pending request, EnOS refuses the old certSn, and the agent
+/// takes the certificate EnOS already issued for its pending key from `action=list` (§1.7):
+/// nothing is issued twice and the device is not left with a superseded certificate.
+#[test]
+fn an_enos_renewal_whose_answer_was_lost_is_found_in_the_certificate_list() {
+    for algorithm in ["p256", "rsa2048"] {
+        let env = Env::new(Ca::Enos, algorithm);
+        env.expect(&["enroll"], 0);
+        let first = env.identity();
+        env.emu.set_fault(Fault::EnosAnswerLost, Some(1));
+        env.expect(&["renew", "--force"], 75);
+        assert_eq!(env.identity(), first, "the old identity stays installed");
+        let lost = env.emu.issued().last().cloned().unwrap();
+        let slot = env.state_json()["pending"]["slot"].as_str().unwrap().to_string();
+        let pending_key = fs::read(env.state_dir().join("slots").join(slot).join("key.pem")).unwrap();
+
+        let run = env.expect(&["renew", "--force"], 0);
+        assert!(run.stderr.contains("EnOS already issued certificate"), "{run:?}");
+        let installed = pem::parse(fs::read(env.current().join("cert.pem")).unwrap()).unwrap();
+        assert_eq!(installed.contents(), lost.as_slice(), "the certificate EnOS issued in the lost answer");
+        assert_eq!(env.emu.issued().len(), 2, "nothing was issued a second time");
+        assert_ne!(env.identity(), first);
+        assert_eq!(fs::read(env.current().join("key.pem")).unwrap(), pending_key, "the pending key");
+        let calls = env.issuing_calls();
+        assert!(calls.last().is_some_and(|c| c.contains("action=list")), "{calls:?}");
+        assert_eq!(
+            calls.iter().filter(|c| c.contains("action=apply")).count(),
+            1,
+            "only the first enroll: {calls:?}"
+        );
+        env.assert_chain_verifies();
+        // The recovered certificate renews like any other: its certSN was recorded.
+        env.expect(&["renew", "--force"], 0);
+    }
+}

@@ -139,10 +139,12 @@ impl<'a> Enos<'a> {
         params
     }
 
-    /// One signed connect-service call; retried once with a fresh token on code 1203.
-    fn call(&mut self, action: &str, body: &Value) -> Result<Value> {
+    /// One signed connect-service call (`POST` with a JSON body, or `GET` without one when
+    /// `body` is `None`); retried once with a fresh token on code 1203.
+    fn call(&mut self, action: &str, body: Option<&Value>) -> Result<Value> {
         let step = format!("EnOS certificates action={action}");
-        let body = body.to_json();
+        let method = if body.is_some() { "POST" } else { "GET" };
+        let body = body.map(Value::to_json).unwrap_or_default();
         for attempt in 0..2 {
             let token = self.access_token()?;
             let timestamp = now_ms(self.http.clock()).to_string();
@@ -159,7 +161,8 @@ impl<'a> Enos<'a> {
                 ("apim-signature", signature.as_str()),
                 ("apim-timestamp", timestamp.as_str()),
             ];
-            let response = self.http.send(&step, "POST", &url, &headers, Some(body.as_bytes()))?;
+            let sent = (method == "POST").then_some(body.as_bytes());
+            let response = self.http.send(&step, method, &url, &headers, sent)?;
             if !response.is_success() {
                 return Err(gateway_error(&step, &response));
             }
@@ -183,6 +186,43 @@ impl<'a> Enos<'a> {
         Err(Error::refused(format!(
             "{step}: EnOS kept answering code 1203 (token expired) with a fresh token"
         )))
+    }
+
+    /// The old certificate is no longer valid at EnOS: most likely an earlier run's renewal was
+    /// processed and its answer lost (a power cut, a kill, a dropped connection), and EnOS
+    /// superseded the old certificate then (§1.5). The certificate issued for this request's key
+    /// is then the device's valid one in `action=list` (§1.7); when it is not there (or the list
+    /// shows no PEM), `apply` with the same CSR gets one for the same key.
+    fn recover_renewal(&mut self, request: &Request, refusal: Error) -> Result<Outcome> {
+        log::warn!("{}; looking for a certificate already issued for this key", refusal.chain_line());
+        let spki = crate::pki::verify_csr(&request.csr.der)?;
+        if let Some(issued) = self.listed_for_key(&spki)? {
+            log::info!(
+                "EnOS already issued certificate {} for this key; taking it",
+                issued.ca_ref.as_deref().unwrap_or("?")
+            );
+            return Ok(Outcome::Issued(issued));
+        }
+        log::info!("no certificate for this key at EnOS; applying for one with the same CSR");
+        self.enroll(request)
+    }
+
+    /// The valid certificate in `action=list` that carries `spki`, if any.
+    fn listed_for_key(&mut self, spki: &[u8]) -> Result<Option<Issued>> {
+        let data = self.call("list", None)?;
+        let Value::Array(entries) = &data else {
+            return Err(Error::protocol("EnOS certificates action=list: data is not an array"));
+        };
+        for entry in entries {
+            let valid = entry.get("certStatus").and_then(Value::as_i64) == Some(0);
+            let pem = entry.get("cert").and_then(Value::as_str).filter(|c| c.contains("-----BEGIN"));
+            let (true, Some(_)) = (valid, pem) else { continue };
+            let issued = Self::issued_from(entry)?;
+            if crate::pki::Cert::from_der(&issued.leaf)?.spki_der() == spki {
+                return Ok(Some(issued));
+            }
+        }
+        Ok(None)
     }
 
     fn issued_from(data: &Value) -> Result<Issued> {
@@ -219,7 +259,7 @@ impl CaBackend for Enos<'_> {
             ("validDay", self.settings.valid_days.into()),
             ("issueAuthority", Self::issue_authority(request).into()),
         ]);
-        let data = self.call("apply", &body)?;
+        let data = self.call("apply", Some(&body))?;
         Ok(Outcome::Issued(Self::issued_from(&data)?))
     }
 
@@ -238,8 +278,11 @@ impl CaBackend for Enos<'_> {
             ("validDay", self.settings.valid_days.into()),
             ("issueAuthority", Self::issue_authority(request).into()),
         ]);
-        let data = self.call("renew", &body)?;
-        Ok(Outcome::Issued(Self::issued_from(&data)?))
+        match self.call("renew", Some(&body)) {
+            Ok(data) => Ok(Outcome::Issued(Self::issued_from(&data)?)),
+            Err(error) if replaced_or_gone(&error) => self.recover_renewal(request, error),
+            Err(error) => Err(error),
+        }
     }
 
     fn credentials(&self) -> Credentials {
@@ -302,6 +345,19 @@ fn gateway_error(step: &str, response: &http::Response) -> Error {
         .with_answer(401, None, &response.excerpt()),
         _ => http::status_error(step, response),
     }
+}
+
+/// Whether a renew refusal says the certificate to replace is no longer the device's valid one
+/// (revoked, superseded, expired: §1.5 "original revoked", "original expired"). EnOS answers
+/// these with 99400 and words only, so the words decide [I].
+fn replaced_or_gone(error: &Error) -> bool {
+    let Some(answer) = error.answer().filter(|a| a.code == Some(99400)) else {
+        return false;
+    };
+    let words = answer.words.to_ascii_lowercase();
+    ["revoked", "expired", "not the valid", "not valid", "superseded", "replaced"]
+        .iter()
+        .any(|w| words.contains(w))
 }
 
 /// Service codes (§1.1, §1.4): 99500 and token-service 1005 are the CA's own failures (retry);
