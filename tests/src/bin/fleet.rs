@@ -210,6 +210,12 @@ fn after_outage_peak(counts: &[u32], width: usize) -> f64 {
     hour.chunks(width).map(|b| b.iter().sum::<u32>()).max().unwrap_or(0) as f64 / width as f64
 }
 
+/// Peak requests per minute in `width`-minute buckets over minutes [from, to).
+fn peak(counts: &[u32], from: u64, to: u64, width: usize) -> f64 {
+    let range = &counts[(from / MINUTE) as usize..(to / MINUTE) as usize];
+    range.chunks(width).map(|b| b.iter().sum::<u32>()).max().unwrap_or(0) as f64 / width as f64
+}
+
 fn main() {
     let csv = std::env::args().nth(1);
     let runs: Vec<(Rules, Vec<u32>, Vec<u32>)> =
@@ -268,6 +274,32 @@ fn main() {
         chance_ratio(proposal, 60),
         chance_ratio(proposal, 1440)
     );
+
+    println!();
+    println!("requests per minute at the CA (busiest bucket of 1 minute / 1 hour, as requests per minute)");
+    println!(
+        "{:<9} {:>15} {:>15} {:>15} {:>15} {:>15}",
+        "policy", "enrollment hour", "steady", "outage (fail)", "1st hour after", "rest of 60-64"
+    );
+    for (rules, counts, _) in &runs {
+        let pair = |from: u64, to: u64| {
+            format!("{:.0} / {:.1}", peak(counts, from, to, 1), peak(counts, from, to, 60))
+        };
+        let steady_peaks = format!(
+            "{:.0} / {:.1}",
+            steady_ratio(counts, 1).0 * steady_ratio(counts, 1).1,
+            steady_ratio(counts, 60).0 * steady_ratio(counts, 60).1
+        );
+        println!(
+            "{:<9} {:>15} {:>15} {:>15} {:>15} {:>15}",
+            rules.name,
+            pair(0, HOUR),
+            steady_peaks,
+            pair(OUTAGE_START, OUTAGE_END),
+            pair(OUTAGE_END, OUTAGE_END + HOUR),
+            pair(OUTAGE_END + HOUR, OUTAGE_END + AFTERMATH),
+        );
+    }
 
     if let Some(path) = csv {
         let file = std::fs::File::create(&path).unwrap_or_else(|e| panic!("creating {path}: {e}"));
