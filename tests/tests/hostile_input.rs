@@ -225,3 +225,30 @@ fn check_online_over_plain_http_does_not_claim_verified_tls() {
     assert!(run.stdout.contains("ok: enos reachable over plain HTTP (HTTP 404 from http://"), "{run:?}");
     assert!(run.stdout.contains("warning: no TLS: nothing authenticates the CA"), "{run:?}");
 }
+
+/// The secrets scan every end-to-end test ends with (issue 11 item 6) can fail: a file holding a
+/// configured secret among other text, or an agent output with a line of the device key, fails
+/// the test; the secret files themselves do not.
+#[test]
+fn the_secrets_scan_at_the_end_of_every_test_catches_a_leak() {
+    let leak_in_file = std::panic::catch_unwind(|| {
+        let env = Env::new(Ca::Enos, "p256");
+        let secret = env.secrets()[0].clone();
+        fs::write(env.dir().join("service.log"), format!("connecting with {secret}\n")).unwrap();
+    });
+    assert!(leak_in_file.is_err(), "a secret in a left-over file fails the test");
+
+    let leak_in_output = std::panic::catch_unwind(|| {
+        let env = Env::new(Ca::Enos, "p256");
+        env.expect(&["enroll"], 0);
+        let key = fs::read_to_string(env.current().join("key.pem")).unwrap();
+        env.outputs.lock().unwrap().push(key);
+    });
+    assert!(leak_in_output.is_err(), "the device key in an output fails the test");
+
+    let clean = std::panic::catch_unwind(|| {
+        let env = Env::new(Ca::Enos, "p256");
+        env.expect(&["enroll"], 0);
+    });
+    assert!(clean.is_ok(), "secret files alone pass");
+}

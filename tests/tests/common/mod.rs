@@ -98,6 +98,58 @@ pub struct Env {
     pub outputs: Mutex<Vec<String>>,
 }
 
+/// Issue 11 item 6: when a test ends, no agent output holds a configured secret or a line of a
+/// private key the agent made, and no file the test leaves holds a configured secret (except
+/// the secret files themselves, which hold nothing else). A test that already failed is not
+/// checked again.
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        self.assert_no_secret_in_outputs();
+        let mut key_lines = Vec::new();
+        for file in files_under(&self.state_dir()).iter().filter(|f| f.ends_with("key.pem")) {
+            let text = fs::read_to_string(file).unwrap_or_default();
+            key_lines.extend(
+                text.lines().filter(|l| l.len() >= 40 && !l.starts_with("-----")).map(str::to_string),
+            );
+        }
+        for output in self.outputs.lock().unwrap().iter() {
+            if let Some(line) = key_lines.iter().find(|l| output.contains(l.as_str())) {
+                panic!("private key material ({line}) leaked into agent output:\n{output}");
+            }
+        }
+        let secrets = self.secrets();
+        for file in files_under(self.dir()) {
+            let text = String::from_utf8_lossy(&fs::read(&file).unwrap_or_default()).into_owned();
+            if secrets.iter().any(|s| text.trim() == s) {
+                continue;
+            }
+            if let Some(secret) = secrets.iter().find(|s| text.contains(s.as_str())) {
+                panic!("a configured secret ({} characters) is in {}", secret.len(), file.display());
+            }
+        }
+    }
+}
+
+/// Every regular file below `dir` (symlinks not followed).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(next) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&next) else { continue };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => todo.push(entry.path()),
+                Ok(kind) if kind.is_file() => files.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    files
+}
+
 /// What `current` looks like on disk, to prove a failure changed nothing.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Identity {
