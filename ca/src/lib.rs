@@ -13,6 +13,9 @@ pub mod csr;
 pub mod error;
 pub mod fields;
 pub mod files;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod http;
 pub mod json;
 #[cfg(feature = "est")]

@@ -90,7 +90,7 @@ fn is_pkcs7(content_type: Option<&str>) -> bool {
 }
 
 /// The certificates of a `200` certs-only answer.
-fn certs_of(step: &str, response: &Response) -> Result<Vec<Cert>> {
+pub(crate) fn certs_of(step: &str, response: &Response) -> Result<Vec<Cert>> {
     if !is_pkcs7(response.content_type.as_deref()) {
         return Err(Error::protocol(format!(
             "{step}: HTTP 200 with content type {:?}, not application/pkcs7-mime",

@@ -284,7 +284,7 @@ fn uuid_v4() -> Result<String> {
 }
 
 /// Renewal rejections are plain text (§2.4, e.g. "CSR does not match certificate").
-fn check_renew_status(step: &str, response: &Response) -> Result<()> {
+pub(crate) fn check_renew_status(step: &str, response: &Response) -> Result<()> {
     match response.status {
         200..=299 => Ok(()),
         401 | 403 => Err(Error::refused(format!(
@@ -299,7 +299,7 @@ fn check_renew_status(step: &str, response: &Response) -> Result<()> {
 
 /// The bare `{CertificatePEM, IssuingCACertificate, RootCertificate}` answer, possibly encoded a
 /// second time as a JSON string (§2.1), and with the doc's trailing-space key typo tolerated.
-fn issued_from_json(step: &str, response: &Response) -> Result<Issued> {
+pub(crate) fn issued_from_json(step: &str, response: &Response) -> Result<Issued> {
     let mut answer = crate::backend::parse_json(step, response)?;
     if let Value::String(inner) = &answer {
         answer = json::parse(inner.as_bytes()).map_err(|e| {
@@ -327,7 +327,7 @@ fn issued_from_json(step: &str, response: &Response) -> Result<Issued> {
 }
 
 /// V2 renewals answer with PEM text: the leaf first, then whatever CA certificates follow.
-fn issued_from_pem_text(step: &str, response: &Response) -> Result<Issued> {
+pub(crate) fn issued_from_pem_text(step: &str, response: &Response) -> Result<Issued> {
     let text = String::from_utf8_lossy(&response.body);
     let mut certs = crate::pki::parse_pem_certs(&text).map_err(|e| e.context(step.to_string()))?.into_iter();
     let leaf =

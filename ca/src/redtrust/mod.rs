@@ -44,7 +44,7 @@ pub fn key_uri(thumbprint: &str) -> String {
     format!("redtrust:{thumbprint}")
 }
 
-struct Tokens {
+pub(crate) struct Tokens {
     access: Zeroizing<String>,
     refresh: Zeroizing<String>,
     expires_at: Option<u64>,
@@ -87,16 +87,7 @@ impl<'a> Redtrust<'a> {
             None => CREATE_V1,
         };
         let data = self.call(STEP, "POST", path, &Value::Object(members))?;
-        let text = |k: &str| data.get(k).and_then(Value::as_str).filter(|v| !v.is_empty());
-        let request_code = text("requestCode")
-            .filter(|c| {
-                c.len() <= 128 && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-            })
-            .ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no usable requestCode")))?;
-        let csr_der = text("csr")
-            .and_then(|b64| STANDARD.decode(b64.split_whitespace().collect::<String>()).ok())
-            .ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no base64 csr")))?;
-        Ok(RemoteRequest { handle: request_code.to_string(), csr_der })
+        created(STEP, &data)
     }
 
     /// `csr/finalize`: hands the issued certificate to Redtrust; answers its thumbprint.
@@ -113,13 +104,7 @@ impl<'a> Redtrust<'a> {
             ("requestCode", request_code.into()),
         ]);
         let data = self.call(STEP, "PUT", FINALIZE, &body)?;
-        // v4.42 answers idCertificate and thumbprint; older servers may answer nothing useful.
-        match data.get("thumbprint").and_then(Value::as_str) {
-            Some(t) if !t.eq_ignore_ascii_case(own_thumbprint) => Err(Error::protocol(format!(
-                "{STEP}: Redtrust reports thumbprint {t}, but the certificate's is {own_thumbprint}"
-            ))),
-            _ => Ok(own_thumbprint.to_string()),
-        }
+        finalized(STEP, &data, own_thumbprint)
     }
 
     /// Ends the session (best effort: a failed logout only costs a token that expires anyway).
@@ -293,7 +278,7 @@ pub fn hmac_hex(secret: &[u8], message: &str) -> String {
 }
 
 /// The `tkn` query parameter of the redirect target.
-fn temporal_token(location: &str) -> Option<Zeroizing<String>> {
+pub(crate) fn temporal_token(location: &str) -> Option<Zeroizing<String>> {
     let query = location.split_once('?')?.1.split('#').next()?;
     query
         .split('&')
@@ -303,7 +288,32 @@ fn temporal_token(location: &str) -> Option<Zeroizing<String>> {
         .filter(|v| !v.is_empty())
 }
 
-fn tokens_from(step: &str, data: &Value) -> Result<Tokens> {
+/// The `data` of a `csr/create` answer: the request code and the CSR Redtrust made.
+pub(crate) fn created(step: &str, data: &Value) -> Result<RemoteRequest> {
+    let text = |k: &str| data.get(k).and_then(Value::as_str).filter(|v| !v.is_empty());
+    let request_code = text("requestCode")
+        .filter(|c| {
+            c.len() <= 128 && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        })
+        .ok_or_else(|| Error::protocol(format!("{step}: the answer has no usable requestCode")))?;
+    let csr_der = text("csr")
+        .and_then(|b64| STANDARD.decode(b64.split_whitespace().collect::<String>()).ok())
+        .ok_or_else(|| Error::protocol(format!("{step}: the answer has no base64 csr")))?;
+    Ok(RemoteRequest { handle: request_code.to_string(), csr_der })
+}
+
+/// The `data` of a `csr/finalize` answer, checked against the certificate's own thumbprint.
+pub(crate) fn finalized(step: &str, data: &Value, own_thumbprint: &str) -> Result<String> {
+    // v4.42 answers idCertificate and thumbprint; older servers may answer nothing useful.
+    match data.get("thumbprint").and_then(Value::as_str) {
+        Some(t) if !t.eq_ignore_ascii_case(own_thumbprint) => Err(Error::protocol(format!(
+            "{step}: Redtrust reports thumbprint {t}, but the certificate's is {own_thumbprint}"
+        ))),
+        _ => Ok(own_thumbprint.to_string()),
+    }
+}
+
+pub(crate) fn tokens_from(step: &str, data: &Value) -> Result<Tokens> {
     let text = |k: &str| data.get(k).and_then(Value::as_str).filter(|v| !v.is_empty());
     let (Some(access), Some(refresh)) = (text("accessToken"), text("refreshToken")) else {
         return Err(Error::protocol(format!("{step}: the answer has no accessToken/refreshToken")));
@@ -313,7 +323,7 @@ fn tokens_from(step: &str, data: &Value) -> Result<Tokens> {
 }
 
 /// `data` of a SUCCESS envelope; anything else keeps Redtrust's errorCode and message.
-fn envelope_data(step: &str, response: &Response) -> Result<Value> {
+pub(crate) fn envelope_data(step: &str, response: &Response) -> Result<Value> {
     if !response.is_success() {
         return Err(envelope_error(step, response));
     }
@@ -326,7 +336,7 @@ fn envelope_data(step: &str, response: &Response) -> Result<Value> {
     Ok(envelope.get("data").cloned().unwrap_or(Value::Null))
 }
 
-fn envelope_words(response: &Response) -> String {
+pub(crate) fn envelope_words(response: &Response) -> String {
     let Ok(envelope) = json::parse(&response.body) else {
         return response.excerpt();
     };
@@ -334,7 +344,7 @@ fn envelope_words(response: &Response) -> String {
     http::excerpt(&format!("Redtrust errorCode {}: {}", text("errorCode"), text("message")))
 }
 
-fn envelope_error(step: &str, response: &Response) -> Error {
+pub(crate) fn envelope_error(step: &str, response: &Response) -> Error {
     let refused =
         if matches!(response.status, 401 | 403) { "Redtrust refused the credentials: " } else { "" };
     let words = envelope_words(response);

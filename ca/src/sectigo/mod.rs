@@ -64,7 +64,7 @@ impl<'a> Sectigo<'a> {
     }
 
     /// `{"sslId": n}` out of a successful enroll or renewById answer.
-    fn accepted(step: &str, response: &Response) -> Result<Outcome> {
+    pub(crate) fn accepted(step: &str, response: &Response) -> Result<Outcome> {
         if !response.is_success() {
             return Err(sectigo_error(step, response));
         }
@@ -101,7 +101,7 @@ impl<'a> Sectigo<'a> {
         answer.get("status").and_then(Value::as_str).map(str::to_string)
     }
 
-    fn delivered(ssl_id: &str, response: &Response) -> Result<Poll> {
+    pub(crate) fn delivered(ssl_id: &str, response: &Response) -> Result<Poll> {
         let text = std::str::from_utf8(&response.body)
             .map_err(|_| Error::protocol("Sectigo collect: the certificate is not text"))?;
         let certs = pki::parse_pem_certs(text).map_err(|e| e.context("Sectigo collect"))?;
@@ -185,7 +185,7 @@ impl CaBackend for Sectigo<'_> {
 }
 
 /// §3.2: `{"code": <negative int>, "description": <string>}`.
-fn error_body(response: &Response) -> Option<(i64, String)> {
+pub(crate) fn error_body(response: &Response) -> Option<(i64, String)> {
     let answer = json::parse(&response.body).ok()?;
     let code = answer.get("code")?.as_i64()?;
     let description = answer.get("description").and_then(Value::as_str).unwrap_or("");
@@ -193,7 +193,7 @@ fn error_body(response: &Response) -> Option<(i64, String)> {
 }
 
 /// Keeps Sectigo's words; classifies per design.md §7 (-195 CA unavailable is temporary).
-fn sectigo_error(step: &str, response: &Response) -> Error {
+pub(crate) fn sectigo_error(step: &str, response: &Response) -> Error {
     let Some((code, description)) = error_body(response) else {
         return http::status_error(step, response);
     };

@@ -91,37 +91,15 @@ impl<'a> Securosys<'a> {
             const STEP: &str = "Securosys synchronous/sign";
             let response = self.send(STEP, "POST", SYNCHRONOUS_SIGN, Some(&fields))?;
             let answer = success_json(STEP, &response)?;
-            return self.issued(STEP, &answer, "certificate").map(Outcome::Issued);
+            return issued(STEP, &answer, "certificate", &self.settings.ca_bundle).map(Outcome::Issued);
         }
         const STEP: &str = "Securosys sign (approval)";
         let body = Value::Object(vec![("signCertificateRequest".into(), fields)]);
         let response = self.send(STEP, "POST", SIGN, Some(&body))?;
         let answer = success_json(STEP, &response)?;
-        let id = answer
-            .get("signRequestId")
-            .and_then(Value::as_str)
-            .filter(|id| !id.is_empty() && id.len() <= 128 && !id.contains(['/', '?', '#']))
-            .ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no usable signRequestId")))?;
+        let id = sign_request_id(STEP, &answer)?;
         log::info!("Securosys accepted the sign request {id}; it waits for approval");
         Ok(Outcome::Pending { request_id: id.to_string() })
-    }
-
-    /// The leaf from `field`, with the configured issuing chain.
-    fn issued(&self, step: &str, answer: &Value, field: &str) -> Result<Issued> {
-        let leaf = crate::backend::pem_field(step, answer, field)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::protocol(format!("{step}: {field} is empty")))?;
-        let bundle: Vec<pki::Cert> =
-            self.settings.ca_bundle.iter().filter_map(|der| pki::Cert::from_der(der).ok()).collect();
-        let self_issued = |c: &pki::Cert| c.parsed.tbs_certificate.issuer == c.parsed.tbs_certificate.subject;
-        let (roots, intermediates): (Vec<_>, Vec<_>) = bundle.into_iter().partition(self_issued);
-        Ok(Issued {
-            leaf,
-            intermediates: intermediates.into_iter().map(|c| c.der).collect(),
-            roots: roots.into_iter().map(|c| c.der).collect(),
-            ca_ref: None,
-        })
     }
 }
 
@@ -155,28 +133,7 @@ impl CaBackend for Securosys<'_> {
             };
         }
         let answer = crate::backend::parse_json(STEP, &response)?;
-        let status = answer.get("status").and_then(Value::as_str).unwrap_or("");
-        let ended = |message: String| Ok(Poll::Ended(Error::refused(message)));
-        match status {
-            "PENDING" | "APPROVED" => {
-                let waiting = answer.get("notYetApprovedBy").and_then(|v| match v {
-                    Value::Array(items) => Some(items.len()),
-                    _ => None,
-                });
-                Ok(Poll::NotYet(match waiting {
-                    Some(n) => format!("{status}, {n} approval(s) outstanding"),
-                    None => status.to_string(),
-                }))
-            }
-            "EXECUTED" => self.issued(STEP, &answer, "result").map(Poll::Issued),
-            "REJECTED" => ended(format!("Securosys sign request {id} was REJECTED by an approver")),
-            "CANCELLED" => ended(format!("Securosys sign request {id} was CANCELLED")),
-            // design.md §7: EXPIRED and FAILED are the CA's trouble, not a refusal: retry later.
-            "EXPIRED" | "FAILED" => Ok(Poll::Ended(Error::temporary(format!(
-                "Securosys sign request {id} ended {status}; a new request will be made"
-            )))),
-            other => Err(Error::protocol(format!("{STEP}: unknown request status {other:?}"))),
-        }
+        request_status(STEP, id, &answer, &self.settings.ca_bundle)
     }
 
     fn cancel(&mut self, id: &str) -> Result<()> {
@@ -197,7 +154,59 @@ impl CaBackend for Securosys<'_> {
     }
 }
 
-fn success_json(step: &str, response: &Response) -> Result<Value> {
+/// The `signRequestId` of an accepted sign request (it becomes a URL path segment).
+pub(crate) fn sign_request_id<'a>(step: &str, answer: &'a Value) -> Result<&'a str> {
+    answer
+        .get("signRequestId")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty() && id.len() <= 128 && !id.contains(['/', '?', '#']))
+        .ok_or_else(|| Error::protocol(format!("{step}: the answer has no usable signRequestId")))
+}
+
+/// §4.5: what `GET /v1/request/{id}` says about sign request `id`.
+pub(crate) fn request_status(step: &str, id: &str, answer: &Value, ca_bundle: &[Vec<u8>]) -> Result<Poll> {
+    let status = answer.get("status").and_then(Value::as_str).unwrap_or("");
+    let ended = |message: String| Ok(Poll::Ended(Error::refused(message)));
+    match status {
+        "PENDING" | "APPROVED" => {
+            let waiting = answer.get("notYetApprovedBy").and_then(|v| match v {
+                Value::Array(items) => Some(items.len()),
+                _ => None,
+            });
+            Ok(Poll::NotYet(match waiting {
+                Some(n) => format!("{status}, {n} approval(s) outstanding"),
+                None => status.to_string(),
+            }))
+        }
+        "EXECUTED" => issued(step, answer, "result", ca_bundle).map(Poll::Issued),
+        "REJECTED" => ended(format!("Securosys sign request {id} was REJECTED by an approver")),
+        "CANCELLED" => ended(format!("Securosys sign request {id} was CANCELLED")),
+        // design.md §7: EXPIRED and FAILED are the CA's trouble, not a refusal: retry later.
+        "EXPIRED" | "FAILED" => Ok(Poll::Ended(Error::temporary(format!(
+            "Securosys sign request {id} ended {status}; a new request will be made"
+        )))),
+        other => Err(Error::protocol(format!("{step}: unknown request status {other:?}"))),
+    }
+}
+
+/// The leaf from `field`, with the configured issuing chain (`ca_bundle`, DER).
+pub(crate) fn issued(step: &str, answer: &Value, field: &str, ca_bundle: &[Vec<u8>]) -> Result<Issued> {
+    let leaf = crate::backend::pem_field(step, answer, field)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::protocol(format!("{step}: {field} is empty")))?;
+    let bundle: Vec<pki::Cert> = ca_bundle.iter().filter_map(|der| pki::Cert::from_der(der).ok()).collect();
+    let self_issued = |c: &pki::Cert| c.parsed.tbs_certificate.issuer == c.parsed.tbs_certificate.subject;
+    let (roots, intermediates): (Vec<_>, Vec<_>) = bundle.into_iter().partition(self_issued);
+    Ok(Issued {
+        leaf,
+        intermediates: intermediates.into_iter().map(|c| c.der).collect(),
+        roots: roots.into_iter().map(|c| c.der).collect(),
+        ca_ref: None,
+    })
+}
+
+pub(crate) fn success_json(step: &str, response: &Response) -> Result<Value> {
     if !response.is_success() {
         return Err(securosys_error(step, response));
     }
@@ -205,14 +214,14 @@ fn success_json(step: &str, response: &Response) -> Result<Value> {
 }
 
 /// §4.2: `{"errorCode": int, "reason": "res.error.…", "message": str}`.
-fn error_body(response: &Response) -> Option<(i64, String, String)> {
+pub(crate) fn error_body(response: &Response) -> Option<(i64, String, String)> {
     let answer = json::parse(&response.body).ok()?;
     let code = answer.get("errorCode")?.as_i64()?;
     let text = |k: &str| http::excerpt(answer.get(k).and_then(Value::as_str).unwrap_or(""));
     Some((code, text("reason"), text("message")))
 }
 
-fn securosys_error(step: &str, response: &Response) -> Error {
+pub(crate) fn securosys_error(step: &str, response: &Response) -> Error {
     let Some((code, reason, message)) = error_body(response) else {
         return http::status_error(step, response);
     };

@@ -1,0 +1,130 @@
+//! Entry points for the fuzz targets of `tests/fuzz/` (design.md §11): each feeds bytes to the
+//! same functions a client uses on a CA's HTTP answer. Compiled only under `--cfg fuzzing`
+//! (cargo-fuzz sets it), so the product never carries it.
+//!
+//! A vendor answer's input is `[status high byte, status low byte, body…]`: the status decides
+//! which of the client's readers run, as it does in the client.
+
+use crate::error::{Error, Result};
+use crate::http::Response;
+use crate::json;
+
+/// The status and body of an answer input (an input shorter than the status is an empty 200).
+fn response(data: &[u8]) -> Response {
+    let (status, body) = match data {
+        [high, low, body @ ..] => (u16::from_be_bytes([*high, *low]), body),
+        _ => (200, data),
+    };
+    Response { status, body: body.to_vec(), content_type: None, location: None, retry_after: Some(1) }
+}
+
+/// What a caller does with an error: render it for the log and the gateway.
+fn show<T>(result: Result<T>) -> Option<T> {
+    result.map_err(|e| render(&e)).ok()
+}
+
+fn render(error: &Error) {
+    let _ = error.to_string();
+    let _ = error.chain_line();
+    let _ = (error.kind().exit_code(), error.retry_after(), error.answer());
+}
+
+/// EZCA: the JSON and PEM-text issuance answers, and the renewal status check (§2).
+#[cfg(feature = "ezca")]
+pub fn ezca_answer(data: &[u8]) {
+    let response = response(data);
+    show(crate::ezca::check_renew_status("fuzz", &response));
+    let _ = crate::http::status_error("fuzz", &response);
+    show(crate::ezca::issued_from_json("fuzz", &response));
+    show(crate::ezca::issued_from_pem_text("fuzz", &response));
+}
+
+/// Sectigo: enroll/renewById acceptance, collect delivery, and the `{code, description}` errors.
+#[cfg(feature = "sectigo")]
+pub fn sectigo_answer(data: &[u8]) {
+    let response = response(data);
+    show(crate::sectigo::Sectigo::accepted("fuzz", &response));
+    if response.is_success() {
+        show(crate::sectigo::Sectigo::delivered("1234", &response));
+    }
+    let _ = crate::sectigo::error_body(&response);
+    render(&crate::sectigo::sectigo_error("fuzz", &response));
+}
+
+/// Securosys TSB: synchronous sign, the approval id, request status, and `errorCode` errors.
+#[cfg(feature = "securosys")]
+pub fn securosys_answer(data: &[u8]) {
+    use crate::securosys::{
+        error_body, issued, request_status, securosys_error, sign_request_id, success_json,
+    };
+    let response = response(data);
+    let _ = error_body(&response);
+    render(&securosys_error("fuzz", &response));
+    let Some(answer) = show(success_json("fuzz", &response)) else {
+        return;
+    };
+    show(issued("fuzz", &answer, "certificate", &[]));
+    show(sign_request_id("fuzz", &answer));
+    match request_status("fuzz", "id-1", &answer, &[]) {
+        Ok(crate::backend::Poll::Ended(e)) => render(&e),
+        other => drop(show(other)),
+    }
+}
+
+/// Redtrust: the envelope, the tokens, csr/create and csr/finalize data, the login redirect.
+#[cfg(feature = "redtrust")]
+pub fn redtrust_answer(data: &[u8]) {
+    use crate::redtrust::{
+        created, envelope_data, envelope_error, envelope_words, finalized, temporal_token,
+    };
+    let response = response(data);
+    let _ = envelope_words(&response);
+    render(&envelope_error("fuzz", &response));
+    if let Ok(location) = std::str::from_utf8(&response.body) {
+        let _ = temporal_token(location);
+    }
+    let Some(data) = show(envelope_data("fuzz", &response)) else {
+        return;
+    };
+    show(crate::redtrust::tokens_from("fuzz", &data));
+    show(created("fuzz", &data));
+    show(finalized("fuzz", &data, "0123456789ABCDEF0123456789ABCDEF01234567"));
+}
+
+/// EST: a certs-only answer (base64 PKCS#7, RFC 8951); the first byte picks the content type.
+#[cfg(feature = "est")]
+pub fn est_answer(data: &[u8]) {
+    const TYPES: [Option<&str>; 4] = [
+        None,
+        Some("application/pkcs7-mime"),
+        Some("application/pkcs7-mime; smime-type=certs-only"),
+        Some("text/html"),
+    ];
+    let (selector, body) = data.split_first().unwrap_or((&0, &[]));
+    let mut response = response(&[]);
+    response.content_type = TYPES[usize::from(*selector) % TYPES.len()].map(str::to_string);
+    response.body = body.to_vec();
+    if let Some(certs) = show(crate::est::certs_of("fuzz", &response)) {
+        for cert in certs {
+            let _ = (cert.subject(), cert.issuer(), cert.serial_hex(), cert.san_strings(), cert.spki_der());
+        }
+    }
+}
+
+/// Retry-After and Date headers, and RFC 3339 times in answers (Redtrust `expiration`).
+pub fn header_values(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = crate::http::parse_retry_after(text, 1_800_000_000);
+    if let Some(date) = crate::time::parse_http_date(text) {
+        let _ = crate::time::rfc3339(date);
+    }
+    if let Some(unix) = crate::time::parse_rfc3339(text) {
+        // What we write we read back.
+        let written = crate::time::rfc3339(unix);
+        assert_eq!(crate::time::parse_rfc3339(&written), Some(unix), "{text:?} → {written:?}");
+    }
+    let _ = crate::http::excerpt(text);
+    let _ = json::Value::String(text.to_string()).to_json();
+}
