@@ -241,6 +241,7 @@ impl Shared {
     pub(crate) fn handle(&self, req: &Request) -> Response {
         let resp = self.route(req);
         lock(&self.log).push(LoggedRequest::new(req, &resp));
+        dump_exchange(req, &resp);
         resp
     }
 
@@ -662,6 +663,23 @@ impl Emulator {
     pub fn handle(&self, req: &Request) -> Response {
         self.shared.handle(req)
     }
+}
+
+/// With `ENROLL_EMULATOR_DUMP=<dir>`, every request and answer body is written to `<dir>` as
+/// `<pid>-<n>.<path>.req` and `<pid>-<n>.<path>.<status>.resp`: the fuzz seeds are real answers
+/// (tests/fuzz/seeds.sh). Best effort: a dump that cannot be written is skipped.
+fn dump_exchange(req: &Request, resp: &Response) {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Some(dir) = std::env::var_os("ENROLL_EMULATOR_DUMP") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path: String =
+        req.path.trim_matches('/').chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let stem = format!("{}-{n:06}.{path}", std::process::id());
+    let _ = std::fs::write(dir.join(format!("{stem}.req")), &req.body);
+    let _ = std::fs::write(dir.join(format!("{stem}.{}.resp", resp.status)), &resp.body);
 }
 
 /// A fresh key (RSA-2048 or P-256) and a client certificate for it from `ca`, both PEM.
