@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for SECONDS each (design.md §11) and ends with `N passed, M failed`.
 # A target fails on a crash (panic, failed assertion, arithmetic overflow), a hang (one input
-# running longer than TIMEOUT_S) or running out of memory (RSS over RSS_MB).
+# running longer than TIMEOUT_S) or running out of memory (RSS over RSS_MB); the exit status is
+# then 1.
 #
 #   bash tests/fuzz/run.sh SECONDS [TARGET...]
 #
@@ -58,3 +59,4 @@ for target in "${targets[@]}"; do
   fi
 done
 echo "$passed passed, $failed failed"
+((failed == 0))
