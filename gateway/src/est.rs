@@ -329,6 +329,12 @@ impl Gateway {
 
     async fn decide(&self, label: &Arc<Label>, op: Op, req: &EstRequest<'_>, who: &mut String) -> Result<Decision, Error> {
         let anchors = &self.anchors[&label.name];
+        // Until the device is known, the audit names the client certificate's CN, if any.
+        if let Some(leaf) = req.peer_certs.first() {
+            if let Some(cn) = CertFacts::parse(leaf).ok().and_then(|f| f.cns.into_iter().next()) {
+                *who = format!("cert CN={cn}");
+            }
+        }
         // 1. Who is asking (RFC 7030 §3.2.3, §3.3.2).
         let (device, cred) = match op {
             Op::Enroll => {

@@ -32,6 +32,7 @@ impl Ca {
     pub fn new(cn: &str) -> Self {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -42,6 +43,7 @@ impl Ca {
     /// A leaf for `key` with this subject and SANs, valid for a day (or already expired).
     pub fn leaf(&self, key: &KeyPair, dn: &[(DnType, &str)], sans: Vec<SanType>, expired: bool) -> rcgen::Certificate {
         let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
         for (t, v) in dn {
             p.distinguished_name.push(t.clone(), *v);
         }
@@ -188,6 +190,7 @@ impl Device {
 
     pub fn csr_with(&self, dn: &[(DnType, &str)], sans: Vec<SanType>) -> Vec<u8> {
         let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
         for (t, v) in dn {
             p.distinguished_name.push(t.clone(), *v);
         }
