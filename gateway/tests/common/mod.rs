@@ -296,6 +296,19 @@ impl Env {
         Env { dir, up, factory, server_ca, server_ca_file, config_file, running: Some(running), base, admin, db_url }
     }
 
+    /// A second replica: the same config and database, its own listeners; its base URL.
+    pub async fn replica(&self) -> (Running, String) {
+        let settings = Settings::load(&self.config_file).unwrap();
+        let running = ServerBuilder::new(settings)
+            .upstream(LABEL, self.up.clone())
+            .upstream("wrapped", self.up.clone())
+            .start()
+            .await
+            .unwrap();
+        let base = format!("https://127.0.0.1:{}", running.est_addr.port());
+        (running, base)
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -346,6 +359,11 @@ impl Env {
 
     /// One request with curl.
     pub async fn call(&self, c: Call<'_>) -> Resp {
+        self.call_at(&self.base, c).await
+    }
+
+    /// One request with curl to `base` (a replica).
+    pub async fn call_at(&self, base: &str, c: Call<'_>) -> Resp {
         let tag = rand_tag();
         let hdr = self.path().join(format!("h-{tag}"));
         let body_out = self.path().join(format!("b-{tag}"));
@@ -367,7 +385,7 @@ impl Env {
             let f = write(self.path(), &format!("req-{tag}"), body);
             cmd.args(["-H", "Content-Type: application/pkcs10", "--data-binary"]).arg(format!("@{}", f.display()));
         }
-        cmd.arg(format!("{}{}", self.base, c.path));
+        cmd.arg(format!("{base}{}", c.path));
         let out = cmd.output().await.unwrap();
         let code: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| {
             panic!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
