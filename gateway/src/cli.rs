@@ -114,7 +114,11 @@ impl log::Log for StderrLogger {
 }
 
 fn runtime(multi: bool) -> Result<tokio::runtime::Runtime, Error> {
-    let mut b = if multi { tokio::runtime::Builder::new_multi_thread() } else { tokio::runtime::Builder::new_current_thread() };
+    let mut b = if multi {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
     b.enable_all().build().map_err(|e| Error::with_source(Kind::Internal, "starting the async runtime", e))
 }
 
@@ -123,11 +127,15 @@ fn now() -> i64 {
 }
 
 fn rfc3339(t: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(t).ok().and_then(|d| d.format(&Rfc3339).ok()).unwrap_or_else(|| t.to_string())
+    OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
 }
 
 fn json_out<T: serde::Serialize>(v: &T) -> Result<(), Error> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Error::with_source(Kind::Internal, "writing JSON", e))?;
+    let text =
+        serde_json::to_string_pretty(v).map_err(|e| Error::with_source(Kind::Internal, "writing JSON", e))?;
     println!("{text}");
     Ok(())
 }
@@ -138,11 +146,19 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Serve => runtime(true)?.block_on(serve(settings)),
         Command::Check { online } => runtime(false)?.block_on(check(settings, online)),
         Command::Token(TokenCommand::Create { label, device, ttl_s }) => {
-            let l = settings.labels.get(&label).ok_or_else(|| Error::usage(format!("--label {label}: not a label of the config")))?;
+            let l = settings
+                .labels
+                .get(&label)
+                .ok_or_else(|| Error::usage(format!("--label {label}: not a label of the config")))?;
             if !l.tokens {
-                return Err(Error::usage(format!("--label {label}: bootstrap.tokens is false for this label")));
+                return Err(Error::usage(format!(
+                    "--label {label}: bootstrap.tokens is false for this label"
+                )));
             }
-            if device.is_empty() || device.len() > 128 || !device.chars().all(|c| c.is_ascii_graphic() && c != '/' && c != ':') {
+            if device.is_empty()
+                || device.len() > 128
+                || !device.chars().all(|c| c.is_ascii_graphic() && c != '/' && c != ':')
+            {
                 return Err(Error::usage("--device: 1-128 printable ASCII characters without '/' or ':'"));
             }
             if ttl_s == 0 {
@@ -155,7 +171,15 @@ fn run(cli: Cli) -> Result<(), Error> {
             let t = now();
             runtime(false)?.block_on(async {
                 let store = open(&settings).await?;
-                store.token_create(&crate::pki::sha256_hex(token.as_bytes()), &label, &device, t, t + ttl_s as i64).await?;
+                store
+                    .token_create(
+                        &crate::pki::sha256_hex(token.as_bytes()),
+                        &label,
+                        &device,
+                        t,
+                        t + ttl_s as i64,
+                    )
+                    .await?;
                 store
                     .audit(&AuditRow {
                         at: t,
@@ -190,7 +214,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                         #[serde(flatten)]
                         row: &'a AuditRow,
                     }
-                    return json_out(&rows.iter().map(|row| Out { time: rfc3339(row.at), row }).collect::<Vec<_>>());
+                    return json_out(
+                        &rows.iter().map(|row| Out { time: rfc3339(row.at), row }).collect::<Vec<_>>(),
+                    );
                 }
                 for r in &rows {
                     println!(
@@ -227,7 +253,8 @@ async fn open(settings: &Settings) -> Result<Store, Error> {
 async fn serve(settings: Settings) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let sig = |k| signal(k).map_err(|e| Error::with_source(Kind::Internal, "installing signal handlers", e));
-    let (mut term, mut int, mut hup) = (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?, sig(SignalKind::hangup())?);
+    let (mut term, mut int, mut hup) =
+        (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?, sig(SignalKind::hangup())?);
     let running = crate::server::ServerBuilder::new(settings).start().await?;
     loop {
         tokio::select! {
@@ -262,7 +289,9 @@ async fn check(settings: Settings, online: bool) -> Result<(), Error> {
                 if online {
                     match tokio::task::spawn_blocking(move || up.check()).await {
                         Ok(Ok(())) => println!("label {name}: upstream reachable"),
-                        Ok(Err(e)) => failed.push(Error::new(Kind::Temporary, format!("labels.{name}.ca: {e}"))),
+                        Ok(Err(e)) => {
+                            failed.push(Error::new(Kind::Temporary, format!("labels.{name}.ca: {e}")))
+                        }
                         Err(e) => failed.push(Error::new(Kind::Internal, format!("labels.{name}.ca: {e}"))),
                     }
                 } else {

@@ -236,7 +236,8 @@ pub fn read_secret(path: &Path, field: &str) -> Result<String, Error> {
     if meta.uid() != me {
         return Err(field_err(field, format!("{}: must be owned by uid {me}", path.display())));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| field_err(field, format!("{}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| field_err(field, format!("{}: {e}", path.display())))?;
     Ok(text.trim_end_matches(['\r', '\n']).to_owned())
 }
 
@@ -261,7 +262,8 @@ fn label_name_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !["cacerts", "simpleenroll", "simplereenroll", "csrattrs", "serverkeygen", "fullcmc"].contains(&name)
+        && !["cacerts", "simpleenroll", "simplereenroll", "csrattrs", "serverkeygen", "fullcmc"]
+            .contains(&name)
 }
 
 impl Settings {
@@ -286,7 +288,10 @@ impl Settings {
             .map_err(|e| field_err("listen", format!("{:?} is not ADDRESS:PORT ({e})", raw.listen)))?;
         let admin_listen = match &raw.admin_listen {
             None => None,
-            Some(a) => Some(a.parse().map_err(|e| field_err("admin_listen", format!("{a:?} is not ADDRESS:PORT ({e})")))?),
+            Some(a) => Some(
+                a.parse()
+                    .map_err(|e| field_err("admin_listen", format!("{a:?} is not ADDRESS:PORT ({e})")))?,
+            ),
         };
         let database = parse_database(&raw.database, &abs)?;
         if raw.labels.is_empty() {
@@ -296,7 +301,10 @@ impl Settings {
         for (name, l) in &raw.labels {
             let at = |f: &str| format!("labels.{name}.{f}");
             if !label_name_ok(name) {
-                return Err(field_err(&format!("labels.{name}"), "a label is 1-64 of A-Z a-z 0-9 - _ . and not an EST operation name"));
+                return Err(field_err(
+                    &format!("labels.{name}"),
+                    "a label is 1-64 of A-Z a-z 0-9 - _ . and not an EST operation name",
+                ));
             }
             if l.ca.get("backend").and_then(|b| b.as_str()).is_none() {
                 return Err(field_err(&at("ca.backend"), "missing (a string naming the CA backend)"));
@@ -307,12 +315,18 @@ impl Settings {
                 None => None,
             };
             if factory_roots.is_none() && !l.bootstrap.tokens {
-                return Err(field_err(&at("bootstrap"), "needs factory_roots_file or \"tokens\": true (else no device can enroll)"));
+                return Err(field_err(
+                    &at("bootstrap"),
+                    "needs factory_roots_file or \"tokens\": true (else no device can enroll)",
+                ));
             }
             for (i, s) in l.policy.san_dns.iter().enumerate() {
                 let probe = s.replace("{device}", "d");
                 if probe.is_empty() || probe.contains(['{', '}', ' ', '/']) {
-                    return Err(field_err(&at(&format!("policy.san_dns[{i}]")), format!("{s:?} is not a DNS name pattern")));
+                    return Err(field_err(
+                        &at(&format!("policy.san_dns[{i}]")),
+                        format!("{s:?} is not a DNS name pattern"),
+                    ));
                 }
             }
             if l.policy.max_per_device_per_day == 0 {
@@ -407,4 +421,51 @@ fn parse_database(raw: &RawDatabase, abs: &dyn Fn(&Path) -> PathBuf) -> Result<D
         None => format!("postgres://{userinfo}@{hostpart}"),
     };
     Ok(Database { url: connect, shown: url.to_owned(), max_connections: raw.max_connections })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db(url: &str, password_file: Option<PathBuf>) -> Result<Database, Error> {
+        let raw = RawDatabase { url: url.into(), password_file, max_connections: 4 };
+        parse_database(&raw, &|p: &Path| p.to_path_buf())
+    }
+
+    #[test]
+    fn database_urls() {
+        let d = db("sqlite:///var/lib/gw.db", None).unwrap();
+        assert_eq!(d.connect_url(), "sqlite:///var/lib/gw.db?mode=rwc");
+        assert_eq!(d.shown(), "sqlite:///var/lib/gw.db");
+        assert!(db("mysql://x@h/db", None).unwrap_err().to_string().contains("database.url"));
+        assert!(db("postgres://gw:pw@h:5432/db", None).unwrap_err().to_string().contains("password_file"));
+        assert!(db("postgres://h:5432/db", None).is_err());
+        let dir = std::env::temp_dir().join(format!("gw-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "p@ss:w/rd\n").unwrap();
+        std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let d = db("postgres://gw@127.0.0.1:5432/gateway", Some(pw.clone())).unwrap();
+        assert_eq!(d.connect_url(), "postgres://gw:p%40ss%3Aw%2Frd@127.0.0.1:5432/gateway");
+        assert_eq!(d.shown(), "postgres://gw@127.0.0.1:5432/gateway");
+        assert!(!format!("{d:?}").contains("p%40ss"), "Debug never shows the password");
+        std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        assert!(db("postgres://gw@127.0.0.1:5432/gateway", Some(pw))
+            .unwrap_err()
+            .to_string()
+            .contains("0600"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_name_their_path() {
+        let text = r#"{"listen": "127.0.0.1:1", "tls": {"cert_file": "a", "key_file": "b", "ciphers": 1},
+                       "database": {"url": "sqlite:///x"}, "labels": {}}"#;
+        let e = Settings::parse(text, Path::new("/")).unwrap_err();
+        assert!(e.to_string().starts_with("config tls.ciphers: unknown field `ciphers`"), "{e}");
+        assert_eq!(e.kind(), crate::error::Kind::Config);
+        let text = r#"{"listen": "nope", "tls": {"cert_file": "a", "key_file": "b"},
+                       "database": {"url": "sqlite:///x"}, "labels": {}}"#;
+        assert!(Settings::parse(text, Path::new("/")).unwrap_err().to_string().contains("config listen"));
+    }
 }

@@ -8,13 +8,13 @@ use crate::metrics::Metrics;
 use crate::pki::{self, CertFacts, Csr, San};
 use crate::store::{AuditRow, IssuedRecord, RequestRow, State, Store};
 use crate::upstream::{Upstream, UpstreamError, UpstreamOutcome, UpstreamRequest};
+use rustls_pki_types::TrustAnchor;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;
-use rustls_pki_types::TrustAnchor;
 
 /// `Content-Type` of PKCS#7 answers (RFC 7030 §4.1.3, §4.2.3; protocols.md §6.1a).
 pub const PKCS7: &str = "application/pkcs7-mime; smime-type=certs-only";
@@ -95,10 +95,24 @@ struct Decision {
 
 impl Decision {
     fn refuse(reason: impl Into<String>) -> Self {
-        Self { status: 403, outcome: "refused", reason: Some(reason.into()), upstream_ref: None, retry_after: None, cert: None }
+        Self {
+            status: 403,
+            outcome: "refused",
+            reason: Some(reason.into()),
+            upstream_ref: None,
+            retry_after: None,
+            cert: None,
+        }
     }
     fn status(status: u16, outcome: &'static str, reason: impl Into<String>) -> Self {
-        Self { status, outcome, reason: Some(reason.into()), upstream_ref: None, retry_after: None, cert: None }
+        Self {
+            status,
+            outcome,
+            reason: Some(reason.into()),
+            upstream_ref: None,
+            retry_after: None,
+            cert: None,
+        }
     }
     fn pending(upstream_ref: Option<String>, retry_after: u64, reason: &str) -> Self {
         Self {
@@ -152,7 +166,10 @@ fn anchors_of(certs: &[CertificateDer<'static>]) -> Result<Vec<TrustAnchor<'stat
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Checks a client chain (leaf first) against anchors, for client authentication, now.
@@ -199,9 +216,14 @@ fn basic(header: &str) -> Option<Result<(String, String), String>> {
 /// How the client authenticated.
 enum Credential {
     Factory,
-    Token { sha: String },
+    Token {
+        sha: String,
+    },
     /// Re-enrollment: the presented certificate and, when the gateway issued it, its record.
-    Current { facts: Box<CertFacts>, record: Option<Box<IssuedRecord>> },
+    Current {
+        facts: Box<CertFacts>,
+        record: Option<Box<IssuedRecord>>,
+    },
 }
 
 impl Gateway {
@@ -214,7 +236,8 @@ impl Gateway {
         let mut anchors = HashMap::new();
         for (name, l) in &settings.labels {
             let ders: Vec<&[u8]> = l.ca_certs.iter().map(|c| c.as_ref()).collect();
-            let p7 = pki::certs_only(&ders).map_err(|e| Error::config(format!("labels.{name}.ca_certs_file: {e}")))?;
+            let p7 = pki::certs_only(&ders)
+                .map_err(|e| Error::config(format!("labels.{name}.ca_certs_file: {e}")))?;
             anchors.insert(
                 name.clone(),
                 Anchors {
@@ -227,7 +250,14 @@ impl Gateway {
                 return Err(Error::config(format!("labels.{name}: no upstream")));
             }
         }
-        Ok(Self { settings, store, upstreams, anchors, metrics, slots: Arc::new(Semaphore::new(UPSTREAM_SLOTS)) })
+        Ok(Self {
+            settings,
+            store,
+            upstreams,
+            anchors,
+            metrics,
+            slots: Arc::new(Semaphore::new(UPSTREAM_SLOTS)),
+        })
     }
 
     pub fn store(&self) -> &Store {
@@ -274,7 +304,13 @@ impl Gateway {
         let decision = match self.decide(&label, op, req, &mut who).await {
             Ok(d) => d,
             Err(e) => {
-                log::error!("{} {} from {}: {}", label.name, op.name(), req.peer, crate::error::report(&e).replace('\n', "; "));
+                log::error!(
+                    "{} {} from {}: {}",
+                    label.name,
+                    op.name(),
+                    req.peer,
+                    crate::error::report(&e).replace('\n', "; ")
+                );
                 Decision::status(500, "error", format!("internal error: {e}"))
             }
         };
@@ -327,7 +363,13 @@ impl Gateway {
         r
     }
 
-    async fn decide(&self, label: &Arc<Label>, op: Op, req: &EstRequest<'_>, who: &mut String) -> Result<Decision, Error> {
+    async fn decide(
+        &self,
+        label: &Arc<Label>,
+        op: Op,
+        req: &EstRequest<'_>,
+        who: &mut String,
+    ) -> Result<Decision, Error> {
         let anchors = &self.anchors[&label.name];
         // Until the device is known, the audit names the client certificate's CN, if any.
         if let Some(leaf) = req.peer_certs.first() {
@@ -343,17 +385,26 @@ impl Gateway {
                 if let (Some(roots), false) = (&anchors.factory, req.peer_certs.is_empty()) {
                     match verify_chain(req.peer_certs, roots) {
                         Ok(()) => {
-                            let facts = CertFacts::parse(&req.peer_certs[0]).map_err(|e| Error::new(crate::error::Kind::Internal, e))?;
+                            let facts = CertFacts::parse(&req.peer_certs[0])
+                                .map_err(|e| Error::new(crate::error::Kind::Internal, e))?;
                             let (ids, field) = match label.device_id {
                                 DeviceIdField::SerialNumber => (facts.serial_numbers, "serialNumber"),
                                 DeviceIdField::Cn => (facts.cns, "CN"),
                             };
                             match ids.as_slice() {
                                 [id] => found = Some((id.clone(), Credential::Factory)),
-                                _ => return Ok(Decision::refuse(format!("the factory certificate's subject has no single {field}"))),
+                                _ => {
+                                    return Ok(Decision::refuse(format!(
+                                        "the factory certificate's subject has no single {field}"
+                                    )))
+                                }
                             }
                         }
-                        Err(e) => cert_problem = Some(format!("the client certificate does not chain to this label's factory roots: {e}")),
+                        Err(e) => {
+                            cert_problem = Some(format!(
+                                "the client certificate does not chain to this label's factory roots: {e}"
+                            ))
+                        }
                     }
                 }
                 match found {
@@ -376,17 +427,24 @@ impl Gateway {
             }
             Op::Reenroll => {
                 if req.peer_certs.is_empty() {
-                    return Ok(Decision::refuse("re-enrollment needs a TLS client certificate issued under this label's CA"));
+                    return Ok(Decision::refuse(
+                        "re-enrollment needs a TLS client certificate issued under this label's CA",
+                    ));
                 }
                 if let Err(e) = verify_chain(req.peer_certs, &anchors.ca) {
-                    return Ok(Decision::refuse(format!("the client certificate is not a current certificate of this label's CA: {e}")));
+                    return Ok(Decision::refuse(format!(
+                        "the client certificate is not a current certificate of this label's CA: {e}"
+                    )));
                 }
-                let facts = CertFacts::parse(&req.peer_certs[0]).map_err(|e| Error::new(crate::error::Kind::Internal, e))?;
+                let facts = CertFacts::parse(&req.peer_certs[0])
+                    .map_err(|e| Error::new(crate::error::Kind::Internal, e))?;
                 let record = self.store.certificate_by_hash(&pki::sha256_hex(&req.peer_certs[0])).await?;
                 let device = match (&record, facts.cns.as_slice()) {
                     (Some(r), _) => r.device.clone(),
                     (None, [cn]) => cn.clone(),
-                    (None, _) => return Ok(Decision::refuse("the client certificate's subject has no single CN")),
+                    (None, _) => {
+                        return Ok(Decision::refuse("the client certificate's subject has no single CN"))
+                    }
                 };
                 (device, Credential::Current { facts: Box::new(facts), record: record.map(Box::new) })
             }
@@ -394,7 +452,9 @@ impl Gateway {
         };
         *who = device.clone();
         if !device_id_ok(&device) {
-            return Ok(Decision::refuse("the device id must be 1-128 printable ASCII characters without '/'"));
+            return Ok(Decision::refuse(
+                "the device id must be 1-128 printable ASCII characters without '/'",
+            ));
         }
 
         // 2. The CSR (RFC 7030 §4.2.1; RFC 8951: base64, any whitespace).
@@ -410,12 +470,18 @@ impl Gateway {
         if csr.cns.as_slice() != [device.as_str()] {
             return Ok(Decision::refuse(format!("the CSR's subject CN must be the device id {device:?}")));
         }
-        let allowed: Vec<String> =
-            label.policy.san_dns.iter().map(|p| p.replace("{device}", &device).to_ascii_lowercase()).collect();
+        let allowed: Vec<String> = label
+            .policy
+            .san_dns
+            .iter()
+            .map(|p| p.replace("{device}", &device).to_ascii_lowercase())
+            .collect();
         for san in &csr.sans {
             match san {
                 San::Dns(d) if allowed.contains(&d.to_ascii_lowercase()) => {}
-                San::Dns(d) => return Ok(Decision::refuse(format!("DNS SAN {d:?} is not allowed for this device"))),
+                San::Dns(d) => {
+                    return Ok(Decision::refuse(format!("DNS SAN {d:?} is not allowed for this device")))
+                }
                 San::Other(kind) => return Ok(Decision::refuse(format!("{kind} SANs are not allowed"))),
             }
         }
@@ -433,7 +499,8 @@ impl Gateway {
         // 4. The token, consumed by this CSR (identical retries keep working).
         let t = now();
         if let Credential::Token { sha } = &cred {
-            let refused = "the enrollment token is unknown, expired, already used, or not for this device and label";
+            let refused =
+                "the enrollment token is unknown, expired, already used, or not for this device and label";
             if !self.store.token_usable(sha, &label.name, &device, &csr.sha256, t).await? {
                 return Ok(Decision::refuse(refused));
             }
@@ -483,21 +550,34 @@ impl Gateway {
         match row.state {
             State::Issued => match self.store.certificate_for_csr(&label.name, &csr.sha256).await? {
                 Some(rec) => Ok(Decision::issued("reissued", &rec)),
-                None => Err(Error::new(crate::error::Kind::Storage, "database: an issued request has no certificate")),
+                None => Err(Error::new(
+                    crate::error::Kind::Storage,
+                    "database: an issued request has no certificate",
+                )),
             },
-            State::Refused => Ok(Decision::status(403, "vendor-refused", row.reason.unwrap_or_default()).with_ref(row.upstream_ref)),
-            State::Failed => Ok(Decision::status(502, "upstream-error", row.reason.unwrap_or_default()).with_ref(row.upstream_ref)),
-            State::Submitting => Ok(Decision::pending(row.upstream_ref, BUSY_RETRY_S, "the request is being submitted upstream")),
+            State::Refused => Ok(Decision::status(403, "vendor-refused", row.reason.unwrap_or_default())
+                .with_ref(row.upstream_ref)),
+            State::Failed => Ok(Decision::status(502, "upstream-error", row.reason.unwrap_or_default())
+                .with_ref(row.upstream_ref)),
+            State::Submitting => Ok(Decision::pending(
+                row.upstream_ref,
+                BUSY_RETRY_S,
+                "the request is being submitted upstream",
+            )),
             State::Pending | State::Polling => {
                 let t = now();
                 let retry = row.retry_after_s.map(|s| s.max(1) as u64).unwrap_or(BUSY_RETRY_S);
                 let Some(reference) = row.upstream_ref.clone() else {
-                    return Err(Error::new(crate::error::Kind::Storage, "database: a pending request has no upstream reference"));
+                    return Err(Error::new(
+                        crate::error::Kind::Storage,
+                        "database: a pending request has no upstream reference",
+                    ));
                 };
                 if !self.store.request_claim_poll(&label.name, &csr.sha256, t, t - STALE_POLL_S).await? {
                     return Ok(Decision::pending(Some(reference), retry, "waiting for the CA"));
                 }
-                let result = self.call(label, device, csr, renewal_of.cloned(), Some(reference.clone())).await;
+                let result =
+                    self.call(label, device, csr, renewal_of.cloned(), Some(reference.clone())).await;
                 self.outcome(label, device, csr, result, true).await
             }
         }
@@ -516,7 +596,12 @@ impl Gateway {
         let _slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         let (name, device, der) = (label.name.clone(), device.to_owned(), csr.der.clone());
         tokio::task::spawn_blocking(move || {
-            let req = UpstreamRequest { label: &name, device_id: &device, csr_der: &der, renewal_of: renewal_of.as_ref() };
+            let req = UpstreamRequest {
+                label: &name,
+                device_id: &device,
+                csr_der: &der,
+                renewal_of: renewal_of.as_ref(),
+            };
             match &poll_ref {
                 None => up.submit(&req),
                 Some(r) => up.poll(r, &req),
@@ -536,7 +621,8 @@ impl Gateway {
         polled: bool,
     ) -> Result<Decision, Error> {
         let (l, key, t) = (&label.name, &csr.sha256, now());
-        let prior = if polled { self.store.request(l, key).await?.and_then(|r| r.upstream_ref) } else { None };
+        let prior =
+            if polled { self.store.request(l, key).await?.and_then(|r| r.upstream_ref) } else { None };
         match result {
             Ok(UpstreamOutcome::Issued { cert_der, chain_der: _, upstream_ref }) => {
                 let upstream_ref = upstream_ref.or(prior);
@@ -545,14 +631,19 @@ impl Gateway {
                     Err(e) => {
                         let why = format!("the CA returned an unusable certificate: {e}");
                         self.metrics.upstream_error(l, "protocol");
-                        self.store.request_set(l, key, State::Failed, upstream_ref.as_deref(), Some(&why), None, t).await?;
+                        self.store
+                            .request_set(l, key, State::Failed, upstream_ref.as_deref(), Some(&why), None, t)
+                            .await?;
                         return Ok(Decision::status(502, "upstream-error", why).with_ref(upstream_ref));
                     }
                 };
                 if facts.spki_der != csr.spki_der {
-                    let why = "the CA returned a certificate that does not carry the CSR's public key".to_string();
+                    let why =
+                        "the CA returned a certificate that does not carry the CSR's public key".to_string();
                     self.metrics.upstream_error(l, "protocol");
-                    self.store.request_set(l, key, State::Failed, upstream_ref.as_deref(), Some(&why), None, t).await?;
+                    self.store
+                        .request_set(l, key, State::Failed, upstream_ref.as_deref(), Some(&why), None, t)
+                        .await?;
                     return Ok(Decision::status(502, "upstream-error", why).with_ref(upstream_ref));
                 }
                 let rec = IssuedRecord {
@@ -572,7 +663,9 @@ impl Gateway {
             }
             Ok(UpstreamOutcome::Pending { upstream_ref, retry_after_s }) => {
                 let retry = retry_after_s.max(1);
-                self.store.request_set(l, key, State::Pending, Some(&upstream_ref), None, Some(retry as i64), t).await?;
+                self.store
+                    .request_set(l, key, State::Pending, Some(&upstream_ref), None, Some(retry as i64), t)
+                    .await?;
                 Ok(Decision::pending(Some(upstream_ref), retry, "waiting for the CA"))
             }
             Err(UpstreamError::Refused(words)) => {
@@ -585,12 +678,18 @@ impl Gateway {
                 self.metrics.upstream_error(l, "unavailable");
                 let retry = retry_after_s.unwrap_or(UNAVAILABLE_RETRY_S).max(1);
                 if polled {
-                    self.store.request_set(l, key, State::Pending, None, Some(&message), Some(retry as i64), t).await?;
+                    self.store
+                        .request_set(l, key, State::Pending, None, Some(&message), Some(retry as i64), t)
+                        .await?;
                 } else {
                     // The vendor did not take it: a retry may submit it again.
                     self.store.request_release(l, key).await?;
                 }
-                let mut d = Decision::status(503, "unavailable", format!("the CA is unavailable: {}", one_line(&message)));
+                let mut d = Decision::status(
+                    503,
+                    "unavailable",
+                    format!("the CA is unavailable: {}", one_line(&message)),
+                );
                 d.retry_after = Some(retry);
                 Ok(d.with_ref(prior))
             }

@@ -52,7 +52,11 @@ impl Metrics {
         });
         registry.register("request_duration_seconds", "EST request latency", latency.clone());
         let pending = Gauge::default();
-        registry.register("pending_requests", "requests waiting for the vendor (whole database)", pending.clone());
+        registry.register(
+            "pending_requests",
+            "requests waiting for the vendor (whole database)",
+            pending.clone(),
+        );
         let upstream_errors = Family::<UpstreamLabels, Counter>::default();
         registry.register("upstream_errors", "upstream calls that failed, by kind", upstream_errors.clone());
         Self { registry, requests, latency, pending, upstream_errors }
@@ -60,9 +64,15 @@ impl Metrics {
 
     pub fn request(&self, label: &str, operation: &str, outcome: &str, seconds: f64) {
         self.requests
-            .get_or_create(&RequestLabels { label: label.into(), operation: operation.into(), outcome: outcome.into() })
+            .get_or_create(&RequestLabels {
+                label: label.into(),
+                operation: operation.into(),
+                outcome: outcome.into(),
+            })
             .inc();
-        self.latency.get_or_create(&OpLabels { label: label.into(), operation: operation.into() }).observe(seconds);
+        self.latency
+            .get_or_create(&OpLabels { label: label.into(), operation: operation.into() })
+            .observe(seconds);
     }
 
     pub fn upstream_error(&self, label: &str, kind: &str) {

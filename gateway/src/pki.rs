@@ -141,7 +141,12 @@ impl Csr {
     }
 }
 
-fn verify(spki: &spki::SubjectPublicKeyInfoOwned, sig_alg: &ObjectIdentifier, msg: &[u8], sig: &[u8]) -> Result<(), String> {
+fn verify(
+    spki: &spki::SubjectPublicKeyInfoOwned,
+    sig_alg: &ObjectIdentifier,
+    msg: &[u8],
+    sig: &[u8],
+) -> Result<(), String> {
     use ring::signature as s;
     let key = spki.subject_public_key.as_bytes().ok_or("the public key is not whole bytes")?;
     let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.decode_as::<ObjectIdentifier>().ok());
@@ -216,7 +221,10 @@ pub fn certs_only(certs: &[&[u8]]) -> Result<Vec<u8>, String> {
         crls: None,
         signer_infos: SignerInfos(SetOfVec::new()),
     };
-    let ci = ContentInfo { content_type: OID_SIGNED_DATA, content: Any::encode_from(&sd).map_err(|e| e.to_string())? };
+    let ci = ContentInfo {
+        content_type: OID_SIGNED_DATA,
+        content: Any::encode_from(&sd).map_err(|e| e.to_string())?,
+    };
     ci.to_der().map_err(|e| e.to_string())
 }
 

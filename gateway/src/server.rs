@@ -42,16 +42,24 @@ pub struct Peer {
 pub fn load_tls(settings: &Settings) -> Result<Arc<ServerConfig>, Error> {
     let certs = CertificateDer::pem_file_iter(&settings.tls_cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| Error::config(format!("config tls.cert_file: {}: {e}", settings.tls_cert_file.display())))?;
+        .map_err(|e| {
+            Error::config(format!("config tls.cert_file: {}: {e}", settings.tls_cert_file.display()))
+        })?;
     if certs.is_empty() {
-        return Err(Error::config(format!("config tls.cert_file: {}: holds no certificate", settings.tls_cert_file.display())));
+        return Err(Error::config(format!(
+            "config tls.cert_file: {}: holds no certificate",
+            settings.tls_cert_file.display()
+        )));
     }
-    let key = PrivateKeyDer::from_pem_file(&settings.tls_key_file)
-        .map_err(|e| Error::config(format!("config tls.key_file: {}: {e}", settings.tls_key_file.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&settings.tls_key_file).map_err(|e| {
+        Error::config(format!("config tls.key_file: {}: {e}", settings.tls_key_file.display()))
+    })?;
     let mut roots = RootCertStore::empty();
     for (name, l) in &settings.labels {
         for c in l.ca_certs.iter().chain(l.factory_roots.iter().flatten()) {
-            roots.add(c.clone()).map_err(|e| Error::config(format!("labels.{name}: a CA certificate is unusable: {e}")))?;
+            roots
+                .add(c.clone())
+                .map_err(|e| Error::config(format!("labels.{name}: a CA certificate is unusable: {e}")))?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -111,18 +119,25 @@ impl ServerBuilder {
         store.migrate().await?;
         let metrics = Arc::new(Metrics::new());
         let gateway = Arc::new(Gateway::new(settings.clone(), store, self.upstreams, metrics)?);
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|e| Error::with_source(Kind::Config, format!("config listen: cannot bind {}", settings.listen), e))?;
+        let listener = TcpListener::bind(settings.listen).await.map_err(|e| {
+            Error::with_source(Kind::Config, format!("config listen: cannot bind {}", settings.listen), e)
+        })?;
         let est_addr = listener.local_addr().map_err(|e| Error::with_source(Kind::Internal, "listen", e))?;
         let (stop, stop_rx) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(est_loop(listener, settings.clone(), tls.clone(), gateway.clone(), stop_rx.clone()))];
+        let mut tasks = vec![tokio::spawn(est_loop(
+            listener,
+            settings.clone(),
+            tls.clone(),
+            gateway.clone(),
+            stop_rx.clone(),
+        ))];
         let mut admin_addr = None;
         if let Some(a) = settings.admin_listen {
-            let admin = TcpListener::bind(a)
-                .await
-                .map_err(|e| Error::with_source(Kind::Config, format!("config admin_listen: cannot bind {a}"), e))?;
-            admin_addr = Some(admin.local_addr().map_err(|e| Error::with_source(Kind::Internal, "admin_listen", e))?);
+            let admin = TcpListener::bind(a).await.map_err(|e| {
+                Error::with_source(Kind::Config, format!("config admin_listen: cannot bind {a}"), e)
+            })?;
+            admin_addr =
+                Some(admin.local_addr().map_err(|e| Error::with_source(Kind::Internal, "admin_listen", e))?);
             tasks.push(tokio::spawn(admin_loop(admin, gateway.clone(), stop_rx)));
         }
         log::info!("serving EST on {est_addr}, database {}", settings.database.shown());
@@ -155,7 +170,8 @@ impl Running {
 }
 
 fn respond(reply: Reply) -> Response<Full<Bytes>> {
-    let mut b = Response::builder().status(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    let mut b = Response::builder()
+        .status(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
     for (k, v) in &reply.headers {
         b = b.header(*k, v);
     }
@@ -206,8 +222,12 @@ async fn est_loop(
                     return;
                 }
             };
-            let certs: Vec<CertificateDer<'static>> =
-                stream.get_ref().1.peer_certificates().map(|c| c.iter().map(|c| c.clone().into_owned()).collect()).unwrap_or_default();
+            let certs: Vec<CertificateDer<'static>> = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
             let peer = Peer { addr, certs: Arc::new(certs) };
             let svc = service_fn(move |req: Request<Incoming>| {
                 let gateway = gateway.clone();
@@ -238,7 +258,8 @@ async fn serve_est(
     timeout: Duration,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let too_large = || respond(Reply::text(413, &format!("the request body is larger than {max_body} bytes")));
+    let too_large =
+        || respond(Reply::text(413, &format!("the request body is larger than {max_body} bytes")));
     let declared = parts
         .headers
         .get(hyper::header::CONTENT_LENGTH)
@@ -304,7 +325,8 @@ async fn serve_admin(gateway: &Gateway, path: &str) -> Response<Full<Bytes>> {
                 gateway.metrics().pending.set(n);
             }
             let mut r = Reply::text(200, "");
-            r.headers = vec![("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8".into())];
+            r.headers =
+                vec![("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8".into())];
             r.body = gateway.metrics().encode().into_bytes();
             respond(r)
         }

@@ -61,7 +61,12 @@ impl State {
             "issued" => State::Issued,
             "refused" => State::Refused,
             "failed" => State::Failed,
-            other => return Err(Error::new(crate::error::Kind::Storage, format!("requests.state {other:?} is unknown"))),
+            other => {
+                return Err(Error::new(
+                    crate::error::Kind::Storage,
+                    format!("requests.state {other:?} is unknown"),
+                ))
+            }
         })
     }
 }
@@ -201,7 +206,14 @@ impl Store {
 
     // ---- tokens ----
 
-    pub async fn token_create(&self, sha: &str, label: &str, device: &str, now: i64, expires: i64) -> Result<(), Error> {
+    pub async fn token_create(
+        &self,
+        sha: &str,
+        label: &str,
+        device: &str,
+        now: i64,
+        expires: i64,
+    ) -> Result<(), Error> {
         sqlx::query("INSERT INTO tokens (token_sha256, label, device, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(sha)
             .bind(label)
@@ -215,7 +227,14 @@ impl Store {
     }
 
     /// Whether the token would authenticate this request (no change made).
-    pub async fn token_usable(&self, sha: &str, label: &str, device: &str, csr_sha: &str, now: i64) -> Result<bool, Error> {
+    pub async fn token_usable(
+        &self,
+        sha: &str,
+        label: &str,
+        device: &str,
+        csr_sha: &str,
+        now: i64,
+    ) -> Result<bool, Error> {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM tokens WHERE token_sha256 = $1 AND label = $2 AND device = $3 \
              AND ((consumed_by IS NULL AND expires_at > $5) OR consumed_by = $4)",
@@ -233,7 +252,14 @@ impl Store {
 
     /// Consumes the token for this CSR, atomically: true when it was unused and unexpired, or
     /// already consumed by this same CSR (an identical retry).
-    pub async fn token_consume(&self, sha: &str, label: &str, device: &str, csr_sha: &str, now: i64) -> Result<bool, Error> {
+    pub async fn token_consume(
+        &self,
+        sha: &str,
+        label: &str,
+        device: &str,
+        csr_sha: &str,
+        now: i64,
+    ) -> Result<bool, Error> {
         let r = sqlx::query(
             "UPDATE tokens SET consumed_by = $4, consumed_at = COALESCE(consumed_at, $5) \
              WHERE token_sha256 = $1 AND label = $2 AND device = $3 \
@@ -253,12 +279,14 @@ impl Store {
     // ---- devices ----
 
     pub async fn device_seen(&self, device: &str, now: i64) -> Result<(), Error> {
-        sqlx::query("INSERT INTO devices (device, revoked, first_seen) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING")
-            .bind(device)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(db("recording the device"))?;
+        sqlx::query(
+            "INSERT INTO devices (device, revoked, first_seen) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(device)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording the device"))?;
         Ok(())
     }
 
@@ -274,12 +302,13 @@ impl Store {
     /// Marks the device revoked (recording it if never seen). False when it already was.
     pub async fn device_revoke(&self, device: &str, now: i64) -> Result<bool, Error> {
         self.device_seen(device, now).await?;
-        let r = sqlx::query("UPDATE devices SET revoked = 1, revoked_at = $2 WHERE device = $1 AND revoked = 0")
-            .bind(device)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(db("revoking the device"))?;
+        let r =
+            sqlx::query("UPDATE devices SET revoked = 1, revoked_at = $2 WHERE device = $1 AND revoked = 0")
+                .bind(device)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(db("revoking the device"))?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -336,11 +365,26 @@ impl Store {
         };
         let (device, operation, state, upstream_ref, reason, retry_after_s, updated_at) =
             get(&r).map_err(db("reading the request"))?;
-        Ok(Some(RequestRow { device, operation, state: State::parse(&state)?, upstream_ref, reason, retry_after_s, updated_at }))
+        Ok(Some(RequestRow {
+            device,
+            operation,
+            state: State::parse(&state)?,
+            upstream_ref,
+            reason,
+            retry_after_s,
+            updated_at,
+        }))
     }
 
     /// Claims (label, csr) for its one upstream submission. True for exactly one caller.
-    pub async fn request_claim(&self, label: &str, csr_sha: &str, device: &str, operation: &str, now: i64) -> Result<bool, Error> {
+    pub async fn request_claim(
+        &self,
+        label: &str,
+        csr_sha: &str,
+        device: &str,
+        operation: &str,
+        now: i64,
+    ) -> Result<bool, Error> {
         let r = sqlx::query(
             "INSERT INTO requests (label, csr_sha256, device, operation, state, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, 'submitting', $5, $5) ON CONFLICT DO NOTHING",
@@ -358,7 +402,13 @@ impl Store {
 
     /// Claims a pending request for one poll call (or a poll claim older than `stale_before`,
     /// whose replica died). True for exactly one caller.
-    pub async fn request_claim_poll(&self, label: &str, csr_sha: &str, now: i64, stale_before: i64) -> Result<bool, Error> {
+    pub async fn request_claim_poll(
+        &self,
+        label: &str,
+        csr_sha: &str,
+        now: i64,
+        stale_before: i64,
+    ) -> Result<bool, Error> {
         let r = sqlx::query(
             "UPDATE requests SET state = 'polling', updated_at = $3 WHERE label = $1 AND csr_sha256 = $2 \
              AND (state = 'pending' OR (state = 'polling' AND updated_at < $4))",
@@ -469,12 +519,14 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(db("storing the certificate"))?;
-        sqlx::query("INSERT INTO devices (device, revoked, first_seen) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING")
-            .bind(&rec.device)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("storing the certificate"))?;
+        sqlx::query(
+            "INSERT INTO devices (device, revoked, first_seen) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(&rec.device)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("storing the certificate"))?;
         tx.commit().await.map_err(db("storing the certificate"))?;
         Ok(())
     }
@@ -498,7 +550,8 @@ impl Store {
     }
 
     async fn certs_where(&self, cond: &str, binds: &[&str]) -> Result<Vec<IssuedRecord>, Error> {
-        let sql = format!("SELECT {} FROM certificates WHERE {cond} ORDER BY issued_at, id", Self::CERT_COLUMNS);
+        let sql =
+            format!("SELECT {} FROM certificates WHERE {cond} ORDER BY issued_at, id", Self::CERT_COLUMNS);
         let mut q = sqlx::query(&sql);
         for b in binds {
             q = q.bind(*b);
@@ -508,7 +561,11 @@ impl Store {
     }
 
     /// The certificate issued for (label, csr), if any.
-    pub async fn certificate_for_csr(&self, label: &str, csr_sha: &str) -> Result<Option<IssuedRecord>, Error> {
+    pub async fn certificate_for_csr(
+        &self,
+        label: &str,
+        csr_sha: &str,
+    ) -> Result<Option<IssuedRecord>, Error> {
         Ok(self.certs_where("label = $1 AND csr_sha256 = $2", &[label, csr_sha]).await?.pop())
     }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{b64, Behaviour, Call, Ca, Env};
+use common::{b64, Behaviour, Ca, Call, Env};
 use rcgen::{DnType, KeyPair, SanType};
 use std::io::Read;
 use std::time::Duration;
@@ -15,11 +15,16 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         .envs(env.iter().copied())
         .output()
         .unwrap();
-    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn edit(env: &Env, f: impl FnOnce(&mut serde_json::Value)) -> String {
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&env.config_file).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&env.config_file).unwrap()).unwrap();
     f(&mut v);
     let p = env.path().join(format!("edited-{}.json", std::process::id()));
     std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
@@ -39,9 +44,10 @@ async fn config_errors_name_the_field_and_exit_78() {
     assert!(err.contains("default_label"));
     // A password file others can read is refused.
     let pw = common::write(env.path(), "pw", "secret");
-    let bad = edit(&env, |v| {
-        v["database"] = serde_json::json!({ "url": "postgres://gw@127.0.0.1:1/db", "password_file": pw.display().to_string() })
-    });
+    let bad = edit(
+        &env,
+        |v| v["database"] = serde_json::json!({ "url": "postgres://gw@127.0.0.1:1/db", "password_file": pw.display().to_string() }),
+    );
     std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let (code, _, err) = run(&["-c", &bad, "check"], &[]);
     assert_eq!(code, 78);
@@ -64,7 +70,8 @@ async fn usage_errors_exit_64() {
     let (code, _, err) = run(&["-c", &c, "token", "create", "--label", "nope", "--device", "d"], &[]);
     assert_eq!(code, 64, "{err}");
     let no_tokens = edit(&env, |v| v["labels"]["meters"]["bootstrap"]["tokens"] = false.into());
-    let (code, _, err) = run(&["-c", &no_tokens, "token", "create", "--label", "meters", "--device", "d"], &[]);
+    let (code, _, err) =
+        run(&["-c", &no_tokens, "token", "create", "--label", "meters", "--device", "d"], &[]);
     assert_eq!(code, 64);
     assert!(err.contains("bootstrap.tokens"));
     let (code, _, _) = run(&["-c", &c, "audit", "--since", "yesterday"], &[]);
@@ -82,7 +89,8 @@ async fn check_reports_the_schema_and_unwired_upstreams() {
     // The vendor clients are not wired into this build yet: check and serve say so.
     assert_eq!(code, 78);
     assert!(err.contains("labels.meters.ca.backend: upstream test not wired yet"), "{err}");
-    let fresh = edit(&env, |v| v["database"]["url"] = format!("sqlite://{}/fresh.db", env.path().display()).into());
+    let fresh =
+        edit(&env, |v| v["database"]["url"] = format!("sqlite://{}/fresh.db", env.path().display()).into());
     let (_, out, _) = run(&["-c", &fresh, "check"], &[]);
     assert!(out.contains("schema version 0 of 1 (serve applies the missing migrations)"), "{out}");
     let (code, _, err) = run(&["-c", &fresh, "token", "create", "--label", "meters", "--device", "d"], &[]);
@@ -100,7 +108,12 @@ async fn reload_swaps_the_server_certificate_for_new_connections() {
     assert_eq!(env.call(cacerts).await.status, 200);
     let new_ca = Ca::new("New Server CA");
     let key = KeyPair::generate().unwrap();
-    let leaf = new_ca.leaf(&key, &[(DnType::CommonName, "gw")], vec![SanType::IpAddress("127.0.0.1".parse().unwrap())], false);
+    let leaf = new_ca.leaf(
+        &key,
+        &[(DnType::CommonName, "gw")],
+        vec![SanType::IpAddress("127.0.0.1".parse().unwrap())],
+        false,
+    );
     std::fs::write(env.path().join("server.pem"), leaf.pem()).unwrap();
     std::fs::write(env.path().join("server.key"), key.serialize_pem()).unwrap();
     env.running.as_ref().unwrap().reload_tls().unwrap();
@@ -131,7 +144,12 @@ async fn shutdown_drains_a_request_in_flight() {
     let body = b64(&dev.csr("dev-1", &[]));
     let running = env.running.take().unwrap();
     let (r, ()) = tokio::join!(
-        env.call(Call { path: "/.well-known/est/meters/simpleenroll", basic: Some(("dev-1", &token)), cert: None, body: Some(&body) }),
+        env.call(Call {
+            path: "/.well-known/est/meters/simpleenroll",
+            basic: Some(("dev-1", &token)),
+            cert: None,
+            body: Some(&body)
+        }),
         async {
             tokio::time::sleep(Duration::from_millis(500)).await;
             running.shutdown().await;

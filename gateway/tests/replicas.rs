@@ -20,7 +20,13 @@ async fn identical_requests_at_two_replicas_reach_the_ca_once() {
     let call = |base: String| {
         let (token, body) = (token.clone(), body.clone());
         let env = &env;
-        async move { env.call_at(&base, Call { path: ENROLL, basic: Some(("dev-1", &token)), cert: None, body: Some(&body) }).await }
+        async move {
+            env.call_at(
+                &base,
+                Call { path: ENROLL, basic: Some(("dev-1", &token)), cert: None, body: Some(&body) },
+            )
+            .await
+        }
     };
     let (a, b) = tokio::join!(call(env.base.clone()), async {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -50,8 +56,14 @@ async fn one_token_two_csrs_at_two_replicas_one_wins() {
     let (d1, d2) = (env.device("dev-1"), env.device("dev-1"));
     let (b1, b2) = (b64(&d1.csr("dev-1", &[])), b64(&d2.csr("dev-1", &[])));
     let (a, b) = tokio::join!(
-        env.call_at(&env.base, Call { path: ENROLL, basic: Some(("dev-1", &token)), cert: None, body: Some(&b1) }),
-        env.call_at(&base2, Call { path: ENROLL, basic: Some(("dev-1", &token)), cert: None, body: Some(&b2) }),
+        env.call_at(
+            &env.base,
+            Call { path: ENROLL, basic: Some(("dev-1", &token)), cert: None, body: Some(&b1) }
+        ),
+        env.call_at(
+            &base2,
+            Call { path: ENROLL, basic: Some(("dev-1", &token)), cert: None, body: Some(&b2) }
+        ),
     );
     let mut st = [a.status, b.status];
     st.sort();

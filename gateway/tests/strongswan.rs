@@ -32,7 +32,16 @@ fn new_req(dir: &Path, name: &str, key_from: Option<&Path>) -> (std::path::PathB
     } else {
         args.extend(["-key", s(&key)]);
     }
-    args.extend(["-subj", "/CN=swan-1", "-addext", "subjectAltName=DNS:swan-1.meters.example", "-outform", "DER", "-out", s(&req)]);
+    args.extend([
+        "-subj",
+        "/CN=swan-1",
+        "-addext",
+        "subjectAltName=DNS:swan-1.meters.example",
+        "-outform",
+        "DER",
+        "-out",
+        s(&req),
+    ]);
     openssl(&args);
     (key, req)
 }
@@ -50,7 +59,20 @@ async fn strongswan_pki_estca_enroll_with_polling_and_reenroll() {
     let caout = dir.join("est-ca.crt");
     let (ok, _, err) = tokio::task::spawn_blocking({
         let (url, tls, caout) = (url.clone(), env.server_ca_file.clone(), caout.clone());
-        move || pki(&["--estca", "--url", &url, "--cacert", s(&tls), "--caout", s(&caout), "--outform", "pem", "--force"])
+        move || {
+            pki(&[
+                "--estca",
+                "--url",
+                &url,
+                "--cacert",
+                s(&tls),
+                "--caout",
+                s(&caout),
+                "--outform",
+                "pem",
+                "--force",
+            ])
+        }
     })
     .await
     .unwrap();
@@ -63,10 +85,11 @@ async fn strongswan_pki_estca_enroll_with_polling_and_reenroll() {
     let est = {
         let (url, tls, caout) = (url.clone(), env.server_ca_file.clone(), caout.clone());
         move |req: std::path::PathBuf, extra: Vec<String>| {
-            let mut args: Vec<String> = ["--est", "--url", &url, "--in", s(&req), "--cacert", s(&tls), "--cacert", s(&caout)]
-                .iter()
-                .map(|a| a.to_string())
-                .collect();
+            let mut args: Vec<String> =
+                ["--est", "--url", &url, "--in", s(&req), "--cacert", s(&tls), "--cacert", s(&caout)]
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect();
             args.extend(["--outform", "pem", "--interval", "1", "--maxpolltime", "30"].map(String::from));
             args.extend(extra);
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -85,7 +108,13 @@ async fn strongswan_pki_estca_enroll_with_polling_and_reenroll() {
     assert_eq!(env.up.submits(), 1);
     assert_eq!(env.up.polls.load(std::sync::atomic::Ordering::SeqCst), 1);
     let leaf_file = common::write(&dir, "swan.pem", &leaf);
-    let outcomes: Vec<String> = env.audit().await.into_iter().filter(|a| a.who == "swan-1" && a.peer != "cli").map(|a| a.outcome).collect();
+    let outcomes: Vec<String> = env
+        .audit()
+        .await
+        .into_iter()
+        .filter(|a| a.who == "swan-1" && a.peer != "cli")
+        .map(|a| a.outcome)
+        .collect();
     assert_eq!(outcomes, ["pending", "issued"]);
 
     // Re-enrollment over TLS client authentication, with a new CSR of the same subject and SAN.
@@ -101,7 +130,10 @@ async fn strongswan_pki_estca_enroll_with_polling_and_reenroll() {
     assert_ne!(renewed, leaf);
     let rows = env.audit().await;
     let last = rows.last().unwrap();
-    assert_eq!((last.operation.as_str(), last.outcome.as_str(), last.who.as_str()), ("simplereenroll", "issued", "swan-1"));
+    assert_eq!(
+        (last.operation.as_str(), last.outcome.as_str(), last.who.as_str()),
+        ("simplereenroll", "issued", "swan-1")
+    );
     assert_eq!(env.up.submits(), 2);
 
     // A used token fails with another CSR.

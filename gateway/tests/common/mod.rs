@@ -10,8 +10,8 @@ use enroll_gateway::server::{Running, ServerBuilder};
 use enroll_gateway::store::Store;
 use enroll_gateway::upstream::{Upstream, UpstreamError, UpstreamOutcome, UpstreamRequest};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, IsCa, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,13 +35,20 @@ impl Ca {
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        p.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = p.self_signed(&key).unwrap();
         Ca { cert, key }
     }
 
     /// A leaf for `key` with this subject and SANs, valid for a day (or already expired).
-    pub fn leaf(&self, key: &KeyPair, dn: &[(DnType, &str)], sans: Vec<SanType>, expired: bool) -> rcgen::Certificate {
+    pub fn leaf(
+        &self,
+        key: &KeyPair,
+        dn: &[(DnType, &str)],
+        sans: Vec<SanType>,
+        expired: bool,
+    ) -> rcgen::Certificate {
         let mut p = CertificateParams::default();
         p.distinguished_name = rcgen::DistinguishedName::new();
         for (t, v) in dn {
@@ -109,7 +116,8 @@ impl TestUpstream {
 
     fn issue(&self, csr_der: &[u8], wrong_key: bool) -> Result<UpstreamOutcome, UpstreamError> {
         let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
-        let mut csr = CertificateSigningRequestParams::from_der(&der).map_err(|e| UpstreamError::Refused(format!("bad CSR: {e}")))?;
+        let mut csr = CertificateSigningRequestParams::from_der(&der)
+            .map_err(|e| UpstreamError::Refused(format!("bad CSR: {e}")))?;
         let serial = self.serial.fetch_add(1, Ordering::SeqCst);
         let now = time::OffsetDateTime::now_utc();
         csr.params.not_before = now - time::Duration::minutes(5);
@@ -139,7 +147,10 @@ impl Upstream for TestUpstream {
             self.renewals.lock().unwrap().push(r.upstream_ref.clone());
         }
         if let Some(s) = b.unavailable {
-            return Err(UpstreamError::Unavailable { message: "test CA is down".into(), retry_after_s: Some(s) });
+            return Err(UpstreamError::Unavailable {
+                message: "test CA is down".into(),
+                retry_after_s: Some(s),
+            });
         }
         if let Some(w) = b.refuse {
             return Err(UpstreamError::Refused(w));
@@ -157,7 +168,9 @@ impl Upstream for TestUpstream {
         let b = self.behaviour.lock().unwrap().clone();
         std::thread::sleep(Duration::from_millis(b.delay_ms));
         let mut pending = self.pending.lock().unwrap();
-        let left = pending.get_mut(upstream_ref).ok_or_else(|| UpstreamError::Protocol(format!("unknown request {upstream_ref}")))?;
+        let left = pending
+            .get_mut(upstream_ref)
+            .ok_or_else(|| UpstreamError::Protocol(format!("unknown request {upstream_ref}")))?;
         *left -= 1;
         if *left > 0 {
             return Ok(UpstreamOutcome::Pending { upstream_ref: upstream_ref.into(), retry_after_s: 1 });
@@ -185,7 +198,10 @@ impl Device {
 
     /// A CSR (DER) with this CN and these DNS SANs.
     pub fn csr(&self, cn: &str, dns: &[&str]) -> Vec<u8> {
-        self.csr_with(&[(DnType::CommonName, cn)], dns.iter().map(|d| SanType::DnsName((*d).try_into().unwrap())).collect())
+        self.csr_with(
+            &[(DnType::CommonName, cn)],
+            dns.iter().map(|d| SanType::DnsName((*d).try_into().unwrap())).collect(),
+        )
     }
 
     pub fn csr_with(&self, dn: &[(DnType, &str)], sans: Vec<SanType>) -> Vec<u8> {
@@ -251,7 +267,10 @@ impl Env {
         let server = server_ca.leaf(
             &server_key,
             &[(DnType::CommonName, "gateway.test")],
-            vec![SanType::IpAddress("127.0.0.1".parse().unwrap()), SanType::DnsName("localhost".try_into().unwrap())],
+            vec![
+                SanType::IpAddress("127.0.0.1".parse().unwrap()),
+                SanType::DnsName("localhost".try_into().unwrap()),
+            ],
             false,
         );
         let server_ca_file = write(d, "server-ca.pem", server_ca.cert.pem());
@@ -293,7 +312,18 @@ impl Env {
             .unwrap();
         let base = format!("https://127.0.0.1:{}", running.est_addr.port());
         let admin = format!("http://127.0.0.1:{}", running.admin_addr.unwrap().port());
-        Env { dir, up, factory, server_ca, server_ca_file, config_file, running: Some(running), base, admin, db_url }
+        Env {
+            dir,
+            up,
+            factory,
+            server_ca,
+            server_ca_file,
+            config_file,
+            running: Some(running),
+            base,
+            admin,
+            db_url,
+        }
     }
 
     /// A second replica: the same config and database, its own listeners; its base URL.
@@ -342,7 +372,8 @@ impl Env {
     }
 
     pub fn token_ttl(&self, device: &str, ttl: u64) -> String {
-        let (code, out, err) = self.cli(&["token", "create", "--label", LABEL, "--device", device, "--ttl-s", &ttl.to_string()]);
+        let (code, out, err) =
+            self.cli(&["token", "create", "--label", LABEL, "--device", device, "--ttl-s", &ttl.to_string()]);
         assert_eq!(code, 0, "token create: {err}");
         out.trim().to_owned()
     }
@@ -383,7 +414,8 @@ impl Env {
         }
         if let Some(body) = c.body {
             let f = write(self.path(), &format!("req-{tag}"), body);
-            cmd.args(["-H", "Content-Type: application/pkcs10", "--data-binary"]).arg(format!("@{}", f.display()));
+            cmd.args(["-H", "Content-Type: application/pkcs10", "--data-binary"])
+                .arg(format!("@{}", f.display()));
         }
         cmd.arg(format!("{base}{}", c.path));
         let out = cmd.output().await.unwrap();
@@ -401,8 +433,13 @@ impl Env {
 
     /// simpleenroll with Basic.
     pub async fn enroll_basic(&self, user: &str, token: &str, csr: &[u8]) -> Resp {
-        self.call(Call { path: "/.well-known/est/meters/simpleenroll", basic: Some((user, token)), cert: None, body: Some(&b64(csr)) })
-            .await
+        self.call(Call {
+            path: "/.well-known/est/meters/simpleenroll",
+            basic: Some((user, token)),
+            cert: None,
+            body: Some(&b64(csr)),
+        })
+        .await
     }
 
     pub async fn audit(&self) -> Vec<enroll_gateway::store::AuditRow> {

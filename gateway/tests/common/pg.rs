@@ -4,7 +4,7 @@
 //! refuses root). A watcher process stops the cluster when the test binary exits.
 //! A machine without PostgreSQL fails these tests loudly: scripts/hw-deps.sh installs it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -13,11 +13,18 @@ pub struct Cluster {
     pub port: u16,
     pub dir: PathBuf,
     bin: PathBuf,
+    /// Outlives every test of this binary; it ends by itself after the binary exits.
+    _watcher: std::process::Child,
 }
 
 fn bin_dir() -> PathBuf {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("initdb").exists())
+                .collect()
+        })
         .unwrap_or_default();
     found.sort();
     found.pop().expect(
@@ -31,7 +38,7 @@ fn is_root() -> bool {
 }
 
 /// Runs a PostgreSQL tool, as `postgres` when we are root.
-fn pg_cmd(bin: &PathBuf, tool: &str) -> Command {
+fn pg_cmd(bin: &Path, tool: &str) -> Command {
     if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
@@ -54,7 +61,12 @@ fn start() -> Cluster {
         assert!(st.success(), "chown postgres {}", dir.display());
     }
     let data = dir.join("data");
-    let out = pg_cmd(&bin, "initdb").arg("-D").arg(&data).args(["-A", "trust", "-U", "gw", "--no-sync"]).output().unwrap();
+    let out = pg_cmd(&bin, "initdb")
+        .arg("-D")
+        .arg(&data)
+        .args(["-A", "trust", "-U", "gw", "--no-sync"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
     let port = free_port();
     let opts = format!(
@@ -86,14 +98,14 @@ fn start() -> Cluster {
         data = data.display(),
         dir = dir.display(),
     );
-    Command::new("sh")
+    let watcher = Command::new("sh")
         .args(["-c", &stop])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    Cluster { port, dir, bin }
+    Cluster { port, dir, bin, _watcher: watcher }
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -108,7 +120,19 @@ pub fn fresh_db() -> String {
     let c = cluster();
     let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
     let out = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p", &c.port.to_string(), "-U", "gw", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "gw",
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+        ])
         .arg(format!("CREATE DATABASE {name}"))
         .output()
         .unwrap();
