@@ -186,7 +186,16 @@ fn verify_chain(chain: &[CertificateDer<'static>], anchors: &[TrustAnchor<'stati
         None,
     )
     .map(|_| ())
-    .map_err(|e| format!("{e}"))
+    .map_err(|e| match e {
+        webpki::Error::CertExpired { not_after, .. } => {
+            format!("it expired at {} (Unix time)", not_after.as_secs())
+        }
+        webpki::Error::CertNotValidYet { not_before, .. } => {
+            format!("it is not valid before {} (Unix time)", not_before.as_secs())
+        }
+        webpki::Error::UnknownIssuer => "its issuer is not a trust anchor here (UnknownIssuer)".into(),
+        other => format!("{other:?}"),
+    })
 }
 
 fn device_id_ok(id: &str) -> bool {

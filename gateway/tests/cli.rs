@@ -178,3 +178,51 @@ async fn a_stalled_handshake_is_cut_off() {
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_gets_408_and_max_connections_holds_others_back() {
+    let env = Env::start(|c| {
+        c["limits"]["request_timeout_s"] = 2.into();
+        c["limits"]["max_connections"] = 1.into();
+    })
+    .await;
+    // One connection that says nothing holds the only slot until its handshake times out.
+    let addr = env.base.trim_start_matches("https://").to_string();
+    let staller = std::net::TcpStream::connect(&addr).unwrap();
+    let started = std::time::Instant::now();
+    let r = env.call(Call { path: "/.well-known/est/cacerts", basic: None, cert: None, body: None }).await;
+    assert_eq!(r.status, 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "served after the stalled connection was cut off: {waited:?}"
+    );
+    drop(staller);
+    // A body that trickles in slower than the timeout allows.
+    let token = env.token("dev-1");
+    let f = common::write(env.path(), "slow.b64", vec![b'A'; 400]);
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--limit-rate",
+            "50",
+            "--max-time",
+            "20",
+            "--cacert",
+        ])
+        .arg(&env.server_ca_file)
+        .arg("-u")
+        .arg(format!("dev-1:{token}"))
+        .arg("--data-binary")
+        .arg(format!("@{}", f.display()))
+        .arg(format!("{}/.well-known/est/simpleenroll", env.base))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "408", "{}", String::from_utf8_lossy(&out.stderr));
+    env.stop().await;
+}

@@ -243,6 +243,52 @@ async fn factory_certificate_enrolls_and_current_certificate_renews() {
     // Without a client certificate.
     let r = env.call(Call { path: REENROLL, basic: None, cert: None, body: Some(&b64(&csr2)) }).await;
     assert_eq!(r.status, 403);
+    // An expired certificate of the label's CA, or one of another CA: 403 with the reason.
+    let expired = env.up.ca.leaf(
+        &dev.key,
+        &[(DnType::CommonName, "SN0042")],
+        vec![SanType::DnsName(dev.san().try_into().unwrap())],
+        true,
+    );
+    let expired_file = env.cert_file(&expired);
+    let r = env
+        .call(Call {
+            path: REENROLL,
+            basic: None,
+            cert: Some((&expired_file, &dev.key_file)),
+            body: Some(&b64(&csr2)),
+        })
+        .await;
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("expired"), "{}", r.text());
+    let last = env.audit().await.pop().unwrap();
+    assert_eq!((last.who.as_str(), last.outcome.as_str()), ("cert CN=SN0042", "refused"));
+    let stranger =
+        common::Ca::new("Stranger CA").leaf(&dev.key, &[(DnType::CommonName, "SN0042")], vec![], false);
+    let stranger_file = env.cert_file(&stranger);
+    let r = env
+        .call(Call {
+            path: REENROLL,
+            basic: None,
+            cert: Some((&stranger_file, &dev.key_file)),
+            body: Some(&b64(&csr2)),
+        })
+        .await;
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("UnknownIssuer"), "{}", r.text());
+    // A certificate whose key the client does not hold fails the TLS handshake itself.
+    let other = env.device("SN0042");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "--cacert"])
+        .arg(&env.server_ca_file)
+        .arg("--cert")
+        .arg(&cert_file)
+        .arg("--key")
+        .arg(&other.key_file)
+        .arg(format!("{}{REENROLL}", env.base))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
     // Revoked: no renewal.
     let (code, out, err) = env.cli(&["device", "revoke", "SN0042"]);
     assert_eq!(code, 0, "{err}");
