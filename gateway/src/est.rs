@@ -472,6 +472,15 @@ impl Gateway {
             Err(e) => return Ok(Decision::status(400, "bad-request", e)),
         };
 
+        // A token that cannot authenticate this request ends it before the policy is looked at.
+        let token_refused =
+            "the enrollment token is unknown, expired, already used, or not for this device and label";
+        if let Credential::Token { sha } = &cred {
+            if !self.store.token_usable(sha, &label.name, &device, &csr.sha256, now()).await? {
+                return Ok(Decision::refuse(token_refused));
+            }
+        }
+
         // 3. Policy (design.md §9).
         if let Err(e) = csr.verify_signature() {
             return Ok(Decision::refuse(e));
@@ -508,13 +517,9 @@ impl Gateway {
         // 4. The token, consumed by this CSR (identical retries keep working).
         let t = now();
         if let Credential::Token { sha } = &cred {
-            let refused =
-                "the enrollment token is unknown, expired, already used, or not for this device and label";
-            if !self.store.token_usable(sha, &label.name, &device, &csr.sha256, t).await? {
-                return Ok(Decision::refuse(refused));
-            }
+            // One atomic UPDATE: of two requests with one token, one wins (even at two replicas).
             if !self.store.token_consume(sha, &label.name, &device, &csr.sha256, t).await? {
-                return Ok(Decision::refuse(refused));
+                return Ok(Decision::refuse(token_refused));
             }
         }
 

@@ -108,6 +108,9 @@ async fn missing_credentials_get_401_with_the_basic_challenge() {
     assert_eq!(r.status, 401);
     assert_eq!(r.header("www-authenticate"), Some("Basic realm=\"enroll-gateway\""));
     assert_eq!(audit_of(&env, "-").await.last().unwrap().outcome, "unauthenticated");
+    // A wrong token is refused before the policy is looked at (the CN is wrong too).
+    let r = env.enroll_basic("dev-1", "0123456789abcdef", &dev.csr("someone-else", &[])).await;
+    assert_refused(&env, &r, "dev-1", "token").await;
     assert_eq!(env.up.submits(), 0);
     env.stop().await;
 }
