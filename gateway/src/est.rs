@@ -26,6 +26,11 @@ const BUSY_RETRY_S: u64 = 2;
 const UNAVAILABLE_RETRY_S: u64 = 30;
 /// A poll claim older than this belongs to a replica that died during the call.
 const STALE_POLL_S: i64 = 300;
+/// A `submitting` claim older than this belongs to a replica that died during the vendor call
+/// (the call itself is bounded by the vendor client's own timeouts, far below this).
+const STALE_SUBMIT_S: i64 = 900;
+/// Retry-After for a request whose submission was interrupted.
+const STUCK_RETRY_S: u64 = 3600;
 /// Upstream calls running at once in this replica (the blocking pool is not a queue).
 const UPSTREAM_SLOTS: usize = 32;
 
@@ -573,6 +578,22 @@ impl Gateway {
                 .with_ref(row.upstream_ref)),
             State::Failed => Ok(Decision::status(502, "upstream-error", row.reason.unwrap_or_default())
                 .with_ref(row.upstream_ref)),
+            State::Submitting if now() - row.updated_at > STALE_SUBMIT_S => {
+                // The replica that claimed it stopped during the vendor call: whether the vendor
+                // has it is unknown, so it is never resubmitted. Say so, loudly, until an
+                // operator decides (the device may also enroll with a new CSR).
+                let mut d = Decision::status(
+                    503,
+                    "stuck",
+                    format!(
+                        "the submission of this CSR to the CA was interrupted at {} (Unix time); \
+                         whether the CA has it is unknown; an operator must decide, or send a new CSR",
+                        row.updated_at
+                    ),
+                );
+                d.retry_after = Some(STUCK_RETRY_S);
+                Ok(d)
+            }
             State::Submitting => Ok(Decision::pending(
                 row.upstream_ref,
                 BUSY_RETRY_S,

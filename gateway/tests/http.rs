@@ -458,3 +458,30 @@ async fn admin_endpoints_metrics_health_ready() {
     assert!(m.contains("enroll_gateway_pending_requests 0"));
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_interrupted_by_a_dead_replica_is_reported_not_resubmitted() {
+    let env = Env::start(|_| {}).await;
+    let dev = env.device("dev-1");
+    let token = env.token("dev-1");
+    let csr = dev.csr("dev-1", &[]);
+    let sha = enroll_gateway::pki::sha256_hex(&csr);
+    // A replica claimed this CSR 20 minutes ago and died during the vendor call.
+    let then = time::OffsetDateTime::now_utc().unix_timestamp() - 1200;
+    assert!(env.store().request_claim("meters", &sha, "dev-1", "simpleenroll", then).await.unwrap());
+    let r = env.enroll_basic("dev-1", &token, &csr).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("3600"));
+    assert!(r.text().contains("interrupted"), "{}", r.text());
+    assert_eq!(audit_of(&env, "dev-1").await.pop().unwrap().outcome, "stuck");
+    assert_eq!(env.up.submits(), 0, "never resubmitted");
+    // A fresh claim (another replica is calling the vendor right now) is a 202.
+    let csr2 = env.device("dev-1").csr("dev-1", &[]);
+    let sha2 = enroll_gateway::pki::sha256_hex(&csr2);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(env.store().request_claim("meters", &sha2, "dev-1", "simpleenroll", now).await.unwrap());
+    let r = env.enroll_basic("dev-1", &env.token("dev-1"), &csr2).await;
+    assert_eq!(r.status, 202);
+    assert_eq!(env.up.submits(), 0);
+    env.stop().await;
+}
