@@ -226,3 +226,39 @@ async fn a_stalled_body_gets_408_and_max_connections_holds_others_back() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "408", "{}", String::from_utf8_lossy(&out.stderr));
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::start(|c| c["limits"]["request_timeout_s"] = 1.into()).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(env.server_ca.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(env.base.trim_start_matches("https://")).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: gw\r\n\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the idle connection was not closed");
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    env.stop().await;
+}
