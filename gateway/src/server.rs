@@ -289,10 +289,10 @@ async fn est_loop(
                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                 .unwrap_or_default();
             let peer = Peer { addr, certs: Arc::new(certs) };
-            let svc = service_fn(move |req: Request<Incoming>| {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(peer.clone());
                 let gateway = gateway.clone();
-                let peer = peer.clone();
-                async move { Ok::<_, Infallible>(serve_est(&gateway, peer, req, max_body, timeout).await) }
+                async move { Ok::<_, Infallible>(serve_est(&gateway, req, max_body, timeout).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -312,12 +312,14 @@ async fn est_loop(
 
 async fn serve_est(
     gateway: &Gateway,
-    peer: Peer,
     req: Request<Incoming>,
     max_body: usize,
     timeout: Duration,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
+    let Some(peer) = parts.extensions.get::<Peer>().cloned() else {
+        return respond(Reply::text(500, "internal error: no connection facts"));
+    };
     let too_large =
         || respond(Reply::text(413, &format!("the request body is larger than {max_body} bytes")));
     let declared = parts
