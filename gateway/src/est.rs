@@ -331,7 +331,7 @@ impl Gateway {
         let audit = AuditRow {
             at: now(),
             peer: req.peer.to_string(),
-            who,
+            who: printable(&who),
             label: label.name.clone(),
             operation: op.name().into(),
             outcome: decision.outcome.into(),
@@ -745,4 +745,9 @@ impl Gateway {
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A client-supplied name for logs and the audit: no control characters, at most 128 characters.
+fn printable(s: &str) -> String {
+    s.chars().take(128).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
