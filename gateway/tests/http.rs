@@ -354,6 +354,15 @@ async fn pending_answers_202_with_retry_after_then_the_retry_issues() {
     let r = env.enroll_basic("dev-1", &token, &csr).await;
     assert_eq!(r.status, 202);
     assert_eq!(r.header("retry-after"), Some("1"));
+    let metrics = || {
+        let out = std::process::Command::new("curl")
+            .args(["-sS"])
+            .arg(format!("{}/metrics", env.admin))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(metrics().contains("enroll_gateway_pending_requests 1"), "{}", metrics());
     let r = env.enroll_basic("dev-1", &token, &csr).await;
     assert_eq!(r.status, 202, "first poll: still pending");
     let r = env.enroll_basic("dev-1", &token, &csr).await;
@@ -429,6 +438,20 @@ async fn vendor_refusal_unavailability_and_a_wrong_certificate() {
     let r = env.enroll_basic("dev-3", &token3, &dev3.csr("dev-3", &[])).await;
     assert_eq!(r.status, 502);
     assert!(r.text().contains("public key"));
+    let out = std::process::Command::new("curl")
+        .args(["-sS"])
+        .arg(format!("{}/metrics", env.admin))
+        .output()
+        .unwrap();
+    let m = String::from_utf8_lossy(&out.stdout);
+    for kind in ["refused", "unavailable", "protocol"] {
+        assert!(
+            m.contains(&format!(
+                "enroll_gateway_upstream_errors_total{{label=\"meters\",kind=\"{kind}\"}} 1"
+            )),
+            "{m}"
+        );
+    }
     let last = audit_of(&env, "dev-3").await.pop().unwrap();
     assert_eq!(last.outcome, "upstream-error");
     assert!(env.store().certificates_of("dev-3").await.unwrap().is_empty());
