@@ -458,6 +458,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_has_only_known_keys() {
+        // Parsing gets past every key and stops at the first file the example names.
+        let e = Settings::parse(include_str!("../examples/config.json"), Path::new("/")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("config labels.meters.ca_certs_file: /etc/enroll-gateway/meters-ca.pem"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_name_their_path() {
         let text = r#"{"listen": "127.0.0.1:1", "tls": {"cert_file": "a", "key_file": "b", "ciphers": 1},
                        "database": {"url": "sqlite:///x"}, "labels": {}}"#;
