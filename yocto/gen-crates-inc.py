@@ -4,7 +4,7 @@
 Every crates.io package in Cargo.lock becomes one `crate://crates.io/<name>/<version>` entry in
 SRC_URI plus its `SRC_URI[<name>-<version>.sha256sum]`, the lock file's own `checksum` (the sha256
 of the .crate file, which is what BitBake's crate fetcher verifies). Path packages (enroll-agent,
-enroll-hal, enroll-tests) have no `source` and are skipped.
+enroll-ca, enroll-hal, enroll-tests) have no `source` and are skipped.
 
 Why *all* registry packages and not only those the enroll-agent binary links: cargo resolves the
 whole workspace lock file (every member, dev-dependencies, every target platform) before it

@@ -5,15 +5,21 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use enroll_hal::soft::SoftKey;
-use enroll_hal::{Algorithm, DeviceKey};
+use enroll_hal::Algorithm;
+
+use enroll_ca::backend::RemoteKeyService;
+pub use enroll_ca::backend::{check_protocol, not_compiled, protocols, Backend, Polling, PROTOCOLS};
+#[cfg(feature = "redtrust")]
+pub use enroll_ca::redtrust::RedtrustSettings;
+pub use enroll_ca::subject::{Sans, Subject, SubjectAttribute};
+pub use enroll_ca::tls::{TlsSettings, DEFAULT_CLOCK_WINDOW_S, MAX_CLOCK_WINDOW_S};
 
 use crate::error::{Error, Result};
 use crate::files::Rule;
 use crate::json::{self, Value};
 use crate::secret::Secret;
+use enroll_ca::fields::Fields;
 
 /// Config files are small; a larger one is a mistake (or an attack on the parser).
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -44,91 +50,6 @@ pub struct Settings {
     pub hooks: Hooks,
 }
 
-/// Subject attributes in DER order (most significant first).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Subject {
-    pub attributes: Vec<(SubjectAttribute, String)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SubjectAttribute {
-    C,
-    ST,
-    L,
-    O,
-    OU,
-    CN,
-    SerialNumber,
-}
-
-impl SubjectAttribute {
-    const ALL: [SubjectAttribute; 7] =
-        [Self::C, Self::ST, Self::L, Self::O, Self::OU, Self::CN, Self::SerialNumber];
-
-    pub fn key(self) -> &'static str {
-        match self {
-            Self::C => "C",
-            Self::ST => "ST",
-            Self::L => "L",
-            Self::O => "O",
-            Self::OU => "OU",
-            Self::CN => "CN",
-            Self::SerialNumber => "serialNumber",
-        }
-    }
-
-    /// Dotted OID (RFC 4519 / X.520).
-    pub fn oid(self) -> &'static str {
-        match self {
-            Self::C => "2.5.4.6",
-            Self::ST => "2.5.4.8",
-            Self::L => "2.5.4.7",
-            Self::O => "2.5.4.10",
-            Self::OU => "2.5.4.11",
-            Self::CN => "2.5.4.3",
-            Self::SerialNumber => "2.5.4.5",
-        }
-    }
-}
-
-impl Subject {
-    pub fn common_name(&self) -> &str {
-        self.attributes.iter().find(|(a, _)| *a == SubjectAttribute::CN).map_or("", |(_, v)| v)
-    }
-
-    /// RFC 4514 string, least significant first (`CN=x,O=y,C=z`).
-    pub fn rfc4514(&self) -> String {
-        let escape = |v: &str| {
-            let mut out = String::new();
-            for (i, c) in v.chars().enumerate() {
-                let edge = (i == 0 && (c == ' ' || c == '#')) || (i + 1 == v.chars().count() && c == ' ');
-                if edge || matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=') {
-                    out.push('\\');
-                }
-                out.push(c);
-            }
-            out
-        };
-        let parts: Vec<String> =
-            self.attributes.iter().rev().map(|(a, v)| format!("{}={}", a.key(), escape(v))).collect();
-        parts.join(",")
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Sans {
-    pub dns: Vec<String>,
-    pub ip: Vec<IpAddr>,
-    pub uri: Vec<String>,
-    pub email: Vec<String>,
-}
-
-impl Sans {
-    pub fn is_empty(&self) -> bool {
-        self.dns.is_empty() && self.ip.is_empty() && self.uri.is_empty() && self.email.is_empty()
-    }
-}
-
 #[derive(Debug)]
 pub struct KeySettings {
     pub algorithm: Algorithm,
@@ -144,7 +65,24 @@ pub enum Provider {
     /// A TPM 2.0 (cargo feature `tpm`).
     Tpm(TpmSettings),
     /// Keys generated and held by a Redtrust server (design.md §7 "Redtrust").
+    #[cfg(feature = "redtrust")]
     Redtrust(RedtrustSettings),
+}
+
+impl KeySettings {
+    /// The session with the service that holds the key, for remote providers (Redtrust).
+    pub fn remote_service(&self, http: crate::http::Http) -> Option<Box<dyn RemoteKeyService + '_>> {
+        match &self.provider {
+            #[cfg(feature = "redtrust")]
+            Provider::Redtrust(settings) => {
+                Some(Box::new(enroll_ca::redtrust::Redtrust::new(settings, http)))
+            }
+            _ => {
+                drop(http);
+                None
+            }
+        }
+    }
 }
 
 impl Provider {
@@ -153,13 +91,17 @@ impl Provider {
             Provider::File => "file",
             Provider::Pkcs11(_) => "pkcs11",
             Provider::Tpm(_) => "tpm",
+            #[cfg(feature = "redtrust")]
             Provider::Redtrust(_) => "redtrust",
         }
     }
 
     /// Whether the key lives elsewhere and cannot sign on this device.
     pub fn is_remote(&self) -> bool {
-        matches!(self, Provider::Redtrust(_))
+        #[cfg(feature = "redtrust")]
+        return matches!(self, Provider::Redtrust(_));
+        #[cfg(not(feature = "redtrust"))]
+        false
     }
 }
 
@@ -184,196 +126,6 @@ pub struct TpmSettings {
     /// TCTI as tpm2-tools spell it, e.g. `device:/dev/tpmrm0`.
     pub tcti: String,
 }
-
-#[derive(Debug)]
-pub struct RedtrustSettings {
-    /// Root of `/raapi/…` and `/authapi/…`.
-    pub url: String,
-    /// Root of `/authclient/auth/loginrequest` (defaults to `url`).
-    pub auth_url: String,
-    /// Partner name, sent uppercase.
-    pub partner: String,
-    pub hmac_secret: Secret,
-    pub domain: Option<String>,
-    pub redirect_url: String,
-    /// Redtrust's name for the CA that issues (`provider` in csr/create and finalize).
-    pub ca_provider: String,
-    pub hash_type: String,
-}
-
-/// The CA protocol and its block. Every variant exists in every build (style.md item 2); the
-/// client of each is compiled only with its cargo feature of the same name, and a config naming
-/// one that is not is refused while parsing ([`check_protocol`]).
-#[derive(Debug)]
-pub enum Backend {
-    Enos(EnosSettings),
-    Ezca(EzcaSettings),
-    Sectigo(SectigoSettings),
-    Securosys(SecurosysSettings),
-    /// EST, RFC 7030.
-    Est(EstSettings),
-}
-
-impl Backend {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Backend::Enos(_) => "enos",
-            Backend::Ezca(_) => "ezca",
-            Backend::Sectigo(_) => "sectigo",
-            Backend::Securosys(_) => "securosys",
-            Backend::Est(_) => "est",
-        }
-    }
-}
-
-/// Every CA protocol this version implements; each one's cargo feature has its name.
-pub const PROTOCOLS: [&str; 5] = ["enos", "ezca", "sectigo", "securosys", "est"];
-
-/// The CA protocols compiled into this build (`--version`).
-pub fn protocols() -> Vec<&'static str> {
-    let compiled = [
-        cfg!(feature = "enos"),
-        cfg!(feature = "ezca"),
-        cfg!(feature = "sectigo"),
-        cfg!(feature = "securosys"),
-        cfg!(feature = "est"),
-    ];
-    PROTOCOLS.into_iter().zip(compiled).filter_map(|(name, on)| on.then_some(name)).collect()
-}
-
-/// The 78 for a known protocol missing from `compiled` (this build's [`protocols`]), naming the
-/// cargo feature that would bring it in. Names that are not protocols are left to the caller.
-pub fn check_protocol(name: &str, compiled: &[&str]) -> Result<()> {
-    if PROTOCOLS.contains(&name) && !compiled.contains(&name) {
-        return Err(not_compiled(name));
-    }
-    Ok(())
-}
-
-/// `ca.backend: "<name>" is not compiled into this build (cargo feature <name>)` (design.md §8).
-pub fn not_compiled(name: &str) -> Error {
-    Error::config(format!("ca.backend: {name:?} is not compiled into this build (cargo feature {name})"))
-}
-
-/// `ca.backend = "est"` (design.md §8, protocols.md §6.1).
-#[derive(Debug)]
-pub struct EstSettings {
-    /// The service root; `/.well-known/est/[label/]<operation>` is appended.
-    pub url: String,
-    /// The CA label (RFC 7030 §3.2.2), one path segment; none by default.
-    pub label: Option<String>,
-    /// The credential for `simpleenroll`; `None`: this device can only renew.
-    pub bootstrap: Option<EstBootstrap>,
-    /// Pauses between resends of a pending (202) request when the server sends no Retry-After
-    /// (60 s), `poll_wait_s` (120) and `poll_timeout_s` (86400).
-    pub polling: Polling,
-}
-
-#[derive(Debug)]
-pub enum EstBootstrap {
-    /// A factory (IDevID) TLS client certificate, leaf first, and its key (read from a PKCS#8
-    /// file once, when the config is loaded, and checked against the certificate then).
-    Certificate { chain: Vec<Vec<u8>>, key: Arc<dyn DeviceKey> },
-    /// HTTP Basic (a one-time password, for example); only ever sent over verified https.
-    Basic { username: String, password: Secret },
-}
-
-/// How an asynchronous CA is polled (design.md §7 "Lifecycle").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Polling {
-    /// First pause between polls; later pauses double up to `MAX_POLL_INTERVAL_S`.
-    pub interval_s: u64,
-    /// How long one `enroll`/`renew` invocation waits before exiting 75 (the request is kept).
-    pub wait_s: u64,
-    /// Counted from the request's creation: past it the request is abandoned.
-    pub timeout_s: u64,
-}
-
-#[derive(Debug)]
-pub struct SectigoSettings {
-    pub url: String,
-    pub customer_uri: String,
-    pub login: String,
-    pub password: Secret,
-    pub org_id: u64,
-    pub cert_type: u64,
-    pub term: u64,
-    pub external_requester: Option<String>,
-    pub comments: Option<String>,
-    pub polling: Polling,
-}
-
-#[derive(Debug)]
-pub struct SecurosysSettings {
-    pub url: String,
-    pub sign_key_name: String,
-    pub key_password: Option<Secret>,
-    pub signature_algorithm: String,
-    pub key_usage: Vec<String>,
-    pub extended_key_usage: Vec<String>,
-    pub approval: bool,
-    pub jwt: Option<Secret>,
-    pub api_key: Option<Secret>,
-    pub valid_days: u64,
-    /// The issuing chain (TSB returns only the leaf), DER, as read from `ca_bundle`.
-    pub ca_bundle: Vec<Vec<u8>>,
-    pub polling: Polling,
-}
-
-#[derive(Debug)]
-pub struct EnosSettings {
-    pub api_gateway: String,
-    pub org_id: String,
-    pub device: EnosDevice,
-    pub app_key: String,
-    pub app_secret: Secret,
-    pub valid_days: u64,
-}
-
-#[derive(Debug, Clone)]
-pub enum EnosDevice {
-    Asset(String),
-    Product { product_key: String, device_key: String },
-}
-
-#[derive(Debug)]
-pub struct EzcaSettings {
-    pub url: String,
-    pub ca_id: String,
-    pub template_id: String,
-    pub valid_days: u64,
-    pub bootstrap: EzcaBootstrap,
-    pub renew_auth: RenewAuth,
-}
-
-#[derive(Debug)]
-pub enum EzcaBootstrap {
-    /// A static bearer token installed at the factory.
-    Token(Secret),
-    /// Entra ID client credentials (protocols.md §2.2).
-    Entra { tenant_id: String, client_id: String, client_secret: Secret, authority: String },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RenewAuth {
-    Certificate,
-    Bootstrap,
-}
-
-#[derive(Debug)]
-pub struct TlsSettings {
-    pub trust_bundle: Option<PathBuf>,
-    pub timeout_s: u64,
-    pub danger_allow_http: bool,
-    /// Without a trustworthy clock, how far past the clock floor the CA's TLS certificate may
-    /// start (design.md §5 rule 7); 0 refuses every such certificate.
-    pub clock_window_s: u64,
-}
-
-/// `tls.clock_window_s` default: 180 days, about two rotations of a 90-day server certificate.
-pub const DEFAULT_CLOCK_WINDOW_S: u64 = 180 * 86_400;
-/// `tls.clock_window_s` upper bound (10 years): the window is a bound or it is nothing.
-const MAX_CLOCK_WINDOW_S: u64 = 10 * 365 * 86_400;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RenewalPolicy {
@@ -426,7 +178,10 @@ impl Settings {
             subject: parse_subject(&mut root)?,
             san: parse_sans(&mut root)?,
             key: parse_key(&mut root, tls.danger_allow_http)?,
-            ca: parse_backend(&mut root, tls.danger_allow_http)?,
+            ca: match root.object("ca")? {
+                Some(block) => Backend::parse(block, tls.danger_allow_http)?,
+                None => return Err(Error::config("ca: missing")),
+            },
             renewal: parse_renewal(&mut root)?,
             hooks: parse_hooks(&mut root)?,
             tls,
@@ -438,15 +193,8 @@ impl Settings {
 
     /// Rules that involve more than one section.
     fn cross_check(&self) -> Result<()> {
-        if let Backend::Ezca(ezca) = &self.ca {
-            if ezca.renew_auth == RenewAuth::Certificate && self.key.algorithm != Algorithm::Rsa2048 {
-                return Err(Error::config(
-                    "ca.renew_auth: EZCA certificate renewal signs an RS256 token and needs an RSA key: \
-                     set key.algorithm to \"rsa2048\", or set ca.renew_auth to \"bootstrap\"",
-                ));
-            }
-        }
-        if let Provider::Redtrust(_) = &self.key.provider {
+        self.ca.check_key(self.key.algorithm, self.key.provider.is_remote())?;
+        if self.key.provider.is_remote() {
             self.redtrust_cross_check()?;
         }
         if !self.state_dir.is_absolute() {
@@ -477,20 +225,6 @@ impl Settings {
         if !self.key.rotate_on_renew {
             return Err(Error::config(
                 "key.rotate_on_renew: Redtrust makes a new key for every renewal; remove the field or set it to true",
-            ));
-        }
-        if let Backend::Ezca(ezca) = &self.ca {
-            if ezca.renew_auth == RenewAuth::Certificate {
-                return Err(Error::config(
-                    "ca.renew_auth: a Redtrust key cannot sign the EZCA renewal token on this device; \
-                     set ca.renew_auth to \"bootstrap\"",
-                ));
-            }
-        }
-        if let Backend::Est(_) = &self.ca {
-            return Err(Error::config(
-                "ca.backend: EST renews over TLS client authentication, which a Redtrust key cannot sign \
-                 on this device",
             ));
         }
         Ok(())
@@ -553,6 +287,7 @@ fn parse_sans(root: &mut Fields) -> Result<Sans> {
     Ok(Sans { dns, ip, uri, email })
 }
 
+#[cfg_attr(not(feature = "redtrust"), allow(unused_variables))] // only Redtrust has a URL
 fn parse_key(root: &mut Fields, allow_http: bool) -> Result<KeySettings> {
     let Some(mut fields) = root.object("key")? else {
         return Err(Error::config("key: missing"));
@@ -576,7 +311,8 @@ fn parse_key(root: &mut Fields, allow_http: bool) -> Result<KeySettings> {
         #[cfg(feature = "pkcs11")]
         "pkcs11" => Provider::Pkcs11(parse_pkcs11(&mut fields)?),
         "tpm" => Provider::Tpm(parse_tpm(&mut fields)?),
-        "redtrust" => Provider::Redtrust(parse_redtrust(&mut fields, allow_http)?),
+        #[cfg(feature = "redtrust")]
+        "redtrust" => Provider::Redtrust(enroll_ca::redtrust::config::parse(&mut fields, allow_http)?),
         other => {
             return Err(Error::config(format!(
                 "key.provider: {other:?} is not one of \"file\", \"pkcs11\", \"tpm\", \"redtrust\""
@@ -592,235 +328,6 @@ fn parse_key(root: &mut Fields, allow_http: bool) -> Result<KeySettings> {
 
     fields.finish()?;
     Ok(KeySettings { algorithm, provider, rotate_on_renew })
-}
-
-fn parse_backend(root: &mut Fields, allow_http: bool) -> Result<Backend> {
-    let Some(mut fields) = root.object("ca")? else {
-        return Err(Error::config("ca: missing"));
-    };
-    let name = fields.required_string("backend")?;
-    // Before the block's fields: they are another protocol's business in this build.
-    check_protocol(&name, &protocols())?;
-    let backend = match name.as_str() {
-        "enos" => Backend::Enos(parse_enos(&mut fields, allow_http)?),
-        "ezca" => Backend::Ezca(parse_ezca(&mut fields, allow_http)?),
-        "sectigo" => Backend::Sectigo(parse_sectigo(&mut fields, allow_http)?),
-        "securosys" => Backend::Securosys(parse_securosys(&mut fields, allow_http)?),
-        "est" => Backend::Est(parse_est(&mut fields, allow_http)?),
-        name @ ("scep" | "acme") => {
-            return Err(Error::config(format!(
-                "ca.backend: backend {name} is not implemented in this version"
-            )))
-        }
-        other => {
-            return Err(Error::config(format!(
-                "ca.backend: {other:?} is not one of \"enos\", \"ezca\", \"sectigo\", \"securosys\", \"est\""
-            )))
-        }
-    };
-    fields.finish()?;
-    Ok(backend)
-}
-
-fn parse_enos(fields: &mut Fields, allow_http: bool) -> Result<EnosSettings> {
-    let api_gateway = fields.url("api_gateway", None, allow_http)?;
-    let org_id = fields.required_string("org_id")?;
-    let asset_id = fields.string("asset_id")?;
-    let product_key = fields.string("product_key")?;
-    let device_key = fields.string("device_key")?;
-    let device = match (asset_id, product_key, device_key) {
-        (Some(asset), None, None) => EnosDevice::Asset(asset),
-        (None, Some(product_key), Some(device_key)) => EnosDevice::Product { product_key, device_key },
-        (Some(_), _, _) => {
-            return Err(Error::config(
-                "ca.asset_id: give either asset_id or product_key + device_key, not both",
-            ))
-        }
-        (None, Some(_), None) => {
-            return Err(Error::config("ca.device_key: missing (product_key needs device_key)"))
-        }
-        (None, None, Some(_)) => {
-            return Err(Error::config("ca.product_key: missing (device_key needs product_key)"))
-        }
-        (None, None, None) => {
-            return Err(Error::config("ca.asset_id: missing (give asset_id, or product_key + device_key)"))
-        }
-    };
-    Ok(EnosSettings {
-        api_gateway,
-        org_id,
-        device,
-        app_key: fields.required_string("app_key")?,
-        app_secret: fields.secret_file("app_secret_file")?,
-        valid_days: fields.positive("valid_days")?.unwrap_or(730),
-    })
-}
-
-fn parse_ezca(fields: &mut Fields, allow_http: bool) -> Result<EzcaSettings> {
-    let url = fields.url("url", Some("https://portal.ezca.io/"), allow_http)?;
-    let ca_id = fields.required_string("ca_id")?;
-    let template_id = fields.required_string("template_id")?;
-    let valid_days = fields.positive("valid_days")?.unwrap_or(90);
-    let renew_auth = match fields.string("renew_auth")?.as_deref() {
-        None | Some("certificate") => RenewAuth::Certificate,
-        Some("bootstrap") => RenewAuth::Bootstrap,
-        Some(other) => {
-            return Err(Error::config(format!(
-                "ca.renew_auth: {other:?} is not one of \"certificate\", \"bootstrap\""
-            )))
-        }
-    };
-    let Some(mut boot) = fields.object("bootstrap")? else {
-        return Err(Error::config("ca.bootstrap: missing"));
-    };
-    let bootstrap = if boot.has("token_file") {
-        EzcaBootstrap::Token(boot.secret_file("token_file")?)
-    } else if boot.has("client_id") || boot.has("tenant_id") {
-        EzcaBootstrap::Entra {
-            tenant_id: boot.required_string("tenant_id")?,
-            client_id: boot.required_string("client_id")?,
-            client_secret: boot.secret_file("client_secret_file")?,
-            authority: boot.url("authority", Some("https://login.microsoftonline.com"), allow_http)?,
-        }
-    } else {
-        return Err(Error::config(
-            "ca.bootstrap: give token_file, or tenant_id + client_id + client_secret_file",
-        ));
-    };
-    boot.finish()?;
-    Ok(EzcaSettings { url, ca_id, template_id, valid_days, bootstrap, renew_auth })
-}
-
-/// The most a poll pause grows to (protocols.md §3.5 suggests a 5-minute cap).
-pub const MAX_POLL_INTERVAL_S: u64 = 300;
-
-fn parse_polling(fields: &mut Fields, interval_s: u64, timeout_s: u64) -> Result<Polling> {
-    let polling = Polling {
-        interval_s: fields.positive("poll_interval_s")?.unwrap_or(interval_s),
-        wait_s: fields.positive("poll_wait_s")?.unwrap_or(120),
-        timeout_s: fields.positive("poll_timeout_s")?.unwrap_or(timeout_s),
-    };
-    if polling.timeout_s < polling.interval_s {
-        return Err(Error::config(format!(
-            "{}: must not be smaller than poll_interval_s",
-            fields.path_of("poll_timeout_s")
-        )));
-    }
-    Ok(polling)
-}
-
-fn parse_sectigo(fields: &mut Fields, allow_http: bool) -> Result<SectigoSettings> {
-    Ok(SectigoSettings {
-        url: fields.url("url", Some("https://cert-manager.com"), allow_http)?,
-        customer_uri: fields.required_string("customer_uri")?,
-        login: fields.required_string("login")?,
-        password: fields.secret_file("password_file")?,
-        org_id: fields.required_positive("org_id")?,
-        cert_type: fields.required_positive("cert_type")?,
-        term: fields.required_positive("term")?,
-        external_requester: fields.string("external_requester")?,
-        comments: fields.string("comments")?,
-        polling: parse_polling(fields, 60, 86_400)?,
-    })
-}
-
-fn parse_securosys(fields: &mut Fields, allow_http: bool) -> Result<SecurosysSettings> {
-    let url = fields.url("url", None, allow_http)?;
-    let sign_key_name = fields.required_string("sign_key_name")?;
-    let key_password = fields.optional_secret_file("key_password_file")?;
-    let signature_algorithm =
-        fields.string("signature_algorithm")?.unwrap_or_else(|| "SHA256_WITH_RSA".to_string());
-    let key_usage = fields.enum_names("key_usage")?.unwrap_or_else(|| vec!["DIGITAL_SIGNATURE".into()]);
-    let extended_key_usage =
-        fields.enum_names("extended_key_usage")?.unwrap_or_else(|| vec!["CLIENT_AUTH".into()]);
-    let approval = fields.boolean("approval")?.unwrap_or(false);
-    let jwt = fields.optional_secret_file("jwt_file")?;
-    let api_key = fields.optional_secret_file("api_key_file")?;
-    if jwt.is_none() && api_key.is_none() {
-        return Err(Error::config("ca.jwt_file: missing (give jwt_file, api_key_file, or both)"));
-    }
-    let valid_days = fields.positive("valid_days")?.unwrap_or(365);
-    let ca_bundle = fields.certificate_file("ca_bundle")?;
-    Ok(SecurosysSettings {
-        url,
-        sign_key_name,
-        key_password,
-        signature_algorithm,
-        key_usage,
-        extended_key_usage,
-        approval,
-        jwt,
-        api_key,
-        valid_days,
-        ca_bundle,
-        polling: parse_polling(fields, 10, 3_600)?,
-    })
-}
-
-/// `ca` for EST: `url`, `label`, `bootstrap` (`cert_file` + `key_file`, or `username` +
-/// `password_file`), `poll_interval_s`, `poll_wait_s`, `poll_timeout_s`.
-fn parse_est(fields: &mut Fields, allow_http: bool) -> Result<EstSettings> {
-    let url = fields.url("url", None, allow_http)?;
-    let label = fields.string("label")?;
-    if let Some(label) = &label {
-        if label.is_empty()
-            || !label.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(Error::config("ca.label: one path segment of letters, digits, '-', '_' and '.'"));
-        }
-    }
-    let bootstrap = match fields.object("bootstrap")? {
-        None => None,
-        Some(mut boot) => {
-            let bootstrap = if boot.has("cert_file") || boot.has("key_file") {
-                let chain = boot.certificate_file("cert_file")?;
-                let key_pem = boot.secret_file("key_file")?;
-                let key = bootstrap_key(&chain[0], &key_pem)
-                    .map_err(|e| Error::config(format!("ca.bootstrap.key_file: {e}")))?;
-                EstBootstrap::Certificate { chain, key }
-            } else if boot.has("username") || boot.has("password_file") {
-                if allow_http {
-                    // Basic credentials are only ever sent over verified TLS (design.md §8).
-                    return Err(Error::config(
-                        "ca.bootstrap.username: HTTP Basic credentials are only sent over verified https; \
-                         remove tls.danger_allow_http",
-                    ));
-                }
-                let username = boot.required_string("username")?;
-                if username.contains(':') {
-                    return Err(Error::config("ca.bootstrap.username: must not contain ':' (RFC 7617)"));
-                }
-                EstBootstrap::Basic { username, password: boot.secret_file("password_file")? }
-            } else {
-                return Err(Error::config(
-                    "ca.bootstrap: give cert_file + key_file, or username + password_file",
-                ));
-            };
-            boot.finish()?;
-            Some(bootstrap)
-        }
-    };
-    Ok(EstSettings { url, label, bootstrap, polling: parse_polling(fields, 60, 86_400)? })
-}
-
-/// The factory key: a PKCS#8 P-256 or RSA-2048 key that belongs to the factory certificate.
-fn bootstrap_key(cert: &[u8], key_pem: &Secret) -> std::result::Result<Arc<dyn DeviceKey>, String> {
-    let key = load_pkcs8_key(key_pem)?;
-    let cert = crate::pki::Cert::from_der(cert).map_err(|e| e.to_string())?;
-    if key.public_key_spki() != cert.spki_der() {
-        return Err("the key does not belong to the certificate in ca.bootstrap.cert_file".into());
-    }
-    Ok(key)
-}
-
-/// Loads a PKCS#8 PEM key (the EST factory key) as a soft key.
-fn load_pkcs8_key(pem_text: &Secret) -> std::result::Result<Arc<dyn DeviceKey>, String> {
-    let parsed = pem::parse(pem_text.expose().as_bytes()).map_err(|_| "not a PEM file".to_string())?;
-    if parsed.tag() != "PRIVATE KEY" {
-        return Err(format!("a {} PEM block; a PKCS#8 \"PRIVATE KEY\" is needed", parsed.tag()));
-    }
-    let der = zeroize::Zeroizing::new(parsed.into_contents());
-    SoftKey::from_pkcs8(&der).map(|k| Arc::new(k) as Arc<dyn DeviceKey>).map_err(|e| e.to_string())
 }
 
 /// Whether the cargo feature of an optional key provider (same name) is in this build.
@@ -896,47 +403,6 @@ fn parse_tpm(key: &mut Fields) -> Result<TpmSettings> {
     Ok(TpmSettings { tcti })
 }
 
-fn parse_redtrust(key: &mut Fields, allow_http: bool) -> Result<RedtrustSettings> {
-    let Some(mut fields) = key.object("redtrust")? else {
-        return Err(Error::config("key.redtrust: missing (key.provider \"redtrust\" needs it)"));
-    };
-    let url = fields.url("url", None, allow_http)?;
-    let auth_url = match fields.has("auth_url") {
-        true => fields.url("auth_url", None, allow_http)?,
-        false => url.clone(),
-    };
-    let partner = fields.required_string("partner")?;
-    if !partner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        return Err(Error::config("key.redtrust.partner: use letters, digits, '_' and '-' only"));
-    }
-    let settings = RedtrustSettings {
-        url,
-        auth_url,
-        partner: partner.to_ascii_uppercase(),
-        hmac_secret: fields.secret_file("hmac_secret_file")?,
-        domain: fields.string("domain")?,
-        redirect_url: {
-            let url = fields.required_string("redirect_url")?;
-            if !url.starts_with("https://") && !url.starts_with("http://") {
-                return Err(Error::config("key.redtrust.redirect_url: must be an absolute http(s) URL"));
-            }
-            url
-        },
-        ca_provider: fields.required_string("ca_provider")?,
-        hash_type: match fields.string("hash_type")?.as_deref() {
-            None => "SHA256".to_string(),
-            Some(h @ ("SHA256" | "SHA384" | "SHA512")) => h.to_string(),
-            Some(other) => {
-                return Err(Error::config(format!(
-                    "key.redtrust.hash_type: {other:?} is not one of \"SHA256\", \"SHA384\", \"SHA512\""
-                )))
-            }
-        },
-    };
-    fields.finish()?;
-    Ok(settings)
-}
-
 fn parse_tls(root: &mut Fields) -> Result<TlsSettings> {
     let Some(mut fields) = root.object("tls")? else {
         return Ok(TlsSettings {
@@ -960,7 +426,9 @@ fn parse_tls(root: &mut Fields) -> Result<TlsSettings> {
     let danger_allow_http = fields.boolean("danger_allow_http")?.unwrap_or(false);
     let clock_window_s = fields.positive_or_zero("clock_window_s")?.unwrap_or(DEFAULT_CLOCK_WINDOW_S);
     if clock_window_s > MAX_CLOCK_WINDOW_S {
-        return Err(Error::config(format!("tls.clock_window_s: must be at most {MAX_CLOCK_WINDOW_S} seconds")));
+        return Err(Error::config(format!(
+            "tls.clock_window_s: must be at most {MAX_CLOCK_WINDOW_S} seconds"
+        )));
     }
     fields.finish()?;
     Ok(TlsSettings { trust_bundle, timeout_s, danger_allow_http, clock_window_s })
@@ -1043,228 +511,6 @@ fn parse_hooks(root: &mut Fields) -> Result<Hooks> {
     Ok(Hooks { after_install, timeout_s })
 }
 
-/// One JSON object being read: remembers which members were used so unknown ones are reported
-/// with their full path.
-struct Fields<'a> {
-    path: String,
-    members: &'a [(String, Value)],
-    used: Vec<bool>,
-}
-
-impl<'a> Fields<'a> {
-    fn new(value: &'a Value, path: &str) -> Result<Fields<'a>> {
-        match value {
-            Value::Object(members) => {
-                Ok(Fields { path: path.to_string(), members, used: vec![false; members.len()] })
-            }
-            other => Err(Error::config(format!(
-                "{}: expected an object, found {}",
-                display_path(path),
-                other.type_name()
-            ))),
-        }
-    }
-
-    fn path_of(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.path)
-        }
-    }
-
-    fn has(&self, key: &str) -> bool {
-        self.members.iter().any(|(k, _)| k == key)
-    }
-
-    /// The member's value; JSON `null` counts as absent.
-    fn take(&mut self, key: &str) -> Option<&'a Value> {
-        let index = self.members.iter().position(|(k, _)| k == key)?;
-        self.used[index] = true;
-        let value = &self.members[index].1;
-        (!value.is_null()).then_some(value)
-    }
-
-    fn wrong_type(&self, key: &str, expected: &str, found: &Value) -> Error {
-        Error::config(format!("{}: expected {expected}, found {}", self.path_of(key), found.type_name()))
-    }
-
-    fn string(&mut self, key: &str) -> Result<Option<String>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(self.wrong_type(key, "a string", other)),
-        }
-    }
-
-    fn required_string(&mut self, key: &str) -> Result<String> {
-        match self.string(key)? {
-            Some(s) if !s.is_empty() => Ok(s),
-            Some(_) => Err(Error::config(format!("{}: must not be empty", self.path_of(key)))),
-            None => Err(Error::config(format!("{}: missing", self.path_of(key)))),
-        }
-    }
-
-    fn number(&mut self, key: &str) -> Result<Option<f64>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(v @ Value::Number(_)) => Ok(v.as_f64()),
-            Some(other) => Err(self.wrong_type(key, "a number", other)),
-        }
-    }
-
-    /// A whole number ≥ 1.
-    fn positive(&mut self, key: &str) -> Result<Option<u64>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(v @ Value::Number(_)) => match v.as_u64() {
-                Some(n) if n >= 1 => Ok(Some(n)),
-                _ => {
-                    Err(Error::config(format!("{}: must be a whole number of at least 1", self.path_of(key))))
-                }
-            },
-            Some(other) => Err(self.wrong_type(key, "a number", other)),
-        }
-    }
-
-    fn boolean(&mut self, key: &str) -> Result<Option<bool>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => Err(self.wrong_type(key, "true or false", other)),
-        }
-    }
-
-    fn string_list(&mut self, key: &str) -> Result<Option<Vec<String>>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(Value::Array(items)) => items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| match item {
-                    Value::String(s) => Ok(s.clone()),
-                    other => Err(Error::config(format!(
-                        "{}[{i}]: expected a string, found {}",
-                        self.path_of(key),
-                        other.type_name()
-                    ))),
-                })
-                .collect::<Result<Vec<_>>>()
-                .map(Some),
-            Some(other) => Err(self.wrong_type(key, "an array of strings", other)),
-        }
-    }
-
-    fn object(&mut self, key: &str) -> Result<Option<Fields<'a>>> {
-        let path = self.path_of(key);
-        self.take(key).map(|v| Fields::new(v, &path)).transpose()
-    }
-
-    /// An `https://` URL (or `http://` with `tls.danger_allow_http`).
-    fn url(&mut self, key: &str, default: Option<&str>, allow_http: bool) -> Result<String> {
-        let url = match (self.string(key)?, default) {
-            (Some(url), _) => url,
-            (None, Some(default)) => default.to_string(),
-            (None, None) => return Err(Error::config(format!("{}: missing", self.path_of(key)))),
-        };
-        let rest = if let Some(rest) = url.strip_prefix("https://") {
-            rest
-        } else if let Some(rest) = url.strip_prefix("http://") {
-            if !allow_http {
-                return Err(Error::config(format!(
-                    "{}: plain http:// is refused; use https:// (or set tls.danger_allow_http for a lab)",
-                    self.path_of(key)
-                )));
-            }
-            rest
-        } else {
-            return Err(Error::config(format!("{}: {url:?} is not an https:// URL", self.path_of(key))));
-        };
-        if rest.is_empty()
-            || rest.starts_with('/')
-            || rest.contains(char::is_whitespace)
-            || rest.contains(['?', '#'])
-        {
-            return Err(Error::config(format!("{}: {url:?} has no host or has a query", self.path_of(key))));
-        }
-        Ok(url.trim_end_matches('/').to_string())
-    }
-
-    /// A whole number ≥ 0.
-    fn positive_or_zero(&mut self, key: &str) -> Result<Option<u64>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(v @ Value::Number(_)) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| Error::config(format!("{}: must be a whole number", self.path_of(key)))),
-            Some(other) => Err(self.wrong_type(key, "a number", other)),
-        }
-    }
-
-    fn required_positive(&mut self, key: &str) -> Result<u64> {
-        self.positive(key)?.ok_or_else(|| Error::config(format!("{}: missing", self.path_of(key))))
-    }
-
-    /// Upper-case enum names such as `DIGITAL_SIGNATURE` (Securosys TSB).
-    fn enum_names(&mut self, key: &str) -> Result<Option<Vec<String>>> {
-        let list = self.string_list(key)?;
-        if let Some(bad) = list.iter().flatten().find(|v| {
-            v.is_empty() || !v.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
-        }) {
-            return Err(Error::config(format!(
-                "{}: {bad:?} is not an enum name such as \"DIGITAL_SIGNATURE\"",
-                self.path_of(key)
-            )));
-        }
-        Ok(list)
-    }
-
-    fn optional_secret_file(&mut self, key: &str) -> Result<Option<Secret>> {
-        match self.has(key) {
-            true => self.secret_file(key).map(Some),
-            false => Ok(None),
-        }
-    }
-
-    /// A PEM file of one or more certificates, read now (so a bad file fails before anything is
-    /// created), returned as DER.
-    fn certificate_file(&mut self, key: &str) -> Result<Vec<Vec<u8>>> {
-        let path = self.required_string(key)?;
-        let bytes = crate::files::read(Path::new(&path), Rule::Trusted, crate::files::MAX_PEM_BYTES)
-            .map_err(|e| Error::config(format!("{}: {e}", self.path_of(key))))?;
-        let text = String::from_utf8(bytes)
-            .map_err(|_| Error::config(format!("{}: {path}: not UTF-8 text", self.path_of(key))))?;
-        let certs = crate::pki::parse_pem_certs(&text)
-            .map_err(|e| Error::config(format!("{}: {path}: {e}", self.path_of(key))))?;
-        if certs.is_empty() {
-            return Err(Error::config(format!("{}: {path}: holds no certificate", self.path_of(key))));
-        }
-        Ok(certs.into_iter().map(|c| c.der).collect())
-    }
-
-    fn secret_file(&mut self, key: &str) -> Result<Secret> {
-        let path = self.required_string(key)?;
-        Secret::from_file(Path::new(&path)).map_err(|e| Error::config(format!("{}: {e}", self.path_of(key))))
-    }
-
-    /// Every member must have been read: a typo must not be silently ignored.
-    fn finish(self) -> Result<()> {
-        match self.used.iter().position(|used| !used) {
-            Some(i) => Err(Error::config(format!("{}: unknown field", self.path_of(&self.members[i].0)))),
-            None => Ok(()),
-        }
-    }
-}
-
-fn display_path(path: &str) -> &str {
-    if path.is_empty() {
-        "config"
-    } else {
-        path
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1300,6 +546,7 @@ mod tests {
         assert_eq!(settings.state_dir, PathBuf::from("/var/lib/enroll-agent"));
         assert_eq!(settings.renewal, RenewalPolicy::default());
         assert_eq!(settings.tls.timeout_s, 30);
+        use enroll_ca::ezca::{EzcaBootstrap, RenewAuth};
         let Backend::Ezca(ezca) = settings.ca else { panic!("not ezca") };
         assert_eq!(ezca.url, "https://portal.ezca.io");
         assert_eq!(ezca.renew_auth, RenewAuth::Certificate);
@@ -1347,7 +594,7 @@ mod tests {
             r#"ca.backend: "sectigo" is not compiled into this build (cargo feature sectigo)"#
         );
         for name in PROTOCOLS {
-            assert!(check_protocol(name, &PROTOCOLS).is_ok(), "{name}");
+            assert!(check_protocol(name, PROTOCOLS).is_ok(), "{name}");
             let error = check_protocol(name, &[]).unwrap_err();
             assert_eq!(error.kind().exit_code(), 78);
             assert!(error.to_string().ends_with(&format!("(cargo feature {name})")), "{error}");

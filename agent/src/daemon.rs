@@ -141,7 +141,7 @@ fn cycle(settings: &Settings) -> Result<Duration> {
                 .installed()
                 .ok_or_else(|| Error::storage("the identity vanished right after install"))?;
             let renew_at = agent.renew_at(&installed);
-            let wait = renew_at.saturating_sub(time::now()).max(1);
+            let wait = renew_at.saturating_sub(agent.clock().now()).max(1);
             log::info!("next renewal at {}", time::rfc3339(renew_at));
             Ok(Duration::from_secs(wait).min(MAX_SLEEP))
         }

@@ -14,21 +14,15 @@ use enroll_hal::remote::RemoteKeyProvider;
 use enroll_hal::soft::FileKeyProvider;
 use enroll_hal::{DeviceKey, KeyProvider, Store};
 
-use crate::backend::{self, Current, Outcome, Poll, Request};
-use crate::config::{Provider, RenewalPolicy, Settings, MAX_POLL_INTERVAL_S};
+use crate::backend::{CaBackend, Current, Outcome, Poll, RemoteKeyService, Request, MAX_POLL_INTERVAL_S};
+use crate::config::{Provider, RenewalPolicy, Settings};
 use crate::csr::{self, Csr};
 use crate::error::{Context, Error, Kind, Result};
 use crate::http::Http;
 use crate::pki::{self, Cert, Expectation, Issued, Verified};
-#[cfg(feature = "redtrust")]
-use crate::redtrust::Redtrust;
 use crate::state::{Pending, Purpose, State};
-use crate::time;
-
-/// Without the cargo feature `redtrust` no remote key session can exist: the type has no values,
-/// and `key.provider "redtrust"` was refused with 78 when the config was parsed.
-#[cfg(not(feature = "redtrust"))]
-enum Redtrust {}
+use crate::time::{self, Clock};
+use crate::tls::Transport;
 
 /// A renewal is never started sooner than this after an install, whatever the certificate says
 /// (a CA issuing very short or back-dated certificates must not make us hammer it).
@@ -133,6 +127,8 @@ pub struct Agent<'a> {
     /// The writer's lock on the state directory (none for `status`/`check`); released when the
     /// agent is dropped, so `run` holds it only during a cycle.
     _lock: Option<enroll_hal::store::Lock>,
+    /// This run's clock (design.md §5 rule 7), fed by the CA's answers.
+    clock: Arc<Clock>,
 }
 
 /// A new identity in the making: its slot, its key and the CSR that proves the key.
@@ -210,7 +206,9 @@ impl<'a> Agent<'a> {
     pub fn open(settings: &'a Settings) -> Result<Agent<'a>> {
         let store = Store::open(&settings.state_dir, settings.storage_group)
             .context("opening the state directory")?;
-        let lock = store.lock(lock_wait(), &crate::daemon::stop_requested).context("waiting for the state directory")?;
+        let lock = store
+            .lock(lock_wait(), &crate::daemon::stop_requested)
+            .context("waiting for the state directory")?;
         store.repair(&lock).context("opening the state directory")?;
         Agent::with_store(settings, store, Some(lock))
     }
@@ -230,12 +228,14 @@ impl<'a> Agent<'a> {
     ) -> Result<Agent<'a>> {
         let writer = lock.is_some();
         let mut state = load_state(&store, writer)?;
+        let clock = Arc::new(Clock::new(crate::build_time()));
         if let Some(floor) = state.clock_floor {
-            if !time::set_persisted_floor(floor) {
+            if !clock.set_persisted_floor(floor) {
                 state.clock_floor = None;
             }
         }
-        let mut agent = Agent { settings, store, provider: std::cell::OnceCell::new(), state, _lock: lock };
+        let mut agent =
+            Agent { settings, store, provider: std::cell::OnceCell::new(), state, _lock: lock, clock };
         agent.forget_installed_pending(writer)?;
         Ok(agent)
     }
@@ -284,14 +284,14 @@ impl<'a> Agent<'a> {
     }
 
     fn save(&mut self) -> Result<()> {
-        self.state.clock_floor = self.state.clock_floor.max(time::corroborated());
+        self.state.clock_floor = self.state.clock_floor.max(self.clock.corroborated());
         self.store.write_state(self.state.to_json().as_bytes()).context("writing state.json")
     }
 
     /// Remembers a failure in state.json so `status` can show it (best effort).
     pub fn record_error(&mut self, error: &Error) {
         self.state.last_error = Some(error.chain_line());
-        self.state.last_error_at = Some(time::now());
+        self.state.last_error_at = Some(self.clock.now());
         if let Err(e) = self.save() {
             log::warn!("could not record the error in state.json: {}", e.chain_line());
         }
@@ -322,9 +322,12 @@ impl<'a> Agent<'a> {
     }
 
     fn http(&self) -> Result<Http> {
-        let roots = crate::tls::load_roots(self.settings.tls.trust_bundle.as_deref())?;
-        let config = crate::tls::client_config(roots, crate::tls::clock_window(&self.settings.tls), None)?;
-        Ok(Http::new(config, self.settings.tls.timeout_s))
+        Http::new(Transport::from_settings(&self.settings.tls, self.clock.clone())?)
+    }
+
+    /// This run's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// `enroll [--force]`.
@@ -349,7 +352,7 @@ impl<'a> Agent<'a> {
                 "renew: no identity is installed; run `enroll-agent enroll` first",
             ));
         };
-        let now = time::now();
+        let now = self.clock.now();
         let renew_at = self.renew_at(&installed);
         // A request the CA accepted is resumed whenever we are asked; a slot kept from a failed
         // synchronous call waits for the renewal time like everything else.
@@ -371,7 +374,7 @@ impl<'a> Agent<'a> {
     /// Whether the installed identity can be used as it is: valid now and its key loads and
     /// matches the certificate.
     fn usable(&self, installed: &Installed) -> Result<bool> {
-        if time::now() >= installed.cert.not_after() {
+        if self.clock.now() >= installed.cert.not_after() {
             return Ok(false);
         }
         match self.provider()?.load(&installed.slot) {
@@ -392,16 +395,14 @@ impl<'a> Agent<'a> {
         log::info!("abandoning the pending {} request in slot {}", pending.purpose.name(), pending.slot);
         if let Some(id) = &pending.request_id {
             match self.http() {
-                Ok(http) => match backend::from_settings(self.settings, http) {
-                    Ok(mut ca) => {
-                        if ca.polling().is_some() {
-                            if let Err(e) = ca.cancel(id) {
-                                log::warn!("could not withdraw request {id}: {}", e.chain_line());
-                            }
+                Ok(http) => {
+                    let mut ca = self.settings.ca.client(http);
+                    if ca.polling().is_some() {
+                        if let Err(e) = ca.cancel(id) {
+                            log::warn!("could not withdraw request {id}: {}", e.chain_line());
                         }
                     }
-                    Err(e) => log::warn!("could not withdraw request {id}: {}", e.chain_line()),
-                },
+                }
                 Err(e) => log::warn!("could not withdraw request {id}: {}", e.chain_line()),
             }
         }
@@ -446,7 +447,7 @@ impl<'a> Agent<'a> {
         let slot = self.store.create_slot().context("creating a slot for the new identity")?;
         let name = slot.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         self.state.pending =
-            Some(Pending { request_id: None, key_ref: None, slot: name, since: time::now(), purpose });
+            Some(Pending { request_id: None, key_ref: None, slot: name, since: self.clock.now(), purpose });
         self.save()?;
         Ok(slot)
     }
@@ -496,15 +497,14 @@ impl<'a> Agent<'a> {
         Ok(Prepared { slot, key, csr })
     }
 
-    /// Slot, key and CSR for a Redtrust key: Redtrust generates the key and makes the CSR
+    /// Slot, key and CSR for a remote key: the service (Redtrust) generates the key and makes the CSR
     /// (`csr/create`, v2 with `thumbprintToRenew` for a renewal). The CSR and the request code
     /// are kept so a crash before `csr/finalize` resumes without a second key.
-    #[cfg(feature = "redtrust")]
     fn remote_request(
         &mut self,
         purpose: Purpose,
         installed: Option<&Installed>,
-        redtrust: &mut Redtrust,
+        service: &mut dyn RemoteKeyService,
     ) -> Result<Prepared> {
         if let Some((slot, key)) = self.resumable_slot() {
             let has_code = self.state.pending.as_ref().is_some_and(|p| p.key_ref.is_some());
@@ -512,24 +512,25 @@ impl<'a> Agent<'a> {
             if let (true, Some(csr)) = (has_code, csr) {
                 return Ok(Prepared { slot, key, csr });
             }
-            log::warn!("the pending slot {} has no Redtrust request; starting over", slot.display());
+            log::warn!("the pending slot {} has no remote key request; starting over", slot.display());
             let _ = self.store.remove_slot(&slot);
             self.state.pending = None;
         }
         let slot = self.new_pending_slot(purpose)?;
-        let renewing = installed.filter(|_| purpose == Purpose::Renew).map(|i| i.cert.thumbprint_sha1_hex());
-        let created = redtrust
-            .create(&self.settings.subject, renewing.as_deref())
-            .context("having Redtrust generate the key and CSR")?;
-        let spki = pki::verify_csr(&created.csr_der).context("checking the CSR Redtrust made")?;
+        let provider = service.name();
+        let renewing = installed.filter(|_| purpose == Purpose::Renew).map(|i| &i.cert);
+        let created = service
+            .create(&self.settings.subject, renewing)
+            .context(format!("having {provider} generate the key and CSR"))?;
+        let spki = pki::verify_csr(&created.csr_der).context(format!("checking the CSR {provider} made"))?;
         let csr = Csr { pem: pki::pem_of("CERTIFICATE REQUEST", &created.csr_der), der: created.csr_der };
         self.store
             .write_slot_file(&slot, REQUEST_CSR, csr.pem.as_bytes(), 0o600)
-            .context("recording the Redtrust CSR")?;
+            .context(format!("recording the {provider} CSR"))?;
         let key = enroll_hal::remote::record(&slot, self.settings.key.algorithm, &spki)
-            .context("recording the Redtrust key")?;
+            .context(format!("recording the {provider} key"))?;
         if let Some(pending) = self.state.pending.as_mut() {
-            pending.key_ref = Some(created.request_code);
+            pending.key_ref = Some(created.handle);
         }
         self.save()?;
         Ok(Prepared { slot, key, csr })
@@ -537,14 +538,15 @@ impl<'a> Agent<'a> {
 
     fn obtain(&mut self, purpose: Purpose, installed: Option<&Installed>) -> Result<Done> {
         let http = self.http()?;
-        #[cfg(feature = "redtrust")]
-        if let Provider::Redtrust(settings) = &self.settings.key.provider {
-            let mut session = Redtrust::new(settings, http.clone());
-            let result = self.obtain_with(purpose, installed, &http, Some(&mut session));
-            session.logout();
-            return result;
+        let settings = self.settings;
+        match settings.key.remote_service(http.clone()) {
+            Some(mut service) => {
+                let result = self.obtain_with(purpose, installed, &http, Some(service.as_mut()));
+                service.end();
+                result
+            }
+            None => self.obtain_with(purpose, installed, &http, None),
         }
-        self.obtain_with(purpose, installed, &http, None)
     }
 
     fn obtain_with(
@@ -552,17 +554,14 @@ impl<'a> Agent<'a> {
         purpose: Purpose,
         installed: Option<&Installed>,
         http: &Http,
-        redtrust: Option<&mut Redtrust>,
+        remote: Option<&mut dyn RemoteKeyService>,
     ) -> Result<Done> {
-        let mut ca = backend::from_settings(self.settings, http.clone())?;
-        if !time::clock_trusted() && !time::has_server_time() {
+        let mut ca = self.settings.ca.client(http.clone());
+        if !self.clock.clock_trusted() && !self.clock.has_server_time() {
             learn_time_from_ca(http, &ca.probe_url());
         }
-        let (prepared, redtrust): (Prepared, Option<&mut Redtrust>) = match redtrust {
-            #[cfg(feature = "redtrust")]
-            Some(session) => (self.remote_request(purpose, installed, session)?, Some(session)),
-            #[cfg(not(feature = "redtrust"))]
-            Some(session) => match *session {},
+        let (prepared, remote) = match remote {
+            Some(service) => (self.remote_request(purpose, installed, service)?, Some(service)),
             None => (self.local_request(purpose, installed)?, None),
         };
         // A certificate this slot already received (a crash before finalize or install) is not
@@ -583,11 +582,8 @@ impl<'a> Agent<'a> {
             }
         };
         self.write_identity(&prepared.slot, &verified)?;
-        let uri = match redtrust {
-            #[cfg(feature = "redtrust")]
-            Some(session) => Some(self.finalize_remote(session, &verified.leaf)?),
-            #[cfg(not(feature = "redtrust"))]
-            Some(session) => match *session {},
+        let uri = match remote {
+            Some(service) => Some(self.finalize_remote(service, &verified.leaf)?),
             None => prepared.key.uri(),
         };
         if let Some(uri) = uri {
@@ -603,7 +599,7 @@ impl<'a> Agent<'a> {
     /// Answers the certificate and whether it came from polling.
     fn request(
         &mut self,
-        ca: &mut dyn backend::CaBackend,
+        ca: &mut dyn CaBackend,
         purpose: Purpose,
         installed: Option<&Installed>,
         prepared: &Prepared,
@@ -620,7 +616,7 @@ impl<'a> Agent<'a> {
                 let key = self.provider()?.load(&current.slot).context("loading the current key")?;
                 Some(Current {
                     cert: &current.cert,
-                    key,
+                    key: Some(key),
                     chain: installed_chain(&current.slot),
                     ca_ref: ca_ref.as_deref(),
                 })
@@ -647,7 +643,7 @@ impl<'a> Agent<'a> {
                 // design.md §5 rule 4: recorded before waiting, so a restart resumes it.
                 if let Some(pending) = self.state.pending.as_mut() {
                     pending.request_id = Some(request_id.clone());
-                    pending.since = time::now();
+                    pending.since = self.clock.now();
                 }
                 self.save()?;
                 self.await_issue(ca, &request_id, &request, current.as_ref(), true)
@@ -662,7 +658,7 @@ impl<'a> Agent<'a> {
     /// ago, so the first poll waits for its Retry-After (when it sent one).
     fn await_issue(
         &mut self,
-        ca: &mut dyn backend::CaBackend,
+        ca: &mut dyn CaBackend,
         id: &str,
         request: &Request,
         current: Option<&Current>,
@@ -674,7 +670,7 @@ impl<'a> Agent<'a> {
                 format!("{} answered a request id but does not poll", ca.name()),
             ));
         };
-        let since = self.state.pending.as_ref().map_or_else(time::now, |p| p.since);
+        let since = self.state.pending.as_ref().map_or_else(|| self.clock.now(), |p| p.since);
         let started = std::time::Instant::now();
         let mut pause = polling.interval_s;
         let mut wait = match (just_accepted, ca.retry_after()) {
@@ -692,7 +688,7 @@ impl<'a> Agent<'a> {
                 log::info!("request {id} is not ready ({words}); asking again in {seconds} s");
                 std::thread::sleep(Duration::from_secs(seconds));
             }
-            if time::now() >= since.saturating_add(polling.timeout_s) {
+            if self.clock.now() >= since.saturating_add(polling.timeout_s) {
                 return Err(self.give_up(ca, id, polling.timeout_s));
             }
             let answer =
@@ -717,7 +713,7 @@ impl<'a> Agent<'a> {
     }
 
     /// `poll_timeout_s` has passed: withdraw the request where the CA can and forget it.
-    fn give_up(&mut self, ca: &mut dyn backend::CaBackend, id: &str, timeout_s: u64) -> Error {
+    fn give_up(&mut self, ca: &mut dyn CaBackend, id: &str, timeout_s: u64) -> Error {
         let withdrawn = match ca.cancel(id) {
             Ok(()) => "",
             Err(e) => {
@@ -773,7 +769,7 @@ impl<'a> Agent<'a> {
             subject: &self.settings.subject,
             sans: &self.settings.san,
             known_ca,
-            now: time::now(),
+            now: self.clock.now(),
         };
         let verified = pki::verify_issued(issued, &expectation).context("checking the issued certificate")?;
         for warning in &verified.warnings {
@@ -794,16 +790,13 @@ impl<'a> Agent<'a> {
         write("chain.pem", &chain).context("writing the new identity")
     }
 
-    /// Hands the certificate back to Redtrust (`csr/finalize`); answers the key's URI.
-    #[cfg(feature = "redtrust")]
-    fn finalize_remote(&mut self, redtrust: &mut Redtrust, leaf: &Cert) -> Result<String> {
-        let Some(code) = self.state.pending.as_ref().and_then(|p| p.key_ref.clone()) else {
-            return Err(Error::new(Kind::Internal, "the Redtrust request code was lost"));
+    /// Hands the certificate back to the remote key service; answers the key's URI.
+    fn finalize_remote(&mut self, service: &mut dyn RemoteKeyService, leaf: &Cert) -> Result<String> {
+        let provider = service.name();
+        let Some(handle) = self.state.pending.as_ref().and_then(|p| p.key_ref.clone()) else {
+            return Err(Error::new(Kind::Internal, format!("the {provider} request handle was lost")));
         };
-        let thumbprint = redtrust
-            .finalize(&code, &leaf.der, &leaf.thumbprint_sha1_hex())
-            .context("handing the certificate to Redtrust")?;
-        Ok(crate::redtrust::key_uri(&thumbprint))
+        service.finalize(&handle, leaf).context(format!("handing the certificate to {provider}"))
     }
 
     /// Swaps `current` to the verified slot and records the install.
@@ -827,7 +820,7 @@ impl<'a> Agent<'a> {
         if let Err(e) = provider.retain(&live) {
             log::warn!("could not remove keys of old slots: {e}");
         }
-        let now = time::now();
+        let now = self.clock.now();
         let leaf = &verified.leaf;
         self.state.pending = None;
         self.state.ca_ref = ca_ref;
@@ -901,7 +894,7 @@ fn learn_time_from_ca(http: &Http, url: &str) {
         "the system clock ({}) is before the earliest possible time ({}: this build or the last \
          known good time); asking the CA for the time",
         time::rfc3339(time::system_now()),
-        time::rfc3339(time::floor())
+        time::rfc3339(http.clock().floor())
     );
     if let Err(e) = http.send("learning the time from the CA", "GET", url, &[], None) {
         log::warn!("{}", e.chain_line());

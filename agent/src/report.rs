@@ -1,6 +1,5 @@
 //! `status`, `check` and `needs-renewal`: read-only views of the identity and the setup.
 
-use crate::backend;
 use crate::config::Settings;
 use crate::error::{Context, Error, Result};
 use crate::json::{self, Value};
@@ -16,13 +15,16 @@ struct Snapshot {
     renew_at: Option<u64>,
     state: State,
     current: std::path::PathBuf,
+    /// The run's effective time the condition was judged at.
+    now: u64,
 }
 
 fn snapshot(settings: &Settings) -> Result<Snapshot> {
     let current = settings.state_dir.join("current");
     if !settings.state_dir.exists() {
         let state = State::default();
-        return Ok(Snapshot { condition: Condition::None, cert: None, renew_at: None, state, current });
+        let now = crate::time::system_now();
+        return Ok(Snapshot { condition: Condition::None, cert: None, renew_at: None, state, current, now });
     }
     // Checks the directory's mode and owner (exit 74 naming it), like every other command, but
     // neither waits for a running renewal's lock nor writes anything.
@@ -36,9 +38,10 @@ fn snapshot(settings: &Settings) -> Result<Snapshot> {
         // Outstanding at the CA: a request it accepted and will answer. A slot kept only so a
         // retry reuses its key is not a pending request.
         agent.state.pending.as_ref().is_some_and(|p| p.request_id.is_some()),
-        time::now(),
+        agent.clock().now(),
     );
-    Ok(Snapshot { condition, cert, renew_at, state: agent.state, current })
+    let now = agent.clock().now();
+    Ok(Snapshot { condition, cert, renew_at, state: agent.state, current, now })
 }
 
 pub fn status(settings: &Settings, as_json: bool) -> Result<String> {
@@ -54,7 +57,7 @@ fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
     let cert = snap.cert.as_ref();
     let rfc = |t: Option<u64>| t.map(time::rfc3339);
     let path = |name: &str| snap.current.join(name).display().to_string();
-    let credentials = backend::credentials_of(settings);
+    let credentials = settings.ca.credentials();
     // Only a request the CA accepted is "pending"; a slot kept so a retry reuses its key is not.
     let pending = snap.state.pending.as_ref().filter(|p| p.request_id.is_some()).map_or(Value::Null, |p| {
         json::object([
@@ -110,9 +113,9 @@ fn status_json(settings: &Settings, snap: &Snapshot) -> Value {
 
 fn status_text(settings: &Settings, snap: &Snapshot) -> String {
     let mut lines = vec![format!("state:       {}", snap.condition.name())];
-    let credentials = backend::credentials_of(settings);
+    let credentials = settings.ca.credentials();
     if let Some(cert) = &snap.cert {
-        let now = time::now() as i64;
+        let now = snap.now as i64;
         let left = cert.not_after() as i64 - now;
         lines.push(format!("subject:     {}", cert.subject()));
         lines.push(format!("SANs:        {}", cert.san_strings().join(", ")));
@@ -285,11 +288,12 @@ pub fn check(settings: &Settings, online: bool) -> Result<String> {
     } else {
         lines.push(format!("ok: state directory {} will be created on enroll", settings.state_dir.display()));
     }
-    let roots = crate::tls::load_roots(settings.tls.trust_bundle.as_deref())?;
-    lines.push(format!("ok: trust bundle ({} roots)", roots.len()));
+    let clock = std::sync::Arc::new(crate::time::Clock::new(crate::build_time()));
+    let transport = crate::tls::Transport::from_settings(&settings.tls, clock)?;
+    lines.push(format!("ok: trust bundle ({} roots)", transport.roots.len()));
     if online {
-        let http = crate::http::Http::new(crate::tls::client_config(roots, crate::tls::clock_window(&settings.tls), None)?, settings.tls.timeout_s);
-        let backend = backend::from_settings(settings, http.clone())?;
+        let http = crate::http::Http::new(transport)?;
+        let backend = settings.ca.client(http.clone());
         let url = backend.probe_url();
         let response = http.send("reaching the CA", "GET", &url, &[], None)?;
         // Only an https:// URL went through TLS; tls.danger_allow_http lets a lab CA use http://.

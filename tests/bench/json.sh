@@ -2,7 +2,7 @@
 # Issue 14 item 6: CPU time and peak memory of the agent's JSON reader on 1 MiB adversarial
 # documents (an object of ~87k distinct keys, an array of ~524k zeros, many small arrays), for the
 # reader at each git revision given (default: the reader before the fix, and the working tree).
-# agent/src/json.rs depends on std only, so each revision is compiled alone with rustc -O into a
+# ca/src/json.rs (agent/src/json.rs before the enroll-ca crate) depends on std only, so each revision is compiled alone with rustc -O into a
 # tiny program that parses one file: no cargo build, no shared target/.
 #   bash tests/bench/json.sh [REV|worktree ...]     e.g.  bash tests/bench/json.sh 987ce2c worktree
 set -euo pipefail
@@ -30,7 +30,8 @@ print(f"inputs (each <= 1 MiB): object of {n} keys, array of {m} zeros, {k} arra
 PY
 printf '%-10s %-8s %10s %10s  %s\n' reader input cpu_s max_rss result
 for rev in "${revs[@]}"; do
-  if [ "$rev" = worktree ]; then cp agent/src/json.rs "$work/json.rs"; else git show "$rev:agent/src/json.rs" > "$work/json.rs"; fi
+  if [ "$rev" = worktree ]; then cp ca/src/json.rs "$work/json.rs"
+  else git show "$rev:ca/src/json.rs" > "$work/json.rs" 2>/dev/null || git show "$rev:agent/src/json.rs" > "$work/json.rs"; fi
   cat > "$work/main.rs" <<'RS'
 #[allow(dead_code)]
 mod json;

@@ -70,7 +70,8 @@ fn a_server_certificate_issued_after_the_build_is_accepted_only_without_a_clock(
     let run = at_1970(&env, &["enroll"]);
     assert_eq!(run.code, 0, "{run:?}");
     assert!(
-        run.stderr.contains("accepted the CA's TLS certificate, which starts after the earliest possible time"),
+        run.stderr
+            .contains("accepted the CA's TLS certificate, which starts after the earliest possible time"),
         "{run:?}"
     );
 }
@@ -108,7 +109,8 @@ fn an_expired_server_certificate_gets_no_credential_from_a_device_at_1970() {
         std::thread::sleep(std::time::Duration::from_secs(wait as u64));
     }
     let now = unix_now();
-    let options = Options { tls_start_offset_s: build + 60 - now, tls_end_offset_s: -120, ..Options::default() };
+    let options =
+        Options { tls_start_offset_s: build + 60 - now, tls_end_offset_s: -120, ..Options::default() };
     let env = Env::with_options(Ca::Ezca, "rsa2048", options, |_| {});
     std::fs::create_dir_all(env.state_dir()).unwrap();
     std::fs::set_permissions(env.state_dir(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
@@ -128,9 +130,10 @@ fn an_expired_server_certificate_gets_no_credential_from_a_device_at_1970() {
 /// within tls.clock_window_s, and says which setting refused it.
 #[test]
 fn a_server_certificate_starting_beyond_the_clock_window_is_refused() {
-    let now = unix_now();
-    let start = agent_build_time().max(now) + 3600;
-    let options = Options { tls_start_offset_s: start - now, ..Options::default() };
+    // One hour after the floor (the build time): however old the binary under test is, the
+    // start is beyond a 600 s window and inside a 7200 s one.
+    let start = agent_build_time() + 3600;
+    let options = Options { tls_start_offset_s: start - unix_now(), ..Options::default() };
     let env = Env::with_options(Ca::Enos, "p256", options, |config| {
         config["tls"]["clock_window_s"] = serde_json::json!(600);
     });

@@ -61,15 +61,18 @@ fn tls_client_authentication_signs_with_the_device_key_in_place() {
         let env = Env::with_options(Ca::Enos, algorithm, options, |_| {});
         env.expect(&["enroll"], 0);
         let mtls = &env.emu;
-        let roots = enroll_agent::tls::load_roots(Some(&env.dir().join("tls-root.pem"))).unwrap();
+        let roots = std::sync::Arc::new(
+            enroll_agent::tls::load_roots(Some(&env.dir().join("tls-root.pem"))).unwrap(),
+        );
         let slot = fs::canonicalize(env.current()).unwrap();
         let key = FileKeyProvider::default().load(&slot).unwrap();
         let chain =
             enroll_agent::pki::parse_pem_certs(&fs::read_to_string(slot.join("chain.pem")).unwrap()).unwrap();
         let identity =
             enroll_agent::tls::ClientIdentity { chain: chain.into_iter().map(|c| c.der).collect(), key };
-        let config = enroll_agent::tls::client_config(roots, None, Some(identity)).unwrap();
-        let http = enroll_agent::http::Http::new(config, 5);
+        let clock = std::sync::Arc::new(enroll_agent::time::Clock::default());
+        let transport = enroll_agent::tls::Transport { roots, clock_window_s: None, timeout_s: 5, clock };
+        let http = enroll_agent::http::Http::new(transport).unwrap().with_identity(identity).unwrap();
         let response =
             http.send("probe", "GET", &format!("{}/_emulator/log", mtls.url()), &[], None).unwrap();
         assert_eq!(response.status, 200);

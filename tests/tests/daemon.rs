@@ -166,3 +166,21 @@ fn metrics_file_reports_expiry_success_errors_and_renewals() {
 fn time_prefix(unix: u64) -> String {
     enroll_agent::time::rfc3339(unix)[..11].to_string()
 }
+
+/// A CA's `Retry-After` is a floor for `run`'s next attempt (design.md §8): with
+/// `retry_initial_s` at 1 s, an EST server's 503 asking for 4 s is not retried sooner.
+#[test]
+fn run_waits_at_least_the_cas_retry_after_before_trying_again() {
+    let mut options = enroll_tests::Options::default();
+    options.est.retry_after_s = 4;
+    let env = Env::with_options(Ca::Est, "p256", options, |c| c["renewal"]["retry_initial_s"] = 1.into());
+    env.emu.set_fault(enroll_tests::Fault::Http503RetryAfter, Some(1));
+    let started = Instant::now();
+    let daemon = Daemon::start(&env);
+    wait_for("enrollment after the 503", Duration::from_secs(30), || env.current().join("cert.pem").exists());
+    let elapsed = started.elapsed();
+    let (code, stderr) = daemon.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stderr.matches("retrying in 4 s").count(), 1, "{stderr}");
+    assert!(elapsed >= Duration::from_secs(4), "retried after {elapsed:?}");
+}

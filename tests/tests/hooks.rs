@@ -32,7 +32,8 @@ fn a_hook_sees_a_fixed_path_and_only_the_agents_variables() {
     env.env_vars.lock().unwrap().push(("HTTPS_PROXY".into(), "http://user:proxy-secret@proxy:3128".into()));
     env.expect(&["enroll"], 0);
     let seen = read_environment(&out);
-    let names: Vec<&str> = seen.keys().map(String::as_str).filter(|k| !["PWD", "SHLVL", "_"].contains(k)).collect();
+    let names: Vec<&str> =
+        seen.keys().map(String::as_str).filter(|k| !["PWD", "SHLVL", "_"].contains(k)).collect();
     assert_eq!(
         names,
         [

@@ -161,7 +161,10 @@ fn contract_rotation_crash_points(provider: &str) {
 fn contract_csr_and_mtls(provider: &str, algorithm: &str) {
     let in_process = match (provider, cfg!(feature = "hardware")) {
         ("file", _) | (_, true) => Ok(()),
-        _ => Err("the test crate was built without its `hardware` feature (scripts/test.sh uses --all-features)".into()),
+        _ => Err(
+            "the test crate was built without its `hardware` feature (scripts/test.sh uses --all-features)"
+                .into(),
+        ),
     };
     if require(in_process, provider).is_none() {
         return;
@@ -192,7 +195,8 @@ const CHILD_URL: &str = "ENROLL_TEST_CHILD_URL";
 #[test]
 #[ignore = "run by contract_csr_and_mtls in a child process"]
 fn in_process_csr_and_mtls() {
-    let config = std::path::PathBuf::from(std::env::var_os(CHILD_CONFIG).expect("run by contract_csr_and_mtls"));
+    let config =
+        std::path::PathBuf::from(std::env::var_os(CHILD_CONFIG).expect("run by contract_csr_and_mtls"));
     let dir = config.parent().unwrap();
     let settings = enroll_agent::config::Settings::load(&config).unwrap();
     let keys = enroll_agent::lifecycle::open_provider(&settings).unwrap();
@@ -212,9 +216,10 @@ fn in_process_csr_and_mtls() {
         enroll_agent::pki::parse_pem_certs(&fs::read_to_string(current.join("chain.pem")).unwrap()).unwrap();
     let identity =
         enroll_agent::tls::ClientIdentity { chain: chain.into_iter().map(|c| c.der).collect(), key };
-    let roots = enroll_agent::tls::load_roots(Some(&dir.join("tls-root.pem"))).unwrap();
-    let http =
-        enroll_agent::http::Http::new(enroll_agent::tls::client_config(roots, None, Some(identity)).unwrap(), 10);
+    let roots = std::sync::Arc::new(enroll_agent::tls::load_roots(Some(&dir.join("tls-root.pem"))).unwrap());
+    let clock = std::sync::Arc::new(enroll_agent::time::Clock::default());
+    let transport = enroll_agent::tls::Transport { roots, clock_window_s: None, timeout_s: 10, clock };
+    let http = enroll_agent::http::Http::new(transport).unwrap().with_identity(identity).unwrap();
     let url = std::env::var(CHILD_URL).unwrap();
     let response = http.send("probe", "GET", &format!("{url}/_emulator/log"), &[], None).unwrap();
     assert_eq!(response.status, 200);

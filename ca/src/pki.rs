@@ -7,8 +7,8 @@ use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::Certificate;
 
-use crate::config::{Sans, Subject};
 use crate::error::{Error, Result};
+use crate::subject::{Sans, Subject};
 
 /// How far in the future a fresh certificate's notBefore may be (CA and device clocks differ).
 pub const CLOCK_SKEW_S: u64 = 300;

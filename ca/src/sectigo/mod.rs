@@ -7,8 +7,11 @@
 //! then collect the new sslId. Every call needs the SCM API account: there is no
 //! device-credential renewal in this API.
 
-use super::{CaBackend, Credentials, Current, Outcome, Poll, Request};
-use crate::config::{Polling, SectigoSettings};
+pub mod config;
+pub use config::*;
+
+use crate::backend::Polling;
+use crate::backend::{CaBackend, Credentials, Current, Outcome, Poll, Request};
 use crate::error::{Error, Result};
 use crate::http::{self, Http, Response};
 use crate::json::{self, Value};
@@ -65,7 +68,7 @@ impl<'a> Sectigo<'a> {
         if !response.is_success() {
             return Err(sectigo_error(step, response));
         }
-        let answer = super::parse_json(step, response)?;
+        let answer = crate::backend::parse_json(step, response)?;
         let id = answer
             .get("sslId")
             .and_then(Value::as_u64)
@@ -196,12 +199,13 @@ fn sectigo_error(step: &str, response: &Response) -> Error {
     };
     let refused = if matches!(response.status, 401 | 403) { "Sectigo refused the API account: " } else { "" };
     let message = format!("{step}: HTTP {}: {refused}Sectigo code {code}: {description}", response.status);
-    match response.status {
+    let error = match response.status {
         _ if code == CA_UNAVAILABLE => Error::temporary(message),
-        408 | 429 | 500..=599 => Error::temporary(message),
+        408 | 429 | 500..=599 => Error::temporary(message).with_retry_after(response.retry_after),
         400..=499 => Error::refused(message),
         _ => Error::protocol(message),
-    }
+    };
+    error.with_answer(response.status, Some(code), &description)
 }
 
 /// Optional members are left out rather than sent as `null`.
@@ -209,6 +213,20 @@ fn without_nulls(value: Value) -> Value {
     match value {
         Value::Object(members) => Value::Object(members.into_iter().filter(|(_, v)| !v.is_null()).collect()),
         other => other,
+    }
+}
+
+impl crate::backend::Protocol for SectigoSettings {
+    fn parse(fields: &mut crate::fields::Fields, allow_http: bool) -> Result<Self> {
+        config::parse(fields, allow_http)
+    }
+
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
+        Box::new(Sectigo::new(self, http))
+    }
+
+    fn credentials(&self) -> Credentials {
+        CREDENTIALS
     }
 }
 
@@ -231,10 +249,17 @@ mod tests {
         let auth = sectigo_error("s", &response(401, r#"{"code":-16,"description":"Unknown user"}"#));
         assert_eq!(auth.kind(), crate::error::Kind::Refused);
         assert!(auth.to_string().contains("Sectigo code -16: Unknown user"), "{auth}");
+        // The answer as data, for the gateway: status, vendor code and words.
+        let answer = crate::error::CaAnswer { status: 401, code: Some(-16), words: "Unknown user".into() };
+        assert_eq!(auth.context("enrolling").answer(), Some(&answer));
         let busy = sectigo_error("s", &response(400, r#"{"code":-195,"description":"CA unavailable"}"#));
         assert_eq!(busy.kind(), crate::error::Kind::Temporary);
         let plain = sectigo_error("s", &response(502, "Bad Gateway"));
         assert_eq!(plain.kind(), crate::error::Kind::Temporary);
+        assert_eq!(
+            plain.answer().map(|a| (a.status, a.code, a.words.as_str())),
+            Some((502, None, "Bad Gateway"))
+        );
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! sent. Apply (§1.4) and renew (§1.5) are synchronous. Renewal is authenticated by the same
 //! application credentials: EnOS does not accept the device certificate (§1.9).
 
+pub mod config;
+pub use config::*;
+
 use zeroize::Zeroizing;
 
-use super::{CaBackend, Credentials, Current, Outcome, Request};
-use crate::config::{EnosDevice, EnosSettings};
+use crate::backend::{CaBackend, Credentials, Current, Outcome, Request};
 use crate::error::{Error, Result};
 use crate::http::{self, Http};
 use crate::json::{self, Value};
@@ -52,7 +54,7 @@ impl<'a> Enos<'a> {
     /// A valid access token: the cached one, a refreshed one when it is about to expire, or a
     /// new one.
     fn access_token(&mut self) -> Result<Zeroizing<String>> {
-        let now = crate::time::now();
+        let now = self.http.clock().now();
         let token = match self.token.take() {
             Some(token) if token.expires_at > now.saturating_add(60) => token,
             Some(stale) => self.refresh_token(&stale)?,
@@ -74,7 +76,7 @@ impl<'a> Enos<'a> {
     /// `token/get` (no `previous`) or `token/refresh` (with the token being replaced).
     fn fetch_token(&self, path: &str, previous: Option<&str>) -> Result<Token> {
         const STEP: &str = "getting an EnOS access token";
-        let timestamp = now_ms().to_string();
+        let timestamp = now_ms(self.http.clock()).to_string();
         let secret = self.settings.app_secret.expose();
         let encryption = sha256_hex(&[&self.settings.app_key, &timestamp, secret]);
         let mut members = vec![
@@ -97,7 +99,7 @@ impl<'a> Enos<'a> {
         if !response.is_success() {
             return Err(gateway_error(STEP, &response));
         }
-        let answer = super::parse_json(STEP, &response)?;
+        let answer = crate::backend::parse_json(STEP, &response)?;
         // The doc's sample spells the field "stauts" (protocols.md §1.2).
         let status = answer.get("status").or_else(|| answer.get("stauts")).and_then(Value::as_i64);
         if status != Some(0) {
@@ -120,7 +122,7 @@ impl<'a> Enos<'a> {
             .ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no data.accessToken")))?;
         let lifetime = data.get("expire").and_then(Value::as_u64).unwrap_or(7200);
         // `expire` is the CA's number: saturate, never overflow (issue 14 item 5).
-        let expires_at = crate::time::now().saturating_add(lifetime);
+        let expires_at = self.http.clock().now().saturating_add(lifetime);
         Ok(Token { value: Zeroizing::new(value.to_string()), expires_at })
     }
 
@@ -143,7 +145,7 @@ impl<'a> Enos<'a> {
         let body = body.to_json();
         for attempt in 0..2 {
             let token = self.access_token()?;
-            let timestamp = now_ms().to_string();
+            let timestamp = now_ms(self.http.clock()).to_string();
             let params = self.query(action);
             let signature =
                 sign_request(&token, &params, body.as_bytes(), &timestamp, self.settings.app_secret.expose());
@@ -161,7 +163,7 @@ impl<'a> Enos<'a> {
             if !response.is_success() {
                 return Err(gateway_error(&step, &response));
             }
-            let answer = super::parse_json(&step, &response)?;
+            let answer = crate::backend::parse_json(&step, &response)?;
             let code = answer.get("code").and_then(Value::as_i64);
             if code == Some(0) {
                 return answer
@@ -185,12 +187,12 @@ impl<'a> Enos<'a> {
 
     fn issued_from(data: &Value) -> Result<Issued> {
         const STEP: &str = "reading the EnOS certificate";
-        let leaf = super::pem_field(STEP, data, "cert")?
+        let leaf = crate::backend::pem_field(STEP, data, "cert")?
             .into_iter()
             .next()
             .ok_or_else(|| Error::protocol(format!("{STEP}: empty cert")))?;
         let roots = match data.get("caCert") {
-            Some(_) => super::pem_field(STEP, data, "caCert")?,
+            Some(_) => crate::backend::pem_field(STEP, data, "caCert")?,
             None => Vec::new(),
         };
         // The table says certSn, the samples certSN; it is a decimal string (§1.4).
@@ -283,11 +285,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn now_ms() -> u64 {
+fn now_ms(clock: &crate::time::Clock) -> u64 {
     // The effective clock (design.md §5 rule 7), with the system's sub-second part.
     let millis =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_millis());
-    crate::time::now().saturating_mul(1000).saturating_add(u64::from(millis))
+    clock.now().saturating_mul(1000).saturating_add(u64::from(millis))
 }
 
 /// Gateway statuses (§1.1): 401 bad credentials/signature, 403 IP not allowed, 429 rate limit.
@@ -296,7 +298,8 @@ fn gateway_error(step: &str, response: &http::Response) -> Error {
         401 => Error::refused(format!(
             "{step}: the EnOS API gateway rejected the credentials or request signature (HTTP 401): {}",
             response.excerpt()
-        )),
+        ))
+        .with_answer(401, None, &response.excerpt()),
         _ => http::status_error(step, response),
     }
 }
@@ -311,9 +314,25 @@ fn service_error(step: &str, answer: &Value) -> Error {
         return Error::protocol(format!("{step}: the answer has no numeric code"));
     };
     let text = format!("{step}: EnOS code {code}: {} (requestId {request_id})", http::excerpt(msg));
-    match code {
+    let error = match code {
         99500 | 1005 => Error::temporary(text),
         _ => Error::refused(text),
+    };
+    // EnOS answers its errors with HTTP 200 and the code in the body (§1.1).
+    error.with_answer(200, Some(code), &http::excerpt(msg))
+}
+
+impl crate::backend::Protocol for EnosSettings {
+    fn parse(fields: &mut crate::fields::Fields, allow_http: bool) -> Result<Self> {
+        config::parse(fields, allow_http)
+    }
+
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
+        Box::new(Enos::new(self, http))
+    }
+
+    fn credentials(&self) -> Credentials {
+        CREDENTIALS
     }
 }
 
@@ -348,6 +367,9 @@ mod tests {
         let refused = service_error("apply", &answer(11404));
         assert_eq!(refused.kind(), crate::error::Kind::Refused);
         assert_eq!(refused.to_string(), "apply: EnOS code 11404: Device cannot be found (requestId r1)");
+        let expected =
+            crate::error::CaAnswer { status: 200, code: Some(11404), words: "Device cannot be found".into() };
+        assert_eq!(refused.answer(), Some(&expected));
         assert_eq!(service_error("apply", &answer(99500)).kind(), crate::error::Kind::Temporary);
     }
 }

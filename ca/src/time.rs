@@ -4,73 +4,116 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// When this binary was built (from build.rs); a clock earlier than this is known to be wrong.
-pub fn build_time() -> u64 {
-    env!("ENROLL_AGENT_BUILD_UNIX").parse().unwrap_or(0)
-}
-
 /// The raw system clock, whether or not it can be believed.
 pub fn system_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Offset (server − system) learnt from a CA's `Date` header while the system clock is untrusted.
-static SERVER_OFFSET: AtomicI64 = AtomicI64::new(0);
-static HAVE_SERVER_TIME: AtomicBool = AtomicBool::new(false);
-/// The last-known-good time persisted in state.json (0: none yet); see [`floor`].
-static PERSISTED_FLOOR: AtomicU64 = AtomicU64::new(0);
-/// The latest time that both the system clock and an authenticated CA's `Date` vouched for.
-static CORROBORATED: AtomicU64 = AtomicU64::new(0);
-
 /// How far the system clock and an authenticated CA's `Date` may disagree and still count as
 /// vouching for each other (a device clock drifts; a CA's clock is NTP-disciplined).
 pub const CORROBORATION_TOLERANCE_S: u64 = 3600;
 
-/// The earliest time it can possibly be: max(build time, the last-known-good time persisted in
-/// state.json). The floor only moves forward, and only on authenticated evidence (see
-/// [`corroborated`]), like systemd-timesyncd's saved clock.
-pub fn floor() -> u64 {
-    build_time().max(PERSISTED_FLOOR.load(Ordering::Relaxed))
-}
-
-/// Sets the persisted last-known-good time read from state.json; answers whether it was believed.
-pub fn set_persisted_floor(unix: u64) -> bool {
-    // The floor only ever comes from a corroborated clock or a certificate's notBefore, so one
-    // far beyond the build is a corrupt state.json (a flipped bit), not time that has passed:
-    // believing it would make every certificate look expired, for good.
-    if unix > build_time().saturating_add(MAX_FLOOR_AHEAD_OF_BUILD_S) {
-        log::warn!("state.json: ignoring clock_floor {unix}, implausibly far beyond this build");
-        return false;
-    }
-    PERSISTED_FLOOR.fetch_max(unix, Ordering::Relaxed);
-    true
-}
-
-/// How far past the build a persisted floor may be and still be believed: longer than any
-/// device stays in service on one firmware.
+/// How far past the earliest possible time a persisted floor may be and still be believed:
+/// longer than any device stays in service on one firmware.
 const MAX_FLOOR_AHEAD_OF_BUILD_S: u64 = 50 * 365 * 86_400;
 
-/// The time used for every validity judgement except the CA's TLS certificate.
-pub fn now() -> u64 {
-    let offset = HAVE_SERVER_TIME.load(Ordering::Relaxed).then(|| SERVER_OFFSET.load(Ordering::Relaxed));
-    effective_now(system_now(), floor(), offset)
+/// One run's view of time (design.md §5 rule 7). Each agent run (or gateway) owns one and hands
+/// it to its transport: nothing about time is process-global, so two clients in one process
+/// (tests, the gateway's upstreams) never see each other's server offsets.
+#[derive(Debug, Default)]
+pub struct Clock {
+    /// The earliest time it can possibly be for this program: its build time (0: no floor).
+    earliest: u64,
+    /// The last-known-good time persisted in state.json (0: none yet); see [`Clock::floor`].
+    persisted_floor: AtomicU64,
+    /// Offset (server − system) learnt from a CA's `Date` header while the system clock is untrusted.
+    server_offset: AtomicI64,
+    have_server_time: AtomicBool,
+    /// The latest time that both the system clock and an authenticated CA's `Date` vouched for.
+    corroborated: AtomicU64,
 }
 
-/// The time the CA's TLS certificate is judged at: the system clock when it can be believed,
-/// else the floor. Never the CA's `Date`: that header arrives from a server we have not yet
-/// authenticated, so it must not decide whether we authenticate it.
-pub fn tls_now() -> u64 {
-    system_now().max(floor())
-}
+impl Clock {
+    /// A clock that knows it cannot be earlier than `earliest` (the agent's build time).
+    pub fn new(earliest: u64) -> Clock {
+        Clock { earliest, ..Clock::default() }
+    }
 
-/// Whether the CA's time is known (only learnt while the system clock is untrusted).
-pub fn has_server_time() -> bool {
-    HAVE_SERVER_TIME.load(Ordering::Relaxed)
-}
+    /// The earliest time it can possibly be: max(build time, the last-known-good time persisted
+    /// in state.json). The floor only moves forward, and only on authenticated evidence (see
+    /// [`Clock::corroborated`]), like systemd-timesyncd's saved clock.
+    pub fn floor(&self) -> u64 {
+        self.earliest.max(self.persisted_floor.load(Ordering::Relaxed))
+    }
 
-/// Whether the system clock can be believed: it is not before the floor.
-pub fn clock_trusted() -> bool {
-    system_now() >= floor()
+    /// Sets the persisted last-known-good time read from state.json; answers whether it was believed.
+    pub fn set_persisted_floor(&self, unix: u64) -> bool {
+        // The floor only ever comes from a corroborated clock or a certificate's notBefore, so one
+        // far beyond the build is a corrupt state.json (a flipped bit), not time that has passed:
+        // believing it would make every certificate look expired, for good.
+        if unix > self.earliest.saturating_add(MAX_FLOOR_AHEAD_OF_BUILD_S) {
+            log::warn!("state.json: ignoring clock_floor {unix}, implausibly far beyond this build");
+            return false;
+        }
+        self.persisted_floor.fetch_max(unix, Ordering::Relaxed);
+        true
+    }
+
+    /// The time used for every validity judgement except the CA's TLS certificate.
+    pub fn now(&self) -> u64 {
+        let offset =
+            self.have_server_time.load(Ordering::Relaxed).then(|| self.server_offset.load(Ordering::Relaxed));
+        effective_now(system_now(), self.floor(), offset)
+    }
+
+    /// The time the CA's TLS certificate is judged at: the system clock when it can be believed,
+    /// else the floor. Never the CA's `Date`: that header arrives from a server we have not yet
+    /// authenticated, so it must not decide whether we authenticate it.
+    pub fn tls_now(&self) -> u64 {
+        system_now().max(self.floor())
+    }
+
+    /// Whether the CA's time is known (only learnt while the system clock is untrusted).
+    pub fn has_server_time(&self) -> bool {
+        self.have_server_time.load(Ordering::Relaxed)
+    }
+
+    /// Whether the system clock can be believed: it is not before the floor.
+    pub fn clock_trusted(&self) -> bool {
+        system_now() >= self.floor()
+    }
+
+    /// A new last-known-good time, when this run has one: the system clock, if it is past the
+    /// floor and a CA reached over verified TLS agreed with it (a battery-backed clock that jumped
+    /// to 2099 must not raise the floor for good, or every certificate would look expired forever).
+    pub fn corroborated(&self) -> Option<u64> {
+        let at = self.corroborated.load(Ordering::Relaxed);
+        (at > self.floor()).then_some(at)
+    }
+
+    /// Records a CA's `Date` header. `authenticated`: it came over TLS that verified the CA.
+    pub fn observe_server_date(&self, server: u64, authenticated: bool) {
+        let system = system_now();
+        let floor = self.floor();
+        if authenticated {
+            if let Some(vouched) = vouches_for(system, server, floor) {
+                self.corroborated.fetch_max(vouched, Ordering::Relaxed);
+            }
+        }
+        if system >= floor {
+            return;
+        }
+        if !self.have_server_time.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "system clock ({}) is before the earliest possible time ({}); using the CA's Date header \
+                 ({}) for request timestamps and certificate checks",
+                rfc3339(system),
+                rfc3339(floor),
+                rfc3339(server)
+            );
+        }
+        self.server_offset.store(server as i64 - system as i64, Ordering::Relaxed);
+    }
 }
 
 /// The clock rule as a pure function: trust the system clock unless it is before the floor;
@@ -85,40 +128,9 @@ pub fn effective_now(system: u64, floor: u64, server_offset: Option<i64>) -> u64
     }
 }
 
-/// A new last-known-good time, when this run has one: the system clock, if it is past the floor
-/// and a CA reached over verified TLS agreed with it (a battery-backed clock that jumped to 2099
-/// must not raise the floor for good, or every certificate would look expired forever).
-pub fn corroborated() -> Option<u64> {
-    let at = CORROBORATED.load(Ordering::Relaxed);
-    (at > floor()).then_some(at)
-}
-
 /// Whether an authenticated `Date` vouches for the system clock (pure, for tests).
 pub fn vouches_for(system: u64, server: u64, floor: u64) -> Option<u64> {
     (system >= floor && system.abs_diff(server) <= CORROBORATION_TOLERANCE_S).then(|| system.min(server))
-}
-
-/// Records a CA's `Date` header. `authenticated`: it came over TLS that verified the CA.
-pub fn observe_server_date(server: u64, authenticated: bool) {
-    let system = system_now();
-    if authenticated {
-        if let Some(vouched) = vouches_for(system, server, floor()) {
-            CORROBORATED.fetch_max(vouched, Ordering::Relaxed);
-        }
-    }
-    if system >= floor() {
-        return;
-    }
-    if !HAVE_SERVER_TIME.swap(true, Ordering::Relaxed) {
-        log::warn!(
-            "system clock ({}) is before the earliest possible time ({}); using the CA's Date header ({}) \
-             for request timestamps and certificate checks",
-            rfc3339(system),
-            rfc3339(floor()),
-            rfc3339(server)
-        );
-    }
-    SERVER_OFFSET.store(server as i64 - system as i64, Ordering::Relaxed);
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).

@@ -1,11 +1,13 @@
 //! rustls client configuration: server roots, and TLS client authentication with the device key
 //! signing in place through the HAL (design.md §5 rule 3), never an exported key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use enroll_hal::{Algorithm, DeviceKey, SignatureScheme as HalScheme};
 use std::time::Duration;
+
+use crate::time::Clock;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
@@ -64,27 +66,53 @@ pub struct ClientIdentity {
 /// How far past the clock floor a CA's TLS certificate may start and still be accepted while the
 /// device has no trustworthy clock (`tls.clock_window_s`); `None` when the roots are the
 /// system's, where anyone's certificate could be presented (design.md §5 rule 7).
-pub fn clock_window(tls: &crate::config::TlsSettings) -> Option<u64> {
+pub fn clock_window(tls: &TlsSettings) -> Option<u64> {
     tls.trust_bundle.as_ref().and(Some(tls.clock_window_s)).filter(|window| *window > 0)
+}
+
+/// How a program reaches its CAs: whom it trusts, the clock it judges certificates with, its
+/// timeout. Each run (or gateway upstream) owns one; nothing of it is process-global.
+#[derive(Clone)]
+pub struct Transport {
+    pub roots: Arc<RootCertStore>,
+    /// See [`clock_window`].
+    pub clock_window_s: Option<u64>,
+    pub timeout_s: u64,
+    pub clock: Arc<Clock>,
+}
+
+impl Transport {
+    /// The transport the `tls` block describes (reads the trust bundle).
+    pub fn from_settings(tls: &TlsSettings, clock: Arc<Clock>) -> Result<Transport> {
+        let roots = Arc::new(load_roots(tls.trust_bundle.as_deref())?);
+        Ok(Transport { roots, clock_window_s: clock_window(tls), timeout_s: tls.timeout_s, clock })
+    }
+
+    /// The rustls client configuration, with a client identity for mutual TLS or without.
+    pub fn client_config(&self, identity: Option<ClientIdentity>) -> Result<Arc<ClientConfig>> {
+        client_config(self.roots.clone(), self.clock_window_s, identity, self.clock.clone())
+    }
 }
 
 /// The rustls client configuration. `clock_window_s`: see [`clock_window`].
 pub fn client_config(
-    roots: RootCertStore,
+    roots: Arc<RootCertStore>,
     clock_window_s: Option<u64>,
     identity: Option<ClientIdentity>,
+    clock: Arc<Clock>,
 ) -> Result<Arc<ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server_verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| Error::config(format!("tls.trust_bundle: {e}")))?;
-    let builder = ClientConfig::builder_with_details(provider, Arc::new(EffectiveClock))
+    let builder = ClientConfig::builder_with_details(provider, Arc::new(EffectiveClock(clock.clone())))
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::new(crate::error::Kind::Internal, format!("TLS setup: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ClockTolerantVerifier {
             webpki: server_verifier,
             window_s: clock_window_s,
+            clock,
         }));
     let config = match identity {
         None => builder.with_no_client_auth(),
@@ -101,11 +129,11 @@ pub fn client_config(
 /// rustls asks this for "now": the system clock when it can be believed, else the floor
 /// (design.md §5 rule 7). Never the CA's `Date`, which comes from the server being judged.
 #[derive(Debug)]
-struct EffectiveClock;
+struct EffectiveClock(Arc<Clock>);
 
 impl TimeProvider for EffectiveClock {
     fn current_time(&self) -> Option<UnixTime> {
-        Some(UnixTime::since_unix_epoch(Duration::from_secs(crate::time::tls_now())))
+        Some(UnixTime::since_unix_epoch(Duration::from_secs(self.0.tls_now())))
     }
 }
 
@@ -126,6 +154,7 @@ impl TimeProvider for EffectiveClock {
 struct ClockTolerantVerifier {
     webpki: Arc<WebPkiServerVerifier>,
     window_s: Option<u64>,
+    clock: Arc<Clock>,
 }
 
 impl ClockTolerantVerifier {
@@ -137,9 +166,12 @@ impl ClockTolerantVerifier {
         server_name: &ServerName<'_>,
         ocsp: &[u8],
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let floor = crate::time::floor();
+        let floor = self.clock.floor();
         let Some(window_s) = self.window_s else {
-            return Err(refusal(floor, "the allowance needs tls.trust_bundle and a non-zero tls.clock_window_s"));
+            return Err(refusal(
+                floor,
+                "the allowance needs tls.trust_bundle and a non-zero tls.clock_window_s",
+            ));
         };
         let latest_start = std::iter::once(end_entity)
             .chain(intermediates)
@@ -151,7 +183,10 @@ impl ClockTolerantVerifier {
         if latest_start > floor.saturating_add(window_s) {
             return Err(refusal(
                 floor,
-                &format!("it starts at {}, beyond tls.clock_window_s ({window_s} s)", crate::time::rfc3339(latest_start)),
+                &format!(
+                    "it starts at {}, beyond tls.clock_window_s ({window_s} s)",
+                    crate::time::rfc3339(latest_start)
+                ),
             ));
         }
         let then = UnixTime::since_unix_epoch(Duration::from_secs(latest_start));
@@ -191,7 +226,7 @@ impl ServerCertVerifier for ClockTolerantVerifier {
                 CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }
             ))
         );
-        if !not_yet_valid || crate::time::clock_trusted() {
+        if !not_yet_valid || self.clock.clock_trusted() {
             return result;
         }
         self.starts_after_floor(end_entity, intermediates, server_name, ocsp)
@@ -275,3 +310,18 @@ impl Signer for HalSigner {
         self.tls
     }
 }
+
+#[derive(Debug)]
+pub struct TlsSettings {
+    pub trust_bundle: Option<PathBuf>,
+    pub timeout_s: u64,
+    pub danger_allow_http: bool,
+    /// Without a trustworthy clock, how far past the clock floor the CA's TLS certificate may
+    /// start (design.md §5 rule 7); 0 refuses every such certificate.
+    pub clock_window_s: u64,
+}
+
+/// `tls.clock_window_s` default: 180 days, about two rotations of a 90-day server certificate.
+pub const DEFAULT_CLOCK_WINDOW_S: u64 = 180 * 86_400;
+/// `tls.clock_window_s` upper bound (10 years): the window is a bound or it is nothing.
+pub const MAX_CLOCK_WINDOW_S: u64 = 10 * 365 * 86_400;

@@ -6,12 +6,14 @@
 //! `x5t` = UPPERCASE hex SHA-1 of the certificate, aud `https://ezca.io`), falling back to
 //! `RenewCertificateV2` when V3 answers 404 (§2.5). Both are synchronous.
 
+pub mod config;
+pub use config::*;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use super::{CaBackend, Credentials, Current, Outcome, Request};
-use crate::config::{EzcaBootstrap, EzcaSettings, RenewAuth};
+use crate::backend::{CaBackend, Credentials, Current, Outcome, Request};
 use crate::error::{Error, Result};
 use crate::http::{self, Http, Response};
 use crate::json::{self, Value};
@@ -28,6 +30,26 @@ const JWT_LIFETIME_S: u64 = 1800;
 const JWT_BACKDATE_S: u64 = 60;
 /// §2.4 defaults of the official clients: client and server authentication.
 const EKUS: [&str; 2] = ["1.3.6.1.5.5.7.3.2", "1.3.6.1.5.5.7.3.1"];
+
+/// Certificate renewal signs an RS256 token with the device key, in place (protocols.md §2.3).
+pub fn check_key(settings: &EzcaSettings, algorithm: enroll_hal::Algorithm, remote: bool) -> Result<()> {
+    if settings.renew_auth != RenewAuth::Certificate {
+        return Ok(());
+    }
+    if algorithm != enroll_hal::Algorithm::Rsa2048 {
+        return Err(Error::config(
+            "ca.renew_auth: EZCA certificate renewal signs an RS256 token and needs an RSA key: \
+             set key.algorithm to \"rsa2048\", or set ca.renew_auth to \"bootstrap\"",
+        ));
+    }
+    if remote {
+        return Err(Error::config(
+            "ca.renew_auth: a Redtrust key cannot sign the EZCA renewal token on this device; \
+             set ca.renew_auth to \"bootstrap\"",
+        ));
+    }
+    Ok(())
+}
 
 pub fn credentials(settings: &EzcaSettings) -> Credentials {
     let bootstrap = match settings.bootstrap {
@@ -89,7 +111,7 @@ impl<'a> Ezca<'a> {
             &[("Content-Type", "application/x-www-form-urlencoded")],
             Some(form.as_bytes()),
         )?;
-        let answer = super::parse_json(STEP, &response);
+        let answer = crate::backend::parse_json(STEP, &response);
         if !response.is_success() {
             let detail = answer.ok().map(|a| {
                 let field = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("").to_string();
@@ -98,6 +120,7 @@ impl<'a> Ezca<'a> {
             return Err(match (response.status, detail) {
                 (400 | 401, Some(detail)) => {
                     Error::refused(format!("{STEP}: Entra ID refused the client credentials: {detail}"))
+                        .with_answer(response.status, None, &detail)
                 }
                 _ => http::status_error(STEP, &response),
             });
@@ -159,7 +182,7 @@ impl<'a> Ezca<'a> {
             ),
         ])
         .to_json();
-        let jwt = certificate_jwt(current)?;
+        let jwt = certificate_jwt(current, self.http.clock().now())?;
         let auth = Zeroizing::new(format!("Bearer {jwt}"));
         let headers = [("Content-Type", "application/json"), ("Authorization", auth.as_str())];
         let v3 = self.http.send(
@@ -227,9 +250,9 @@ fn subject_alt_names(request: &Request) -> Value {
 }
 
 /// §2.3: the renewal token, signed in place by the device key.
-fn certificate_jwt(current: &Current) -> Result<String> {
+fn certificate_jwt(current: &Current, now: u64) -> Result<String> {
     // A minute in the past, so a device clock slightly ahead of EZCA's is not "not yet valid".
-    let not_before = crate::time::now().saturating_sub(JWT_BACKDATE_S);
+    let not_before = now.saturating_sub(JWT_BACKDATE_S);
     let header = json::object([
         ("alg", "RS256".into()),
         ("typ", "JWT".into()),
@@ -243,11 +266,10 @@ fn certificate_jwt(current: &Current) -> Result<String> {
     ]);
     let signing_input =
         format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_json()), URL_SAFE_NO_PAD.encode(claims.to_json()));
-    let signature =
-        current
-            .key
-            .sign(enroll_hal::SignatureScheme::RsaPkcs1Sha256, signing_input.as_bytes())
-            .map_err(|e| Error::from(e).context("signing the EZCA renewal token with the device key"))?;
+    let key = crate::backend::current_key(current, "EZCA certificate renewal")?;
+    let signature = key
+        .sign(enroll_hal::SignatureScheme::RsaPkcs1Sha256, signing_input.as_bytes())
+        .map_err(|e| Error::from(e).context("signing the EZCA renewal token with the device key"))?;
     Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature)))
 }
 
@@ -269,7 +291,8 @@ fn check_renew_status(step: &str, response: &Response) -> Result<()> {
             "{step}: EZCA refused the certificate-signed token (HTTP {}): {}",
             response.status,
             response.excerpt()
-        ))),
+        ))
+        .with_answer(response.status, None, &response.excerpt())),
         _ => Err(http::status_error(step, response)),
     }
 }
@@ -277,7 +300,7 @@ fn check_renew_status(step: &str, response: &Response) -> Result<()> {
 /// The bare `{CertificatePEM, IssuingCACertificate, RootCertificate}` answer, possibly encoded a
 /// second time as a JSON string (§2.1), and with the doc's trailing-space key typo tolerated.
 fn issued_from_json(step: &str, response: &Response) -> Result<Issued> {
-    let mut answer = super::parse_json(step, response)?;
+    let mut answer = crate::backend::parse_json(step, response)?;
     if let Value::String(inner) = &answer {
         answer = json::parse(inner.as_bytes()).map_err(|e| {
             Error::protocol(format!("{step}: the JSON-string-wrapped answer is not JSON")).with_source(e)
@@ -287,12 +310,12 @@ fn issued_from_json(step: &str, response: &Response) -> Result<Issued> {
         return Err(Error::protocol(format!("{step}: expected a JSON object, found {}", answer.type_name())));
     };
     let trimmed = Value::Object(members.into_iter().map(|(k, v)| (k.trim().to_string(), v)).collect());
-    let leaf = super::pem_field(step, &trimmed, "CertificatePEM")?
+    let leaf = crate::backend::pem_field(step, &trimmed, "CertificatePEM")?
         .into_iter()
         .next()
         .ok_or_else(|| Error::protocol(format!("{step}: CertificatePEM is empty")))?;
     let optional = |field: &str| match trimmed.get(field) {
-        Some(Value::String(_)) => super::pem_field(step, &trimmed, field),
+        Some(Value::String(_)) => crate::backend::pem_field(step, &trimmed, field),
         _ => Ok(Vec::new()),
     };
     Ok(Issued {
@@ -315,4 +338,22 @@ fn issued_from_pem_text(step: &str, response: &Response) -> Result<Issued> {
         roots: Vec::new(),
         ca_ref: None,
     })
+}
+
+impl crate::backend::Protocol for EzcaSettings {
+    fn parse(fields: &mut crate::fields::Fields, allow_http: bool) -> Result<Self> {
+        config::parse(fields, allow_http)
+    }
+
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
+        Box::new(Ezca::new(self, http))
+    }
+
+    fn credentials(&self) -> Credentials {
+        credentials(self)
+    }
+
+    fn check_key(&self, algorithm: enroll_hal::Algorithm, remote: bool) -> Result<()> {
+        check_key(self, algorithm, remote)
+    }
 }

@@ -7,15 +7,18 @@
 //! answers are base64 certs-only PKCS#7, DER or BER, with any whitespace. `202` + `Retry-After`
 //! means pending: the lifecycle keeps the CSR and [`Est::poll`] sends the identical bytes again.
 
+pub mod config;
+pub use config::*;
+
 use std::sync::Arc;
 
 use base64::Engine;
 use enroll_hal::DeviceKey;
 
-use super::{CaBackend, Credentials, Current, Outcome, Poll, Request};
-use crate::config::{EstBootstrap, EstSettings, Polling, TlsSettings};
+use crate::backend::Polling;
+use crate::backend::{CaBackend, Credentials, Current, Outcome, Poll, Request};
 use crate::error::{Context, Error, Result};
-use crate::http::{self, parse_retry_after, Http, Response};
+use crate::http::{self, Http, Response};
 use crate::pki::{self, Cert, Issued};
 use crate::secret::Secret;
 use crate::tls::ClientIdentity;
@@ -114,7 +117,6 @@ enum Auth<'a> {
 
 pub struct Est<'a> {
     settings: &'a EstSettings,
-    tls: &'a TlsSettings,
     /// Server authentication only (cacerts).
     http: Http,
     /// What `cacerts` returned in this run (ca.pem).
@@ -124,8 +126,8 @@ pub struct Est<'a> {
 }
 
 impl<'a> Est<'a> {
-    pub fn new(settings: &'a EstSettings, tls: &'a TlsSettings, http: Http) -> Self {
-        Est { settings, tls, http, cacerts: None, retry_after: None }
+    pub fn new(settings: &'a EstSettings, http: Http) -> Self {
+        Est { settings, http, cacerts: None, retry_after: None }
     }
 
     fn url(&self, operation: &str) -> String {
@@ -153,10 +155,7 @@ impl<'a> Est<'a> {
 
     /// An HTTP client that presents `chain` and signs with `key` (in place, through the HAL).
     fn mtls(&self, chain: &[Vec<u8>], key: Arc<dyn DeviceKey>) -> Result<Http> {
-        let roots = crate::tls::load_roots(self.tls.trust_bundle.as_deref())?;
-        let identity = ClientIdentity { chain: chain.to_vec(), key };
-        let config = crate::tls::client_config(roots, crate::tls::clock_window(self.tls), Some(identity))?;
-        Ok(Http::new(config, self.tls.timeout_s))
+        self.http.with_identity(ClientIdentity { chain: chain.to_vec(), key })
     }
 
     /// The bootstrap credential, or 77 saying there is none.
@@ -206,8 +205,7 @@ impl<'a> Est<'a> {
         response: &Response,
         credential: &str,
     ) -> Result<Outcome> {
-        self.retry_after =
-            response.retry_after.as_deref().and_then(|t| parse_retry_after(t, crate::time::now()));
+        self.retry_after = response.retry_after;
         match response.status {
             200 => {}
             // 202 (RFC 7030 §4.2.3); 206 as one vendor documents it (protocols.md §6.1).
@@ -262,7 +260,8 @@ impl<'a> Est<'a> {
         }
         let chain: Vec<Vec<u8>> =
             std::iter::once(current.cert.der.clone()).chain(current.chain.iter().cloned()).collect();
-        self.send_csr(SIMPLEREENROLL, request, Auth::Tls(&chain, current.key.clone()))
+        let key = crate::backend::current_key(current, "EST simplereenroll")?;
+        self.send_csr(SIMPLEREENROLL, request, Auth::Tls(&chain, key))
     }
 }
 
@@ -320,9 +319,35 @@ impl CaBackend for Est<'_> {
     }
 }
 
+impl crate::backend::Protocol for EstSettings {
+    fn parse(fields: &mut crate::fields::Fields, allow_http: bool) -> Result<Self> {
+        config::parse(fields, allow_http)
+    }
+
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
+        Box::new(Est::new(self, http))
+    }
+
+    fn credentials(&self) -> Credentials {
+        credentials(self)
+    }
+
+    /// EST renews over TLS client authentication, signed on the device.
+    fn check_key(&self, _algorithm: enroll_hal::Algorithm, remote: bool) -> Result<()> {
+        match remote {
+            true => Err(Error::config(
+                "ca.backend: EST renews over TLS client authentication, which a Redtrust key cannot sign \
+                 on this device",
+            )),
+            false => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::parse_retry_after;
 
     #[test]
     fn urls_append_the_well_known_path_with_and_without_a_label() {
@@ -406,7 +431,7 @@ mod tests {
         }
         // A temporary failure carries the server's Retry-After through the error chain (for `run`).
         let mut busy = response(503);
-        busy.retry_after = Some("30".into());
+        busy.retry_after = Some(30);
         let error = http::status_error("EST simpleenroll", &busy).context("enrolling with EST");
         assert_eq!(error.retry_after(), Some(30));
         busy.status = 403;

@@ -5,7 +5,7 @@ use der::asn1::{
     Any, BitString, Ia5String, ObjectIdentifier, OctetString, PrintableStringRef, SetOfVec, Utf8StringRef,
 };
 use der::{Decode, Encode};
-use enroll_hal::{DeviceKey, SignatureScheme};
+use enroll_hal::{Algorithm, DeviceKey, SignatureScheme};
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::ext::pkix::name::GeneralName;
@@ -14,8 +14,8 @@ use x509_cert::ext::Extension;
 use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
 use x509_cert::request::{CertReq, CertReqInfo, ExtensionReq, Version};
 
-use crate::config::{Sans, Subject, SubjectAttribute};
 use crate::error::{Context, Error, Result};
+use crate::subject::{Sans, Subject, SubjectAttribute};
 
 pub const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 pub const SHA256_WITH_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
@@ -150,10 +150,147 @@ fn const_oid_san() -> ObjectIdentifier {
     x509_cert::ext::pkix::ID_CE_SUBJECT_ALT_NAME
 }
 
+/// A CSR made elsewhere (a device asking the gateway), read into what a CA request carries: its
+/// self-signature checked, then its subject, SANs and key algorithm (design.md §8).
+pub struct Received {
+    pub csr: Csr,
+    pub algorithm: Algorithm,
+    pub subject: Subject,
+    pub sans: Sans,
+    /// The requested public key (DER SubjectPublicKeyInfo), which the issued certificate must carry.
+    pub spki: Vec<u8>,
+}
+
+const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const P256_CURVE: &str = "1.2.840.10045.3.1.7";
+const RSA_ENCRYPTION: &str = "1.2.840.113549.1.1.1";
+const EXTENSION_REQUEST: &str = "1.2.840.113549.1.9.14";
+
+impl Received {
+    /// Parses and checks `der`; every refusal is a protocol error naming what is wrong.
+    pub fn from_der(der: &[u8]) -> Result<Received> {
+        let spki = crate::pki::verify_csr(der)?;
+        let request =
+            CertReq::from_der(der).map_err(|e| Error::protocol(format!("the CSR does not parse: {e}")))?;
+        let pem = pem::encode_config(
+            &pem::Pem::new("CERTIFICATE REQUEST", der.to_vec()),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        );
+        Ok(Received {
+            algorithm: key_algorithm(&request.info.public_key)?,
+            subject: subject_of(&request.info.subject)?,
+            sans: sans_of(&request.info)?,
+            csr: Csr { der: der.to_vec(), pem },
+            spki,
+        })
+    }
+
+    /// The request a [`crate::backend::CaBackend`] takes.
+    pub fn request(&self) -> crate::backend::Request<'_> {
+        crate::backend::Request {
+            csr: &self.csr,
+            algorithm: self.algorithm,
+            subject: &self.subject,
+            sans: &self.sans,
+        }
+    }
+}
+
+/// P-256 or RSA-2048: the two algorithms every CA client here handles.
+fn key_algorithm(spki: &SubjectPublicKeyInfoOwned) -> Result<Algorithm> {
+    let parameter = spki.algorithm.parameters.as_ref().and_then(|p| p.decode_as::<ObjectIdentifier>().ok());
+    match (spki.algorithm.oid.to_string().as_str(), parameter.map(|p| p.to_string())) {
+        (EC_PUBLIC_KEY, Some(curve)) if curve == P256_CURVE => Ok(Algorithm::P256),
+        (RSA_ENCRYPTION, _) if rsa_modulus_bits(spki.subject_public_key.raw_bytes()) == Some(2048) => {
+            Ok(Algorithm::Rsa2048)
+        }
+        (oid, _) => Err(Error::protocol(format!("the CSR's key ({oid}) is neither P-256 nor RSA-2048"))),
+    }
+}
+
+/// The modulus size of a PKCS#1 RSAPublicKey (`SEQUENCE { n INTEGER, e INTEGER }`).
+fn rsa_modulus_bits(pkcs1: &[u8]) -> Option<usize> {
+    use der::Reader;
+    let mut reader = der::SliceReader::new(pkcs1).ok()?;
+    let n = reader
+        .sequence(|inner| {
+            let n = inner.decode::<der::asn1::UintRef<'_>>()?;
+            inner.decode::<der::asn1::UintRef<'_>>()?;
+            Ok(n.as_bytes().len())
+        })
+        .ok()?;
+    Some(n * 8)
+}
+
+/// The subject's attributes, in order; one this crate cannot ask a CA for is refused.
+fn subject_of(name: &Name) -> Result<Subject> {
+    let mut attributes = Vec::new();
+    for atv in name.0.iter().flat_map(|rdn| rdn.0.iter()) {
+        let oid = atv.oid.to_string();
+        let Some(attribute) = SubjectAttribute::ALL.into_iter().find(|a| a.oid() == oid) else {
+            return Err(Error::protocol(format!(
+                "the CSR's subject carries attribute {oid}, which is not supported"
+            )));
+        };
+        let value = directory_string(&atv.value).ok_or_else(|| {
+            Error::protocol(format!("the CSR's subject {}: not a text string", attribute.key()))
+        })?;
+        attributes.push((attribute, value));
+    }
+    Ok(Subject { attributes })
+}
+
+fn directory_string(value: &Any) -> Option<String> {
+    if let Ok(s) = value.decode_as::<Utf8StringRef<'_>>() {
+        return Some(s.as_str().to_string());
+    }
+    if let Ok(s) = value.decode_as::<PrintableStringRef<'_>>() {
+        return Some(s.as_str().to_string());
+    }
+    value.decode_as::<der::asn1::Ia5StringRef<'_>>().ok().map(|s| s.as_str().to_string())
+}
+
+/// The SANs of the extensionRequest attribute; a type other than DNS, IP, URI and email is refused.
+fn sans_of(info: &CertReqInfo) -> Result<Sans> {
+    let mut sans = Sans::default();
+    let requested = info.attributes.iter().filter(|a| a.oid.to_string() == EXTENSION_REQUEST);
+    let extensions = requested.flat_map(|a| a.values.iter()).map(|v| v.decode_as::<ExtensionReq>());
+    for extensions in extensions {
+        let extensions =
+            extensions.map_err(|e| Error::protocol(format!("the CSR's extensionRequest: {e}")))?;
+        for extension in extensions.0.iter().filter(|e| e.extn_id == const_oid_san()) {
+            let names = SubjectAltName::from_der(extension.extn_value.as_bytes())
+                .map_err(|e| Error::protocol(format!("the CSR's subjectAltName: {e}")))?;
+            for name in names.0 {
+                add_san(&mut sans, name)?;
+            }
+        }
+    }
+    Ok(sans)
+}
+
+fn add_san(sans: &mut Sans, name: GeneralName) -> Result<()> {
+    match name {
+        GeneralName::DnsName(dns) => sans.dns.push(dns.to_string()),
+        GeneralName::UniformResourceIdentifier(uri) => sans.uri.push(uri.to_string()),
+        GeneralName::Rfc822Name(email) => sans.email.push(email.to_string()),
+        GeneralName::IpAddress(ip) => {
+            let ip = match ip.as_bytes().len() {
+                4 => <[u8; 4]>::try_from(ip.as_bytes()).map(std::net::IpAddr::from).ok(),
+                16 => <[u8; 16]>::try_from(ip.as_bytes()).map(std::net::IpAddr::from).ok(),
+                _ => None,
+            };
+            sans.ip.push(ip.ok_or_else(|| Error::protocol("the CSR's IP SAN is neither IPv4 nor IPv6"))?);
+        }
+        _ => return Err(Error::protocol("the CSR asks for a SAN type other than DNS, IP, URI and email")),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use enroll_hal::{Algorithm, KeyProvider};
+    use enroll_hal::KeyProvider;
 
     #[test]
     fn csr_carries_subject_sans_and_a_signature_that_verifies() {
@@ -186,6 +323,33 @@ mod tests {
             enroll_hal::soft::FileKeyProvider::default().generate(Algorithm::P256, &slot).unwrap();
         assert!(!asks_for(&csr.der, other_key.as_ref(), &subject, &sans));
         assert!(!asks_for(b"garbage", key.as_ref(), &subject, &sans));
+        // A CSR that arrives over the network reads back as what was asked for.
+        let received = Received::from_der(&csr.der).unwrap();
+        assert_eq!(
+            (received.algorithm, &received.subject, &received.sans, &received.spki),
+            (Algorithm::P256, &subject, &sans, &key.public_key_spki().to_vec())
+        );
+        assert_eq!(received.csr.pem, csr.pem);
+        let mut tampered = csr.der.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        let error = Received::from_der(&tampered).err().expect("a bad signature is refused");
+        assert_eq!(error.kind(), crate::error::Kind::Protocol);
+        std::fs::remove_dir_all(&slot).unwrap();
+    }
+
+    #[test]
+    fn a_received_rsa_csr_is_rsa2048() {
+        let slot = std::env::temp_dir().join(format!("enroll-csr-rsa-{}", std::process::id()));
+        std::fs::create_dir_all(&slot).unwrap();
+        let key = enroll_hal::soft::FileKeyProvider::default().generate(Algorithm::Rsa2048, &slot).unwrap();
+        let subject = Subject { attributes: vec![(SubjectAttribute::CN, "meter-7".into())] };
+        let csr = build(key.as_ref(), &subject, &Sans::default()).unwrap();
+        let received = Received::from_der(&csr.der).unwrap();
+        assert_eq!(
+            (received.algorithm, received.subject, received.sans),
+            (Algorithm::Rsa2048, subject, Sans::default())
+        );
         std::fs::remove_dir_all(&slot).unwrap();
     }
 }

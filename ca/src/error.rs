@@ -49,6 +49,21 @@ pub struct Error {
     /// The CA's `Retry-After` (seconds) on a temporary failure (HTTP 429/503): `run` waits at
     /// least this long before trying again.
     retry_after: Option<u64>,
+    /// What the CA answered, when this error is its answer (kept through [`Error::context`]).
+    answer: Option<Box<CaAnswer>>,
+}
+
+/// A CA's answer that is an error, as data: the gateway maps it to its own HTTP answer (a vendor
+/// refusal → 403 with the vendor's words, unavailable → 503 + Retry-After) without reading the
+/// message, and the agent's exit code is the error's [`Kind`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CaAnswer {
+    /// The HTTP status of the answer (200 for vendors that put errors in a 200 body, as EnOS).
+    pub status: u16,
+    /// The vendor's own error code (EnOS `code`, Sectigo `code`, Securosys `errorCode`), if any.
+    pub code: Option<i64>,
+    /// The vendor's words, one sanitized line.
+    pub words: String,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -85,7 +100,8 @@ impl Error {
     /// Every message passes through [`sanitize`]: this is where CA text (EnOS `msg`, EZCA's text,
     /// Sectigo `description`, …) enters the chain that `main` prints and `state.json` records.
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error { kind, message: sanitize(&message.into(), MAX_MESSAGE_CHARS), source: None, retry_after: None }
+        let message = sanitize(&message.into(), MAX_MESSAGE_CHARS);
+        Error { kind, message, source: None, retry_after: None, answer: None }
     }
 
     pub fn config(message: impl Into<String>) -> Self {
@@ -116,8 +132,8 @@ impl Error {
     /// Wraps this error under a higher-level step; the kind (and so the exit code) is kept.
     pub fn context(self, message: impl Into<String>) -> Self {
         let message = sanitize(&message.into(), MAX_MESSAGE_CHARS);
-        let retry_after = self.retry_after;
-        Error { kind: self.kind, message, source: Some(Box::new(self)), retry_after }
+        let (retry_after, answer) = (self.retry_after, self.answer.clone());
+        Error { kind: self.kind, message, source: Some(Box::new(self)), retry_after, answer }
     }
 
     /// Records the CA's `Retry-After` (kept through [`Error::context`]).
@@ -128,6 +144,18 @@ impl Error {
 
     pub fn retry_after(&self) -> Option<u64> {
         self.retry_after
+    }
+
+    /// Records what the CA answered (see [`CaAnswer`]).
+    pub fn with_answer(mut self, status: u16, code: Option<i64>, words: &str) -> Self {
+        let words = sanitize(words, 300);
+        self.answer = Some(Box::new(CaAnswer { status, code, words }));
+        self
+    }
+
+    /// What the CA answered, when this error (or the one it wraps) is the CA's answer.
+    pub fn answer(&self) -> Option<&CaAnswer> {
+        self.answer.as_deref()
     }
 
     pub fn kind(&self) -> Kind {

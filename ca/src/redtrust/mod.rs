@@ -14,14 +14,19 @@
 //!
 //! Every answer is the envelope `{message, messageType, errorCode, data}`.
 
+pub mod config;
+pub use config::*;
+
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use crate::config::{RedtrustSettings, Subject, SubjectAttribute};
+use crate::backend::{RemoteKeyService, RemoteRequest};
 use crate::error::{Error, Result};
 use crate::http::{self, Http, Response};
 use crate::json::{self, Value};
+use crate::pki::Cert;
+use crate::subject::{Subject, SubjectAttribute};
 
 const LOGIN_REQUEST: &str = "/authclient/auth/loginrequest";
 const LOGIN_BY_TEMP_TOKEN: &str = "/authapi/v1/login_by_temp_token";
@@ -37,12 +42,6 @@ const REFRESH_MARGIN_S: u64 = 30;
 /// The `key.uri` of a Redtrust key, named by its certificate's thumbprint.
 pub fn key_uri(thumbprint: &str) -> String {
     format!("redtrust:{thumbprint}")
-}
-
-/// What `csr/create` answered.
-pub struct Created {
-    pub request_code: String,
-    pub csr_der: Vec<u8>,
 }
 
 struct Tokens {
@@ -64,7 +63,7 @@ impl<'a> Redtrust<'a> {
     }
 
     /// `csr/create` (v1), or v2 with `thumbprintToRenew` when renewing that certificate.
-    pub fn create(&mut self, subject: &Subject, renew_thumbprint: Option<&str>) -> Result<Created> {
+    fn create_request(&mut self, subject: &Subject, renew_thumbprint: Option<&str>) -> Result<RemoteRequest> {
         const STEP: &str = "Redtrust csr/create";
         let dn: Vec<Value> = subject
             .attributes
@@ -97,11 +96,11 @@ impl<'a> Redtrust<'a> {
         let csr_der = text("csr")
             .and_then(|b64| STANDARD.decode(b64.split_whitespace().collect::<String>()).ok())
             .ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no base64 csr")))?;
-        Ok(Created { request_code: request_code.to_string(), csr_der })
+        Ok(RemoteRequest { handle: request_code.to_string(), csr_der })
     }
 
     /// `csr/finalize`: hands the issued certificate to Redtrust; answers its thumbprint.
-    pub fn finalize(
+    fn finalize_request(
         &mut self,
         request_code: &str,
         certificate_der: &[u8],
@@ -124,7 +123,7 @@ impl<'a> Redtrust<'a> {
     }
 
     /// Ends the session (best effort: a failed logout only costs a token that expires anyway).
-    pub fn logout(&mut self) {
+    fn logout(&mut self) {
         let Some(tokens) = self.tokens.take() else {
             return;
         };
@@ -166,9 +165,8 @@ impl<'a> Redtrust<'a> {
     }
 
     fn ensure_session(&mut self) -> Result<()> {
-        let fresh = |t: &Tokens| {
-            t.expires_at.is_none_or(|at| at > crate::time::now().saturating_add(REFRESH_MARGIN_S))
-        };
+        let now = self.http.clock().now();
+        let fresh = |t: &Tokens| t.expires_at.is_none_or(|at| at > now.saturating_add(REFRESH_MARGIN_S));
         match &self.tokens {
             Some(tokens) if fresh(tokens) => Ok(()),
             Some(_) => self.renew_session(),
@@ -205,7 +203,7 @@ impl<'a> Redtrust<'a> {
     fn login(&mut self) -> Result<()> {
         const STEP: &str = "Redtrust login request";
         let s = self.settings;
-        let timestamp = crate::time::now().to_string();
+        let timestamp = self.http.clock().now().to_string();
         let signature = Zeroizing::new(hmac_hex(
             s.hmac_secret.expose().as_bytes(),
             &format!("{}:{timestamp}", s.partner),
@@ -252,6 +250,26 @@ impl<'a> Redtrust<'a> {
         self.tokens = Some(tokens_from(EXCHANGE, &data)?);
         log::info!("logged in to Redtrust as partner {}", s.partner);
         Ok(())
+    }
+}
+
+impl RemoteKeyService for Redtrust<'_> {
+    fn name(&self) -> &'static str {
+        "Redtrust"
+    }
+
+    fn create(&mut self, subject: &Subject, renewing: Option<&Cert>) -> Result<RemoteRequest> {
+        let thumbprint = renewing.map(Cert::thumbprint_sha1_hex);
+        self.create_request(subject, thumbprint.as_deref())
+    }
+
+    fn finalize(&mut self, handle: &str, leaf: &Cert) -> Result<String> {
+        let thumbprint = self.finalize_request(handle, &leaf.der, &leaf.thumbprint_sha1_hex())?;
+        Ok(key_uri(&thumbprint))
+    }
+
+    fn end(&mut self) {
+        self.logout();
     }
 }
 
@@ -319,12 +337,14 @@ fn envelope_words(response: &Response) -> String {
 fn envelope_error(step: &str, response: &Response) -> Error {
     let refused =
         if matches!(response.status, 401 | 403) { "Redtrust refused the credentials: " } else { "" };
-    let message = format!("{step}: HTTP {}: {refused}{}", response.status, envelope_words(response));
-    match response.status {
-        408 | 429 | 500..=599 => Error::temporary(message),
+    let words = envelope_words(response);
+    let message = format!("{step}: HTTP {}: {refused}{words}", response.status);
+    let error = match response.status {
+        408 | 429 | 500..=599 => Error::temporary(message).with_retry_after(response.retry_after),
         400..=499 => Error::refused(message),
         _ => Error::protocol(message),
-    }
+    };
+    error.with_answer(response.status, None, &words)
 }
 
 #[cfg(test)]

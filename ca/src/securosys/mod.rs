@@ -9,8 +9,11 @@
 //! CSR with the same credential (§4.6). TSB returns only the leaf, so the issuing chain comes
 //! from `ca.ca_bundle`.
 
-use super::{CaBackend, Credentials, Current, Outcome, Poll, Request};
-use crate::config::{Polling, SecurosysSettings};
+pub mod config;
+pub use config::*;
+
+use crate::backend::Polling;
+use crate::backend::{CaBackend, Credentials, Current, Outcome, Poll, Request};
 use crate::error::{Error, Result};
 use crate::http::{self, Http, Response};
 use crate::json::{self, Value};
@@ -105,7 +108,7 @@ impl<'a> Securosys<'a> {
 
     /// The leaf from `field`, with the configured issuing chain.
     fn issued(&self, step: &str, answer: &Value, field: &str) -> Result<Issued> {
-        let leaf = super::pem_field(step, answer, field)?
+        let leaf = crate::backend::pem_field(step, answer, field)?
             .into_iter()
             .next()
             .ok_or_else(|| Error::protocol(format!("{step}: {field} is empty")))?;
@@ -151,7 +154,7 @@ impl CaBackend for Securosys<'_> {
                 _ => Err(error),
             };
         }
-        let answer = super::parse_json(STEP, &response)?;
+        let answer = crate::backend::parse_json(STEP, &response)?;
         let status = answer.get("status").and_then(Value::as_str).unwrap_or("");
         let ended = |message: String| Ok(Poll::Ended(Error::refused(message)));
         match status {
@@ -198,7 +201,7 @@ fn success_json(step: &str, response: &Response) -> Result<Value> {
     if !response.is_success() {
         return Err(securosys_error(step, response));
     }
-    super::parse_json(step, response)
+    crate::backend::parse_json(step, response)
 }
 
 /// §4.2: `{"errorCode": int, "reason": "res.error.…", "message": str}`.
@@ -216,10 +219,25 @@ fn securosys_error(step: &str, response: &Response) -> Error {
     let refused = if matches!(response.status, 401 | 403) { "TSB refused the credentials: " } else { "" };
     let text =
         format!("{step}: HTTP {}: {refused}Securosys errorCode {code} {reason}: {message}", response.status);
-    match response.status {
-        408 | 429 | 500..=599 => Error::temporary(text),
+    let error = match response.status {
+        408 | 429 | 500..=599 => Error::temporary(text).with_retry_after(response.retry_after),
         400..=499 => Error::refused(text),
         _ => Error::protocol(text),
+    };
+    error.with_answer(response.status, Some(code), &format!("{reason}: {message}"))
+}
+
+impl crate::backend::Protocol for SecurosysSettings {
+    fn parse(fields: &mut crate::fields::Fields, allow_http: bool) -> Result<Self> {
+        config::parse(fields, allow_http)
+    }
+
+    fn client(&self, http: Http) -> Box<dyn CaBackend + '_> {
+        Box::new(Securosys::new(self, http))
+    }
+
+    fn credentials(&self) -> Credentials {
+        credentials(self)
     }
 }
 
@@ -243,5 +261,8 @@ mod tests {
             error.to_string().contains("errorCode 631 res.error.invalid.api.key: Invalid API key"),
             "{error}"
         );
+        let answer = error.answer().expect("the answer as data");
+        assert_eq!((answer.status, answer.code), (401, Some(631)));
+        assert_eq!(answer.words, "res.error.invalid.api.key: Invalid API key");
     }
 }

@@ -3,19 +3,23 @@
 //! status means for their CA.
 
 use std::io::Read;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::time::Clock;
+use crate::tls::{ClientIdentity, Transport};
 
 /// Larger answers are refused as protocol errors. The largest answer of any backend (a JSON
 /// envelope or PEM text with a leaf and its chain) is a few KiB; 64 KiB leaves room for long
 /// chains and gateway error pages while keeping a hostile body's memory small.
 pub const MAX_BODY_BYTES: u64 = 64 << 10;
 
+/// One client for one CA, with the transport (roots, clock, timeout) it was built from, so a
+/// request that needs a client identity gets a sibling with [`Http::with_identity`].
 #[derive(Clone)]
 pub struct Http {
     agent: ureq::Agent,
+    transport: Transport,
 }
 
 /// A complete response.
@@ -24,8 +28,9 @@ pub struct Response {
     pub body: Vec<u8>,
     pub content_type: Option<String>,
     pub location: Option<String>,
-    /// `Retry-After` (RFC 9110 §10.2.3), as sent: delta-seconds or an HTTP date.
-    pub retry_after: Option<String>,
+    /// `Retry-After` (RFC 9110 §10.2.3) in seconds from now, read from delta-seconds or an HTTP
+    /// date when the answer arrived.
+    pub retry_after: Option<u64>,
 }
 
 impl Response {
@@ -47,14 +52,30 @@ pub fn excerpt(text: &str) -> String {
 }
 
 impl Http {
-    pub fn new(tls: Arc<rustls::ClientConfig>, timeout_s: u64) -> Http {
+    /// A client without TLS client authentication.
+    pub fn new(transport: Transport) -> Result<Http> {
+        Http::build(transport, None)
+    }
+
+    /// The same transport, authenticating with `identity` (TLS client authentication is chosen
+    /// per request: EST renews with the current key and enrolls with the factory key).
+    pub fn with_identity(&self, identity: ClientIdentity) -> Result<Http> {
+        Http::build(self.transport.clone(), Some(identity))
+    }
+
+    fn build(transport: Transport, identity: Option<ClientIdentity>) -> Result<Http> {
         let agent = ureq::AgentBuilder::new()
-            .tls_config(tls)
-            .timeout(Duration::from_secs(timeout_s))
+            .tls_config(transport.client_config(identity)?)
+            .timeout(Duration::from_secs(transport.timeout_s))
             .redirects(0)
             .user_agent(concat!("enroll-agent/", env!("CARGO_PKG_VERSION")))
             .build();
-        Http { agent }
+        Ok(Http { agent, transport })
+    }
+
+    /// The clock this client's CA answers are judged with (and whose `Date` they feed).
+    pub fn clock(&self) -> &Clock {
+        &self.transport.clock
     }
 
     /// Sends one request and reads the whole bounded body. `what` names the step for errors.
@@ -91,12 +112,13 @@ impl Http {
 
     fn read(&self, what: &str, response: ureq::Response, authenticated: bool) -> Result<Response> {
         if let Some(date) = response.header("date").and_then(crate::time::parse_http_date) {
-            crate::time::observe_server_date(date, authenticated);
+            self.transport.clock.observe_server_date(date, authenticated);
         }
         let status = response.status();
         let content_type = response.header("content-type").map(str::to_string);
         let location = response.header("location").map(str::to_string);
-        let retry_after = response.header("retry-after").map(str::to_string);
+        let retry_after =
+            response.header("retry-after").and_then(|text| parse_retry_after(text, self.clock().now()));
         let body = read_body(what, response.into_reader(), MAX_BODY_BYTES)?;
         Ok(Response { status, body, content_type, location, retry_after })
     }
@@ -144,14 +166,19 @@ impl std::error::Error for TransportError {}
 /// The common reading of an HTTP failure status (design.md §7): 408/429/5xx are temporary,
 /// other 4xx are refusals. Backends call this after handling their own codes.
 pub fn status_error(what: &str, response: &Response) -> Error {
-    let message = format!("{what}: HTTP {}: {}", response.status, response.excerpt());
-    match response.status {
-        408 | 429 | 500..=599 => Error::temporary(message).with_retry_after(
-            response.retry_after.as_deref().and_then(|t| parse_retry_after(t, crate::time::now())),
-        ),
+    classify(what, response, None, &response.excerpt())
+}
+
+/// The error for an HTTP failure status carrying the CA's own code and words: 408/429/5xx are
+/// temporary (with the CA's Retry-After), other 4xx refusals, anything else a protocol error.
+pub fn classify(what: &str, response: &Response, code: Option<i64>, words: &str) -> Error {
+    let message = format!("{what}: HTTP {}: {words}", response.status);
+    let error = match response.status {
+        408 | 429 | 500..=599 => Error::temporary(message).with_retry_after(response.retry_after),
         400..=499 => Error::refused(message),
         _ => Error::protocol(message),
-    }
+    };
+    error.with_answer(response.status, code, words)
 }
 
 /// `Retry-After` (RFC 9110 §10.2.3): delta-seconds, or an HTTP date counted from `now`. At least
