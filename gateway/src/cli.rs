@@ -284,7 +284,7 @@ async fn check(settings: Settings, online: bool) -> Result<(), Error> {
     );
     let mut failed = Vec::new();
     for (name, l) in &settings.labels {
-        match crate::upstream::build_upstream(name, &l.ca) {
+        match crate::upstream::build_upstream(name, &l.ca, &settings.upstream) {
             Ok(up) => {
                 if online {
                     match tokio::task::spawn_blocking(move || up.check()).await {

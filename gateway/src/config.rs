@@ -30,6 +30,17 @@ struct RawConfig {
     default_label: Option<String>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    upstream: RawUpstream,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    #[serde(default)]
+    trust_bundle: Option<PathBuf>,
+    #[serde(default)]
+    timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +157,26 @@ impl Default for Limits {
     }
 }
 
+/// How the gateway reaches the vendor APIs (`upstream`): the roots their TLS certificates are
+/// verified against and the timeout of one call. The agent keeps these in its `tls` block; the
+/// gateway's `labels.L.ca` blocks are the agent's `ca` block, so they live here.
+#[derive(Clone, Debug)]
+pub struct UpstreamSettings {
+    /// `upstream.trust_bundle` (PEM roots); default `None`: the system bundle.
+    pub trust_bundle: Option<PathBuf>,
+    /// `upstream.timeout_s`: seconds for one vendor call; default 30.
+    pub timeout_s: u64,
+}
+
+/// `upstream.timeout_s` default.
+pub const DEFAULT_UPSTREAM_TIMEOUT_S: u64 = 30;
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self { trust_bundle: None, timeout_s: DEFAULT_UPSTREAM_TIMEOUT_S }
+    }
+}
+
 /// The validated config.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -157,6 +188,7 @@ pub struct Settings {
     pub labels: BTreeMap<String, Arc<Label>>,
     pub default_label: Option<String>,
     pub limits: Limits,
+    pub upstream: UpstreamSettings,
 }
 
 /// Where the store lives. `url` may hold the password: never print it, print [`Database::shown`].
@@ -336,7 +368,7 @@ impl Settings {
                 name.clone(),
                 Arc::new(Label {
                     name: name.clone(),
-                    ca: l.ca.clone(),
+                    ca: absolute_files(&l.ca, &abs),
                     ca_certs,
                     factory_roots,
                     device_id: l.bootstrap.device_id,
@@ -361,6 +393,13 @@ impl Settings {
         if limits.max_connections == 0 {
             return Err(field_err("limits.max_connections", "must be at least 1"));
         }
+        let upstream = UpstreamSettings {
+            trust_bundle: raw.upstream.trust_bundle.as_deref().map(abs),
+            timeout_s: raw.upstream.timeout_s.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_S),
+        };
+        if !(1..=600).contains(&upstream.timeout_s) {
+            return Err(field_err("upstream.timeout_s", "must be 1..=600"));
+        }
         Ok(Settings {
             listen,
             admin_listen,
@@ -370,6 +409,7 @@ impl Settings {
             labels,
             default_label: raw.default_label,
             limits,
+            upstream,
         })
     }
 
@@ -380,6 +420,28 @@ impl Settings {
             Some(n) => self.labels.get(n),
             None => self.default_label.as_ref().and_then(|d| self.labels.get(d)),
         }
+    }
+}
+
+/// The `ca` block with every relative `*_file` path taken from the config's directory, as the
+/// gateway's own `*_file` fields are (the CA crate reads them as given).
+fn absolute_files(value: &serde_json::Value, abs: &dyn Fn(&Path) -> PathBuf) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(members) => members
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(p) if k.ends_with("_file") && !p.is_empty() => {
+                        Value::String(abs(Path::new(p)).display().to_string())
+                    }
+                    other => absolute_files(other, abs),
+                };
+                (k.clone(), v)
+            })
+            .collect(),
+        Value::Array(items) => items.iter().map(|v| absolute_files(v, abs)).collect(),
+        other => other.clone(),
     }
 }
 
@@ -466,6 +528,38 @@ mod tests {
                 .starts_with("config labels.meters.ca_certs_file: /etc/enroll-gateway/meters-ca.pem"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_upstream_block_and_relative_ca_files() {
+        let dir = std::env::temp_dir().join(format!("gw-up-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = rcgen::CertifiedKey::from(rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap());
+        std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
+        let text = |upstream: &str| {
+            format!(
+                r#"{{"listen": "127.0.0.1:1", "tls": {{"cert_file": "a", "key_file": "b"}},
+                    "database": {{"url": "sqlite:///x"}}, {upstream}
+                    "labels": {{"m": {{"ca": {{"backend": "enos", "app_secret_file": "enos.secret",
+                                               "nested": {{"token_file": "/abs/token"}}}},
+                                       "ca_certs_file": "ca.pem", "bootstrap": {{"tokens": true}}}}}}}}"#
+            )
+        };
+        let s = Settings::parse(&text(""), &dir).unwrap();
+        assert_eq!(s.upstream.trust_bundle, None);
+        assert_eq!(s.upstream.timeout_s, DEFAULT_UPSTREAM_TIMEOUT_S);
+        let ca_block = &s.labels["m"].ca;
+        assert_eq!(ca_block["app_secret_file"], dir.join("enos.secret").display().to_string());
+        assert_eq!(ca_block["nested"]["token_file"], "/abs/token");
+        let s = Settings::parse(&text(r#""upstream": {"trust_bundle": "roots.pem", "timeout_s": 5},"#), &dir)
+            .unwrap();
+        assert_eq!(s.upstream.trust_bundle, Some(dir.join("roots.pem")));
+        assert_eq!(s.upstream.timeout_s, 5);
+        let e = Settings::parse(&text(r#""upstream": {"timeout_s": 0},"#), &dir).unwrap_err();
+        assert!(e.to_string().starts_with("config upstream.timeout_s: must be 1..=600"), "{e}");
+        let e = Settings::parse(&text(r#""upstream": {"roots": "x"},"#), &dir).unwrap_err();
+        assert!(e.to_string().starts_with("config upstream.roots: unknown field"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -169,7 +169,7 @@ impl ServerBuilder {
     pub async fn start(mut self) -> Result<Running, Error> {
         for (name, l) in &self.settings.labels {
             if !self.upstreams.contains_key(name) {
-                let up = build_upstream(name, &l.ca).map_err(Error::config)?;
+                let up = build_upstream(name, &l.ca, &self.settings.upstream).map_err(Error::config)?;
                 self.upstreams.insert(name.clone(), up);
             }
         }

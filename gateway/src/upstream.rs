@@ -1,8 +1,11 @@
 //! The boundary to the vendor CAs (design.md §9 "Upstream outcomes"). The gateway calls an
 //! [`Upstream`] for each label; the vendor clients (EnOS, EZCA, Sectigo, Securosys) come from
-//! the shared CA crate and are wired in [`build_upstream`]. Calls are blocking: the server runs
-//! them on tokio's blocking pool, a bounded number at once.
+//! the shared CA crate (`enroll-ca`) and are wired in [`build_upstream`] (`upstream/ca.rs`).
+//! Calls are blocking: the server runs them on tokio's blocking pool, a bounded number at once.
 
+mod ca;
+
+use crate::config::UpstreamSettings;
 use crate::store::IssuedRecord;
 use std::sync::Arc;
 
@@ -67,10 +70,14 @@ pub trait Upstream: Send + Sync {
 }
 
 /// Builds the upstream of one label from its `ca` block (the agent's `ca` block, design.md §3,
-/// §7). The vendor clients live in the shared CA crate, which this build does not have yet: every
-/// backend is an error naming it. Tests and embedders pass upstreams to
+/// §7) with the shared CA crate's client for `enos`, `ezca`, `sectigo` or `securosys`, reached
+/// as `upstream` says. Tests and embedders may pass upstreams to
 /// [`crate::server::ServerBuilder::upstream`] instead.
-pub fn build_upstream(label: &str, ca: &serde_json::Value) -> Result<Arc<dyn Upstream>, String> {
-    let backend = ca.get("backend").and_then(|b| b.as_str()).unwrap_or("(none)");
-    Err(format!("labels.{label}.ca.backend: upstream {backend} not wired yet"))
+pub fn build_upstream(
+    label: &str,
+    ca: &serde_json::Value,
+    settings: &UpstreamSettings,
+) -> Result<Arc<dyn Upstream>, String> {
+    let transport = ca::transport(settings)?;
+    Ok(ca::CaUpstream::new(label, ca, transport)?)
 }

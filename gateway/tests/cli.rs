@@ -82,13 +82,13 @@ async fn usage_errors_exit_64() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_reports_the_schema_and_unwired_upstreams() {
+async fn check_reports_the_schema_and_unusable_upstreams() {
     let env = Env::start(|_| {}).await;
     let (code, out, err) = env.cli(&["check"]);
     assert!(out.contains("schema version 1 of 1"), "{out}");
-    // The vendor clients are not wired into this build yet: check and serve say so.
+    // The harness's label forwards to an in-process test upstream, which no config can name.
     assert_eq!(code, 78);
-    assert!(err.contains("labels.meters.ca.backend: upstream test not wired yet"), "{err}");
+    assert!(err.contains("labels.meters.ca.backend: \"test\" cannot be a gateway upstream"), "{err}");
     let fresh =
         edit(&env, |v| v["database"]["url"] = format!("sqlite://{}/fresh.db", env.path().display()).into());
     let (_, out, _) = run(&["-c", &fresh, "check"], &[]);
@@ -97,7 +97,7 @@ async fn check_reports_the_schema_and_unwired_upstreams() {
     assert_eq!(code, 74, "admin commands need a migrated database: {err}");
     let (code, _, err) = run(&["-c", &fresh, "serve"], &[]);
     assert_eq!(code, 78);
-    assert!(err.contains("not wired yet"), "{err}");
+    assert!(err.contains("cannot be a gateway upstream"), "{err}");
     env.stop().await;
 }
 
