@@ -193,11 +193,12 @@ fn pending(upstream_ref: String, client: &dyn CaBackend) -> UpstreamOutcome {
 }
 
 /// The CA crate's error classes as the gateway's answers: a refusal keeps the vendor's words
-/// (403), a temporary failure its Retry-After (503), anything else is the vendor's fault (502).
+/// with the step and the vendor's code (403, e.g. `apply: EnOS code 11404: Device cannot be found
+/// (requestId …)`), a temporary failure its Retry-After (503), anything else is the vendor's
+/// fault (502).
 fn upstream_error(error: Error) -> UpstreamError {
-    let words = error.answer().map(|a| a.words.clone()).filter(|w| !w.is_empty());
     match error.kind() {
-        Kind::Refused => UpstreamError::Refused(words.unwrap_or_else(|| error.chain_line())),
+        Kind::Refused => UpstreamError::Refused(error.chain_line()),
         Kind::Temporary => {
             UpstreamError::Unavailable { message: error.chain_line(), retry_after_s: error.retry_after() }
         }
