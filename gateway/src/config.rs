@@ -534,7 +534,7 @@ mod tests {
     fn the_upstream_block_and_relative_ca_files() {
         let dir = std::env::temp_dir().join(format!("gw-up-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ca = rcgen::CertifiedKey::from(rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap());
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
         let text = |upstream: &str| {
             format!(
