@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::hw::{require, Token, USER_PIN};
 use common::{agent_binary, write_secret, Ca, Env};
 use enroll_tests::{Fault, Options};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
@@ -428,4 +429,57 @@ fn a_vendor_5xx_is_75_and_the_identity_stays_untouched() {
     env.expect(&["renew", "--force"], 0);
     assert_vendor_issued(&env);
     assert!(!gw.logged().is_empty());
+}
+
+/// Whether the agent binary has the PKCS#11 provider (`--version`), as tests/providers.rs asks.
+fn agent_has_pkcs11() -> Result<(), String> {
+    let out = Command::new(agent_binary()).arg("--version").output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    match text.lines().any(|l| l.starts_with("key providers:") && l.split_whitespace().any(|w| w == "pkcs11"))
+    {
+        true => Ok(()),
+        false => Err(format!(
+            "the agent binary was built without pkcs11 ({}); scripts/test.sh builds --all-features",
+            text.trim()
+        )),
+    }
+}
+
+#[test]
+fn a_softhsm2_device_key_enrolls_and_renews_over_mtls_through_the_gateway() {
+    if require(agent_has_pkcs11(), "pkcs11 in the agent").is_none() {
+        return;
+    }
+    let (env, gw) = setup(Ca::Enos, "p256", Bootstrap::Token, enos_block);
+    let Some(token) = require(Token::softhsm(env.dir(), "enroll-test"), "SoftHSM2") else {
+        return;
+    };
+    write_secret(&env.dir().join("token.pin"), USER_PIN);
+    env.edit_config(|c| {
+        c["key"]["provider"] = "pkcs11".into();
+        c["key"]["pkcs11"] = json!({
+            "module": token.module, "token_label": token.label,
+            "pin_file": env.dir().join("token.pin"), "key_label": "device"
+        });
+    });
+    env.env_vars.lock().unwrap().extend(token.env.iter().cloned());
+
+    env.expect(&["enroll"], 0);
+    assert_vendor_issued(&env);
+    assert!(!env.current().join("key.pem").exists(), "the key stays on the token");
+    assert_eq!(token.private_keys().len(), 1, "{:?}", token.private_keys());
+    // simplereenroll: the TLS client key signs on the token; the gateway renews at EnOS.
+    env.expect(&["renew", "--force"], 0);
+    assert_vendor_issued(&env);
+    let calls = env.issuing_calls();
+    assert_eq!(
+        calls.last().unwrap(),
+        "POST /connect-service/v2.0/certificates?action=renew -> 200",
+        "{calls:?}"
+    );
+    let decisions = gw.decisions();
+    assert_eq!(decisions.last(), Some(&("simplereenroll".into(), "issued".into())), "{decisions:?}");
+    let audit = gw.audit();
+    let renewal = audit.iter().rev().find(|r| r["operation"] == "simplereenroll").unwrap();
+    assert!(renewal["who"].as_str().unwrap().contains(DEVICE), "{renewal}");
 }
