@@ -97,7 +97,18 @@ pub fn run(config_path: &Path, metrics_file: Option<&Path>) -> Result<()> {
             // retrying a PIN locks the token: stop with 78 so the service manager does not loop.
             Err(error) if error.kind() == crate::error::Kind::Config => return Err(error),
             Err(error) => {
-                let mut pause = lifecycle::backoff(failures, &settings.renewal, lifecycle::random_unit());
+                // A renewal (a certificate still valid) may wait longer: lifecycle::retry_pause.
+                let (valid_until, now) = match Agent::inspect(&settings) {
+                    Ok(agent) => (agent.installed().map(|i| i.cert.not_after()), agent.clock().now()),
+                    Err(_) => (None, 0),
+                };
+                let mut pause = lifecycle::retry_pause(
+                    failures,
+                    &settings.renewal,
+                    valid_until,
+                    now,
+                    lifecycle::random_unit(),
+                );
                 // The CA's Retry-After (HTTP 429/503) is a floor, within retry_max_s.
                 if let Some(seconds) = error.retry_after() {
                     pause = pause.max(Duration::from_secs(seconds.min(settings.renewal.retry_max_s)));

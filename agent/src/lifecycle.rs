@@ -61,6 +61,29 @@ pub fn backoff(attempt: u32, policy: &RenewalPolicy, sample: f64) -> Duration {
     Duration::from_secs(seconds.max(1))
 }
 
+/// A failed renewal may wait up to this fraction of the validity left.
+const RENEWAL_RETRY_DIVISOR: u64 = 8;
+
+/// The pause after a failed request: [`backoff`], with its initial and maximum pause raised to
+/// 1/8 of the validity left while the installed certificate is valid until `valid_until`. After a
+/// long CA outage a fleet's renewals then come back over days instead of within `retry_max_s`;
+/// an enrollment (no valid certificate) and a renewal close to expiry keep [`backoff`] as it is.
+pub fn retry_pause(
+    attempt: u32,
+    policy: &RenewalPolicy,
+    valid_until: Option<u64>,
+    now: u64,
+    sample: f64,
+) -> Duration {
+    let floor = valid_until.map_or(0, |not_after| not_after.saturating_sub(now) / RENEWAL_RETRY_DIVISOR);
+    let widened = RenewalPolicy {
+        retry_initial_s: policy.retry_initial_s.max(floor),
+        retry_max_s: policy.retry_max_s.max(floor),
+        ..*policy
+    };
+    backoff(attempt, &widened, sample)
+}
+
 /// What `status` calls the identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Condition {
@@ -824,12 +847,14 @@ impl<'a> Agent<'a> {
         let leaf = &verified.leaf;
         self.state.pending = None;
         self.state.ca_ref = ca_ref;
-        self.state.renew_at = Some(renewal_time(
-            leaf.not_before(),
-            leaf.not_after(),
-            &self.settings.renewal,
-            random_unit() * 2.0 - 1.0,
-        ));
+        // The first renewal after an enrollment lands anywhere in (0, at_fraction] of the lifetime,
+        // so a fleet enrolled together renews spread over a whole period, not in waves.
+        let mut renewal = self.settings.renewal;
+        if purpose == Purpose::Enroll {
+            renewal.at_fraction *= 1.0 - random_unit();
+        }
+        self.state.renew_at =
+            Some(renewal_time(leaf.not_before(), leaf.not_after(), &renewal, random_unit() * 2.0 - 1.0));
         self.state.last_success = Some(now);
         self.state.last_install = Some(now);
         // The CA vouched for its notBefore (rule 2 checked it against our time): a device without
@@ -999,6 +1024,18 @@ mod tests {
         assert_eq!(backoff(3, &POLICY, 0.999_999), Duration::from_secs(239));
         assert_eq!(backoff(40, &POLICY, 0.999_999), Duration::from_secs(21_599));
         assert_eq!(backoff(5, &POLICY, 0.0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_failed_renewal_may_wait_an_eighth_of_the_validity_left() {
+        let day = 86_400;
+        // 30 days left: up to 3.75 days, from the first failure on.
+        assert_eq!(retry_pause(0, &POLICY, Some(30 * day), 0, 0.999_999), Duration::from_secs(323_999));
+        assert_eq!(retry_pause(0, &POLICY, Some(30 * day), 0, 0.0), Duration::from_secs(1));
+        // Close to expiry, expired, or enrolling: backoff as it is.
+        assert_eq!(retry_pause(3, &POLICY, Some(200), 0, 0.999_999), backoff(3, &POLICY, 0.999_999));
+        assert_eq!(retry_pause(3, &POLICY, Some(1_000), 2_000, 0.5), backoff(3, &POLICY, 0.5));
+        assert_eq!(retry_pause(3, &POLICY, None, 0, 0.5), backoff(3, &POLICY, 0.5));
     }
 
     #[test]
