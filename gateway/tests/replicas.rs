@@ -11,6 +11,9 @@ const ENROLL: &str = "/.well-known/est/meters/simpleenroll";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_requests_at_two_replicas_reach_the_ca_once() {
+    if !common::pg::installed("replicas on PostgreSQL") {
+        return;
+    }
     let env = Env::start_on(Some(common::pg::fresh_db()), |_| {}).await;
     let (replica, base2) = env.replica().await;
     env.up.set(Behaviour { delay_ms: 1500, ..Default::default() });
@@ -50,6 +53,9 @@ async fn identical_requests_at_two_replicas_reach_the_ca_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_token_two_csrs_at_two_replicas_one_wins() {
+    if !common::pg::installed("replicas on PostgreSQL") {
+        return;
+    }
     let env = Env::start_on(Some(common::pg::fresh_db()), |_| {}).await;
     let (replica, base2) = env.replica().await;
     let token = env.token("dev-1");

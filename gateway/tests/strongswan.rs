@@ -48,11 +48,14 @@ fn new_req(dir: &Path, name: &str, key_from: Option<&Path>) -> (std::path::PathB
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strongswan_pki_estca_enroll_with_polling_and_reenroll() {
-    assert!(
-        Path::new("/usr/bin/pki").exists(),
-        "strongSwan `pki` is missing: apt-get install strongswan-pki libstrongswan-extra-plugins \
-         libstrongswan-standard-plugins (scripts/hw-deps.sh)"
-    );
+    if !Path::new("/usr/bin/pki").exists() {
+        let why = "strongSwan `pki` is missing: apt-get install strongswan-pki libstrongswan-extra-plugins \
+                   libstrongswan-standard-plugins (scripts/hw-deps.sh)";
+        // Plain `cargo test` on a fresh machine skips loudly; CI must run it.
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
     let env = Env::start(|_| {}).await;
     let dir = env.path().to_path_buf();
     let url = env.base.clone();

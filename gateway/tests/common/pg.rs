@@ -2,7 +2,8 @@
 //! a temporary directory, trust authentication for user `gw` on 127.0.0.1 only, one cluster per
 //! test binary, one fresh database per test. As root it runs as user `postgres` (PostgreSQL
 //! refuses root). A watcher process stops the cluster when the test binary exits.
-//! A machine without PostgreSQL fails these tests loudly: scripts/hw-deps.sh installs it.
+//! Without PostgreSQL these tests say `SKIPPED:` (plain `cargo test` on a fresh machine) and fail
+//! under `CI`; scripts/hw-deps.sh installs it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +16,19 @@ pub struct Cluster {
     bin: PathBuf,
     /// Outlives every test of this binary; it ends by itself after the binary exits.
     _watcher: std::process::Child,
+}
+
+/// Whether PostgreSQL is installed; outside CI a missing one is a loud skip, in CI a failure.
+pub fn installed(test: &str) -> bool {
+    let found = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.path().join("bin/initdb").exists()))
+        .unwrap_or(false);
+    if !found {
+        let why = "PostgreSQL is not installed (apt-get install postgresql; scripts/hw-deps.sh does)";
+        assert!(std::env::var_os("CI").is_none(), "{test}: {why}");
+        eprintln!("SKIPPED: {test}: {why}");
+    }
+    found
 }
 
 fn bin_dir() -> PathBuf {
