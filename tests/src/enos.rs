@@ -37,6 +37,10 @@ pub struct EnosConfig {
     pub max_valid_days: u32,
     /// Access-token lifetime in seconds (`expire`, 7200 in the docs).
     pub token_lifetime_s: u32,
+    /// Every `deviceKey` of `product_key` is a registered device with its own current
+    /// certificate (false: only `device_key`). The gateway's fleet tests and load benchmark
+    /// name each device by `{device}`, as a real EnOS product with many devices.
+    pub fleet: bool,
 }
 
 impl EnosConfig {
@@ -51,6 +55,7 @@ impl EnosConfig {
             device_key: "sensor-0042".into(),
             max_valid_days: 3650,
             token_lifetime_s: 7200,
+            fleet: false,
         }
     }
 }
@@ -77,6 +82,8 @@ pub struct EnosState {
     current: Option<CurrentCert>,
     /// Every certificate issued to the device, oldest first (`action=list`, §1.7).
     history: Vec<Listed>,
+    /// With `EnosConfig::fleet`: the current certificate of every other device, by deviceKey.
+    fleet: HashMap<String, CurrentCert>,
 }
 
 /// One `action=list` entry: a renewal supersedes (revokes) every earlier certificate (§1.5).
@@ -253,7 +260,7 @@ impl Shared {
         if let Some(f) = self.take_fault(Endpoint::EnosCert, Phase::Authenticated) {
             return self.enos_vendor_fault(f, &token);
         }
-        let result = self.check_device(req).and_then(|()| {
+        let result = self.check_device(req).and_then(|device| {
             if req.query_param("action") == Some("list") {
                 return Ok(self.enos_list());
             }
@@ -261,8 +268,8 @@ impl Shared {
                 envelope(99400, "Invalid Argument body:request body is not JSON", Value::Null)
             })?;
             match req.query_param("action") {
-                Some("apply") => self.enos_apply(&body),
-                Some("renew") => self.enos_renew(&body),
+                Some("apply") => self.enos_apply(&body, device),
+                Some("renew") => self.enos_renew(&body, device),
                 Some(a) => Err(envelope(
                     99400,
                     &format!("Invalid Argument action:{a} is not supported"),
@@ -317,38 +324,45 @@ impl Shared {
         tag(r, f)
     }
 
-    /// §1.3: `orgId` plus `assetId` or `productKey` + `deviceKey` naming the one device.
-    fn check_device(&self, req: &Request) -> Result<(), Response> {
+    /// §1.3: `orgId` plus `assetId` or `productKey` + `deviceKey` naming the one device (or, with
+    /// `fleet`, any deviceKey of the product: `Some(deviceKey)`).
+    fn check_device(&self, req: &Request) -> Result<Option<String>, Response> {
         let cfg = &self.enos_cfg;
         let Some(org) = req.query_param("orgId") else {
             return Err(envelope(99400, "Invalid Argument orgId:orgId is missing", Value::Null));
         };
         let by_asset = req.query_param("assetId").map(|a| a == cfg.asset_id);
-        let by_keys = match (req.query_param("productKey"), req.query_param("deviceKey")) {
-            (Some(p), Some(d)) => Some(p == cfg.product_key && d == cfg.device_key),
+        let keys = match (req.query_param("productKey"), req.query_param("deviceKey")) {
+            (Some(p), Some(d)) => Some((p, d)),
             _ => None,
         };
+        if let (true, None, Some((p, d))) = (cfg.fleet, by_asset, keys) {
+            if org == cfg.org_id && p == cfg.product_key && d != cfg.device_key && !d.is_empty() {
+                return Ok(Some(d.to_string()));
+            }
+        }
+        let by_keys = keys.map(|(p, d)| p == cfg.product_key && d == cfg.device_key);
         match by_asset.or(by_keys) {
             None => Err(envelope(99400, "invalid argument: The device identifier is invalid", Value::Null)),
-            Some(found) if found && org == cfg.org_id => Ok(()),
+            Some(found) if found && org == cfg.org_id => Ok(None),
             Some(_) => Err(envelope(11404, "Device cannot be found", Value::Null)),
         }
     }
 
     /// `action=apply`: body `{csr, validDay?, issueAuthority?}`.
-    fn enos_apply(&self, body: &Value) -> Result<Response, Response> {
+    fn enos_apply(&self, body: &Value, device: Option<String>) -> Result<Response, Response> {
         let csr_pem = util::json_str(body, "csr").filter(|s| !s.trim().is_empty());
         let Some(csr_pem) = csr_pem else {
             return Err(envelope(99400, "Invalid Argument csr:csr is missing", Value::Null));
         };
         let csr =
             pki::parse_csr(csr_pem.as_bytes()).map_err(|e| invalid_cert_request("CSR is invalid", &e))?;
-        self.enos_issue(body, csr)
+        self.enos_issue(body, csr, device)
     }
 
     /// `action=renew`: body `{certSn:int, csr?, validDay?, issueAuthority?}`; certSn must be the
     /// device's current, unexpired certificate; without `csr` the old request is re-signed.
-    fn enos_renew(&self, body: &Value) -> Result<Response, Response> {
+    fn enos_renew(&self, body: &Value, device: Option<String>) -> Result<Response, Response> {
         let cert_sn = match body.get("certSn") {
             None | Some(Value::Null) => {
                 return Err(envelope(99400, "Invalid Argument certSn:certSn is missing", Value::Null))
@@ -359,7 +373,11 @@ impl Shared {
         };
         let old_csr = {
             let st = lock(&self.enos);
-            match &st.current {
+            let current = match &device {
+                Some(d) => st.fleet.get(d),
+                None => st.current.as_ref(),
+            };
+            match current {
                 Some(c) if c.serial as i64 == cert_sn && c.not_after > SystemTime::now() => c.csr.clone(),
                 Some(c) if c.serial as i64 == cert_sn => {
                     return Err(renew_failed(
@@ -379,11 +397,11 @@ impl Shared {
             }
             None => old_csr,
         };
-        self.enos_issue(body, csr)
+        self.enos_issue(body, csr, device)
     }
 
     /// Shared tail of apply/renew: issueAuthority and validDay rules, then signing.
-    fn enos_issue(&self, body: &Value, csr: ParsedCsr) -> Result<Response, Response> {
+    fn enos_issue(&self, body: &Value, csr: ParsedCsr, device: Option<String>) -> Result<Response, Response> {
         let authority = issue_authority(body)?;
         let matches = if authority == "RSA" { csr.is_enos_rsa() } else { csr.is_enos_ecc() };
         if !matches {
@@ -403,7 +421,7 @@ impl Shared {
             })?;
         // A lost answer is an answer the CA gave: the certificate is issued and bound.
         if fault.is_none() || fault == Some(Fault::EnosAnswerLost) {
-            self.bind(&issued, csr);
+            self.bind(&issued, csr, device);
         }
         Ok(answer_fault(fault, self.apply_result(&issued, &authority)))
     }
@@ -427,8 +445,15 @@ impl Shared {
     }
 
     /// Makes `issued` the device's current certificate; the previous certSn becomes invalid.
-    fn bind(&self, issued: &IssuedCert, csr: ParsedCsr) {
+    fn bind(&self, issued: &IssuedCert, csr: ParsedCsr, device: Option<String>) {
         let mut enos = lock(&self.enos);
+        if let Some(device) = device {
+            let current = CurrentCert { serial: issued.serial, not_after: issued.not_after, csr };
+            enos.fleet.insert(device, current);
+            drop(enos);
+            self.record_issued(&issued.der);
+            return;
+        }
         enos.current = Some(CurrentCert { serial: issued.serial, not_after: issued.not_after, csr });
         for earlier in &mut enos.history {
             earlier.revoked = true;

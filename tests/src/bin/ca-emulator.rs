@@ -1,4 +1,4 @@
-//! `ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L]`
+//! `ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L] [--enos-fleet]`
 //!
 //! Starts the EnOS + EZCA + Sectigo + Securosys + Redtrust + EST emulator (see the `enroll_tests`
 //! crate docs), writes what a client needs into DIR (0700): `tls-root.pem`,
@@ -13,7 +13,8 @@
 //! `est-password` (0600)); `est-ca.pem` is the EST issuing CA then root. With `--dir`, TLS client
 //! certificates are requested (optionally) as if `--client-cert` were given, so the EST
 //! factory-certificate config works. Prints `ca-emulator ready <url>` and
-//! serves until killed.
+//! serves until killed. `--enos-fleet`: every EnOS deviceKey of the product is a registered
+//! device with its own current certificate (the gateway names devices by `{device}`).
 
 use enroll_tests::{Emulator, Fault, Options};
 use serde_json::json;
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L]";
+const USAGE: &str = "usage: ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L] [--enos-fleet]";
 
 struct Args {
     opts: Options,
@@ -52,6 +53,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--client-cert" => opts.request_client_cert = true,
             "--est-label" => opts.est.label = value("--est-label")?,
+            "--enos-fleet" => opts.enos.fleet = true,
             "-h" | "--help" => {
                 println!("{USAGE}\nfaults: {}", enroll_tests::fault::names());
                 std::process::exit(0);
