@@ -24,8 +24,17 @@ pub const CHALLENGE: &str = "Basic realm=\"enroll-gateway\"";
 const BUSY_RETRY_S: u64 = 2;
 /// Retry-After when the vendor is unreachable and did not say.
 const UNAVAILABLE_RETRY_S: u64 = 30;
-/// A poll claim older than this belongs to a replica that died during the call.
+/// A poll claim older than this belongs to a replica that died during the call. A poll is only
+/// a question to the CA (it submits nothing), so a shorter bound costs at most a second question:
+/// see [`stale_poll_s`].
 const STALE_POLL_S: i64 = 300;
+
+/// When a poll claim counts as abandoned: the vendor call's own bound (`upstream.timeout_s`,
+/// twice, for a token fetch before the poll) plus 5 s, at most [`STALE_POLL_S`]; so a device
+/// whose poll died with its replica waits seconds, not five minutes (replica-kill test).
+fn stale_poll_s(upstream_timeout_s: u64) -> i64 {
+    (2 * upstream_timeout_s as i64 + 5).min(STALE_POLL_S)
+}
 /// A `submitting` claim older than this belongs to a replica that died during the vendor call
 /// (the call itself is bounded by the vendor client's own timeouts, far below this).
 const STALE_SUBMIT_S: i64 = 900;
@@ -608,7 +617,16 @@ impl Gateway {
                         "database: a pending request has no upstream reference",
                     ));
                 };
-                if !self.store.request_claim_poll(&label.name, &csr.sha256, t, t - STALE_POLL_S).await? {
+                if !self
+                    .store
+                    .request_claim_poll(
+                        &label.name,
+                        &csr.sha256,
+                        t,
+                        t - stale_poll_s(self.settings.upstream.timeout_s),
+                    )
+                    .await?
+                {
                     return Ok(Decision::pending(Some(reference), retry, "waiting for the CA"));
                 }
                 let result =
