@@ -594,6 +594,11 @@ impl Emulator {
         lock(&self.shared.sectigo).accepted()
     }
 
+    /// The DER of every CSR Sectigo accepted (enroll and renewById with a CSR), one per order.
+    pub fn sectigo_csrs(&self) -> Vec<Vec<u8>> {
+        lock(&self.shared.sectigo).csrs()
+    }
+
     /// Securosys `synchronous/sign` + `sign` calls accepted.
     pub fn securosys_requests(&self) -> usize {
         lock(&self.shared.securosys).accepted()

@@ -106,6 +106,11 @@ impl SectigoState {
         self.accepted
     }
 
+    /// The DER of every CSR accepted (one per order; identical CSRs appear once each time).
+    pub fn csrs(&self) -> Vec<Vec<u8>> {
+        self.orders.values().map(|o| o.csr.der.clone()).collect()
+    }
+
     fn add(&mut self, order: SslOrder) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
