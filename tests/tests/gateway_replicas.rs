@@ -1,9 +1,11 @@
 //! Two real `enroll-gateway serve` replicas on one private PostgreSQL (issue 10 item 6, fourth
 //! bullet), the Sectigo emulator upstream (enroll answers pending, so every device goes through
 //! 202 and a retry): (a) a device's 202 retry at the other replica collects its certificate;
-//! (b) one replica is SIGKILLed while 50 devices (`est-load`, alternating replicas) enroll, and
-//! every device still completes through the survivor. The emulator's log proves each CSR went
-//! upstream exactly once. Binaries: `cargo build -p enroll-gateway -p enroll-tests`.
+//! (b) one replica is SIGKILLed while 50 devices (`est-load`, alternating replicas) enroll; the
+//! survivor completes every device but those whose submission the kill interrupted (they stay
+//! `submitting`, never resubmitted: README's known limit). Sectigo's orders prove no CSR went
+//! upstream twice. `enroll-gateway` comes from `cargo build -p enroll-gateway`; cargo builds
+//! `est-load` (this package) for the test.
 //! Without PostgreSQL: `SKIPPED:` (fails under `CI`), as gateway/tests/common/pg.rs.
 
 mod common;
@@ -124,7 +126,7 @@ fn setup() -> (Env, PathBuf, String, String) {
 
 /// `est-load tokens`: one token per device, inserted with psql.
 fn insert_tokens(db: &str, devices: usize, seed: &str, prefix: &str) {
-    let sql = Command::new(sibling("est-load"))
+    let sql = Command::new(env!("CARGO_BIN_EXE_est-load"))
         .args(["tokens", "--devices", &devices.to_string(), "--seed", seed, "--prefix", prefix])
         .output()
         .unwrap();
@@ -222,7 +224,7 @@ fn a_replica_killed_mid_load_the_survivor_completes_the_fleet_and_no_csr_goes_up
     let mut victim = start_replica(&config);
     let survivor = start_replica(&config);
     insert_tokens(&db, DEVICES, "seed-b", "replica-b-");
-    let load = Command::new(sibling("est-load"))
+    let load = Command::new(env!("CARGO_BIN_EXE_est-load"))
         .args(["run", "--gateway", &victim.base, "--gateway", &survivor.base, "--trust"])
         .arg(env.dir().join("gateway/server-ca.pem"))
         .args(["--devices", &DEVICES.to_string(), "--seed", "seed-b", "--prefix", "replica-b-"])
