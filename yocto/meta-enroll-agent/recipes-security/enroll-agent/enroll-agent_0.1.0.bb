@@ -10,7 +10,7 @@ CVE_PRODUCT = "enroll-agent"
 # The workspace is Apache-2.0 (Cargo.toml [workspace.package]); the repository has no separate
 # license file, so the checksum covers that line. yocto/check.sh verifies it against Cargo.toml.
 LICENSE = "Apache-2.0"
-LIC_FILES_CHKSUM = "file://Cargo.toml;beginline=10;endline=10;md5=2507bd5f0713f05419cd2f22fa06fe62"
+LIC_FILES_CHKSUM = "file://Cargo.toml;beginline=12;endline=12;md5=2507bd5f0713f05419cd2f22fa06fe62"
 
 # Where the sources come from: set ENROLL_AGENT_GIT_URI / SRCREV in a bbappend or local.conf
 # (layer README). The default names no real host on purpose.
