@@ -32,15 +32,15 @@ fn snapshot(settings: &Settings) -> Result<Snapshot> {
     let installed = agent.installed();
     let renew_at = installed.as_ref().map(|i| agent.renew_at(i));
     let cert = installed.map(|i| i.cert);
+    let now = agent.clock().now();
     let condition = lifecycle::condition(
         cert.as_ref().map(|c| (c.not_before(), c.not_after())),
         renew_at.unwrap_or(0),
         // Outstanding at the CA: a request it accepted and will answer. A slot kept only so a
         // retry reuses its key is not a pending request.
         agent.state.pending.as_ref().is_some_and(|p| p.request_id.is_some()),
-        agent.clock().now(),
+        now,
     );
-    let now = agent.clock().now();
     Ok(Snapshot { condition, cert, renew_at, state: agent.state, current, now })
 }
 

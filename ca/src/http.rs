@@ -166,19 +166,14 @@ impl std::error::Error for TransportError {}
 /// The common reading of an HTTP failure status (design.md §7): 408/429/5xx are temporary,
 /// other 4xx are refusals. Backends call this after handling their own codes.
 pub fn status_error(what: &str, response: &Response) -> Error {
-    classify(what, response, None, &response.excerpt())
-}
-
-/// The error for an HTTP failure status carrying the CA's own code and words: 408/429/5xx are
-/// temporary (with the CA's Retry-After), other 4xx refusals, anything else a protocol error.
-pub fn classify(what: &str, response: &Response, code: Option<i64>, words: &str) -> Error {
+    let words = response.excerpt();
     let message = format!("{what}: HTTP {}: {words}", response.status);
     let error = match response.status {
         408 | 429 | 500..=599 => Error::temporary(message).with_retry_after(response.retry_after),
         400..=499 => Error::refused(message),
         _ => Error::protocol(message),
     };
-    error.with_answer(response.status, code, words)
+    error.with_answer(response.status, None, &words)
 }
 
 /// `Retry-After` (RFC 9110 §10.2.3): delta-seconds, or an HTTP date counted from `now`. At least

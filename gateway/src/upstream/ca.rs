@@ -162,13 +162,12 @@ impl Upstream for CaUpstream {
     /// Reaches the vendor's probe URL over verified TLS (any HTTP answer counts), as the agent's
     /// `check --online` does. It does not authenticate: that would need an API call per vendor.
     fn check(&self) -> Result<(), UpstreamError> {
-        self.with_client(PROBE_DEVICE, |client| {
-            let url = client.probe_url();
-            let http = Http::new(self.transport.clone())?;
-            let response = http.send("reaching the CA", "GET", &url, &[], None)?;
-            log::info!("labels.{}: {} answered HTTP {} at {url}", self.label, client.name(), response.status);
-            Ok(())
-        })
+        let backend = self.backend_for(PROBE_DEVICE).map_err(upstream_error)?;
+        let http = Http::new(self.transport.clone()).map_err(upstream_error)?;
+        let url = backend.client(http.clone()).probe_url();
+        let response = http.send("reaching the CA", "GET", &url, &[], None).map_err(upstream_error)?;
+        log::info!("labels.{}: {} answered HTTP {} at {url}", self.label, backend.name(), response.status);
+        Ok(())
     }
 }
 

@@ -18,7 +18,7 @@
 //!
 //! Today's policy misses the goal of issue 11 (steady peak ≤ 1.2 × mean, post-outage peak ≤ 2 ×
 //! mean), so two changes are modelled here, labelled PROPOSAL (P1, P2), still built on the agent's
-//! own functions; lifecycle.rs and daemon.rs are unchanged. The seed is fixed (`FLEET_SEED`
+//! own functions; P2 is `lifecycle::retry_pause` itself. The seed is fixed (`FLEET_SEED`
 //! overrides it), so a run prints the same figures every time.
 //!
 //! Prints the figures; with CSV, writes the requests per minute of each policy (one column each).
@@ -28,7 +28,7 @@ use std::collections::BinaryHeap;
 use std::io::Write;
 
 use enroll_agent::config::RenewalPolicy;
-use enroll_agent::lifecycle::{backoff, guarded_renewal_time, renewal_time};
+use enroll_agent::lifecycle::{self, backoff, guarded_renewal_time, renewal_time};
 
 const DEVICES: usize = 100_000;
 const MINUTE: u64 = 60;
@@ -46,9 +46,6 @@ const STEADY_FROM: u64 = DAY;
 const AFTERMATH: u64 = 4 * DAY;
 const SEED: u64 = 0x5eed_f1ee7;
 
-/// PROPOSAL P2: the pause after a failed renewal may reach 1/8 of the validity left.
-const RENEWAL_RETRY_DIVISOR: u64 = 8;
-
 /// One policy: today's, or today's with proposals.
 #[derive(Clone, Copy)]
 struct Rules {
@@ -57,7 +54,7 @@ struct Rules {
     /// (0, at_fraction], so a fleet enrolled together renews spread over a whole renewal period
     /// instead of in waves 2 × jitter_fraction × lifetime wide (9 days), 59 days apart.
     spread_first_renewal: bool,
-    /// PROPOSAL P2: see [`retry_pause`].
+    /// P2 (now the agent's policy): see `enroll_agent::lifecycle::retry_pause`.
     spread_renewal_retries: bool,
     /// A parameter change only, for comparison: `renewal.retry_max_s`.
     retry_max_s: Option<u64>,
@@ -103,26 +100,6 @@ fn renewal_policy(policy: &RenewalPolicy, first: bool, rules: Rules, phase: f64)
     renewal
 }
 
-/// The pause `run` takes after a failure. PROPOSAL P2: while the certificate is valid (a renewal)
-/// the pause's initial and maximum are at least 1/8 of the validity left, so a fleet's retries
-/// after a long outage spread over days instead of arriving within retry_max_s; an enrollment
-/// (no valid certificate) keeps today's backoff.
-fn retry_pause(
-    failures: u32,
-    policy: &RenewalPolicy,
-    valid_until: Option<u64>,
-    now: u64,
-    sample: f64,
-) -> u64 {
-    let floor = valid_until.map_or(0, |not_after| not_after.saturating_sub(now) / RENEWAL_RETRY_DIVISOR);
-    let widened = RenewalPolicy {
-        retry_initial_s: policy.retry_initial_s.max(floor),
-        retry_max_s: policy.retry_max_s.max(floor),
-        ..*policy
-    };
-    backoff(failures, &widened, sample).as_secs()
-}
-
 struct Device {
     /// not_after of the installed certificate.
     valid_until: Option<u64>,
@@ -149,7 +126,8 @@ fn simulate(rules: Rules, outage: bool) -> Vec<u32> {
         let device = &mut devices[id as usize];
         let next = if outage && (OUTAGE_START..OUTAGE_END).contains(&now) {
             let pause = if rules.spread_renewal_retries {
-                retry_pause(device.failures, &policy, device.valid_until, now, rng.unit())
+                lifecycle::retry_pause(device.failures, &policy, device.valid_until, now, rng.unit())
+                    .as_secs()
             } else {
                 backoff(device.failures, &policy, rng.unit()).as_secs()
             };
