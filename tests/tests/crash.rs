@@ -37,7 +37,7 @@ impl Rng {
 struct Case {
     name: String,
     env: Env,
-    /// Keeps the token's or TPM's files (and the swtpm process) alive.
+    /// Keeps the token's files alive.
     token: Option<Token>,
     /// The longest each operation took when it was not killed, in milliseconds.
     longest_ms: [u64; 3],
@@ -51,7 +51,7 @@ fn provider_compiled(name: &str) -> bool {
     text.lines().any(|l| l.starts_with("key providers:") && l.split_whitespace().any(|w| w == name))
 }
 
-/// Every backend with file keys; SoftHSM2 and swtpm where the machine and the build have them.
+/// Every backend with file keys; SoftHSM2 where the machine and the build have it.
 fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
     let fast_polls = |c: &mut Value| {
