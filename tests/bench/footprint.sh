@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 target=x86_64-unknown-linux-musl
 cargo build --locked --quiet --release --target "$target" -p enroll-agent
-cargo build --locked --quiet --workspace --bins
+# --all-features: the same debug build as the tests (scripts/test.sh), so nothing is rebuilt.
+cargo build --locked --quiet --workspace --bins --all-features
 agent=target/$target/release/enroll-agent
 work=$(mktemp -d /tmp/enroll-bench.XXXXXX)
 chmod 700 "$work"

@@ -4,7 +4,8 @@
 # their counts include the polls (the emulator answers "not ready" once, its default).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --locked --quiet --workspace --bins
+# --all-features: the same debug build as the tests (scripts/test.sh), so nothing is rebuilt.
+cargo build --locked --quiet --workspace --bins --all-features
 bin=target/debug
 work=$(mktemp -d /tmp/enroll-requests.XXXXXX)
 "$bin/ca-emulator" --dir "$work" > "$work/out" &
