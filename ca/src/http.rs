@@ -78,6 +78,11 @@ impl Http {
         &self.transport.clock
     }
 
+    /// The access tokens shared by every client on this transport.
+    pub fn tokens(&self) -> &crate::tokens::TokenCache {
+        &self.transport.tokens
+    }
+
     /// Sends one request and reads the whole bounded body. `what` names the step for errors.
     pub fn send(
         &self,

@@ -25,6 +25,7 @@ pub mod secret;
 pub mod subject;
 pub mod time;
 pub mod tls;
+pub mod tokens;
 
 #[cfg(feature = "enos")]
 pub mod enos;

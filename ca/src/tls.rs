@@ -79,13 +79,21 @@ pub struct Transport {
     pub clock_window_s: Option<u64>,
     pub timeout_s: u64,
     pub clock: Arc<Clock>,
+    /// Access tokens of the clients built on this transport (shared by its clones).
+    pub tokens: Arc<crate::tokens::TokenCache>,
 }
 
 impl Transport {
     /// The transport the `tls` block describes (reads the trust bundle).
     pub fn from_settings(tls: &TlsSettings, clock: Arc<Clock>) -> Result<Transport> {
         let roots = Arc::new(load_roots(tls.trust_bundle.as_deref())?);
-        Ok(Transport { roots, clock_window_s: clock_window(tls), timeout_s: tls.timeout_s, clock })
+        Ok(Transport {
+            roots,
+            clock_window_s: clock_window(tls),
+            timeout_s: tls.timeout_s,
+            clock,
+            tokens: Default::default(),
+        })
     }
 
     /// The rustls client configuration, with a client identity for mutual TLS or without.

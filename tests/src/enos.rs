@@ -155,6 +155,9 @@ impl Shared {
             if f == Fault::RejectAuth {
                 return tag(token_body(1003, "encryption is invalid", Value::Null), f);
             }
+            if f == Fault::EnosDuplicatedEncryption {
+                return tag(token_body(1001, "duplicated encryption", Value::Null), f);
+            }
         }
         let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
             return token_body(1004, "invalid parameter: body is not JSON", Value::Null);

@@ -135,6 +135,7 @@ faults! {
     EnosAnswerLost = "enos-answer-lost", "EnOS apply/renew: the certificate is issued and bound (the previous one superseded, as §1.5 says), then the answer is cut off mid-body: the CA acted and the agent never hears of it.";
     EnosControlChars = "enos-control-chars", "EnOS body code 99400 whose msg and requestId carry ANSI escapes, CR/LF, BEL and bidi controls.";
     AbsurdDate = "absurd-date", "The normal answer, with a Date header of the year 99999999999999.";
+    EnosDuplicatedEncryption = "enos-duplicated-encryption", "EnOS token/get answers status 1001 (duplicated encryption), as when another client signed a token request in the same millisecond.";
     EnosTokenExpired = "enos-token-expired", "The next authenticated EnOS API call answers code 1203 and its token is expired for good.";
     Gateway401 = "gateway-401", "EnOS gateway HTTP 401 before the service is reached.";
     Gateway429 = "gateway-429", "EnOS gateway HTTP 429 with `Retry-After: 1`.";
@@ -164,6 +165,7 @@ impl Fault {
         match self {
             None => false,
             RejectAuth => ep.creates_request() || ep == Endpoint::EnosToken || ep == Endpoint::RedtrustLogin,
+            EnosDuplicatedEncryption => ep == Endpoint::EnosToken,
             Enos99400 | Enos11404 | Enos11833 | Enos99500 | EnosControlChars | EnosTokenExpired
             | EnosAnswerLost | Gateway401 | Gateway429 => ep == Endpoint::EnosCert,
             EzcaV3404 | EzcaWrapped => ep == Endpoint::EzcaRenewV3,

@@ -71,7 +71,13 @@ fn tls_client_authentication_signs_with_the_device_key_in_place() {
         let identity =
             enroll_agent::tls::ClientIdentity { chain: chain.into_iter().map(|c| c.der).collect(), key };
         let clock = std::sync::Arc::new(enroll_agent::time::Clock::default());
-        let transport = enroll_agent::tls::Transport { roots, clock_window_s: None, timeout_s: 5, clock };
+        let transport = enroll_agent::tls::Transport {
+            roots,
+            clock_window_s: None,
+            timeout_s: 5,
+            clock,
+            tokens: Default::default(),
+        };
         let http = enroll_agent::http::Http::new(transport).unwrap().with_identity(identity).unwrap();
         let response =
             http.send("probe", "GET", &format!("{}/_emulator/log", mtls.url()), &[], None).unwrap();

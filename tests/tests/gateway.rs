@@ -303,6 +303,16 @@ fn enos_enrolls_and_renews(algorithm: &str, bootstrap: Bootstrap) {
     let certs = gw.certificates();
     assert_eq!(certs.len(), 2, "{certs:?}");
     assert_ne!(certs[1]["upstream_ref"], certs[0]["upstream_ref"]);
+    // One access token serves the label's requests (enroll, renew): a token per request would,
+    // under load, sign token requests in the same millisecond (EnOS 1001). (`check --online`
+    // only GETs the token URL to see the vendor answer.)
+    let token_requests = env
+        .emu
+        .log()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/apim-token-service/v2.0/token/get")
+        .count();
+    assert_eq!(token_requests, 1, "EnOS token/get requests for two device requests");
     let decisions = gw.decisions();
     assert!(decisions.contains(&("simpleenroll".into(), "issued".into())), "{decisions:?}");
     assert!(decisions.contains(&("simplereenroll".into(), "issued".into())), "{decisions:?}");

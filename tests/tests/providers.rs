@@ -218,7 +218,13 @@ fn in_process_csr_and_mtls() {
         enroll_agent::tls::ClientIdentity { chain: chain.into_iter().map(|c| c.der).collect(), key };
     let roots = std::sync::Arc::new(enroll_agent::tls::load_roots(Some(&dir.join("tls-root.pem"))).unwrap());
     let clock = std::sync::Arc::new(enroll_agent::time::Clock::default());
-    let transport = enroll_agent::tls::Transport { roots, clock_window_s: None, timeout_s: 10, clock };
+    let transport = enroll_agent::tls::Transport {
+        roots,
+        clock_window_s: None,
+        timeout_s: 10,
+        clock,
+        tokens: Default::default(),
+    };
     let http = enroll_agent::http::Http::new(transport).unwrap().with_identity(identity).unwrap();
     let url = std::env::var(CHILD_URL).unwrap();
     let response = http.send("probe", "GET", &format!("{url}/_emulator/log"), &[], None).unwrap();

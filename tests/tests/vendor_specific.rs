@@ -30,6 +30,28 @@ fn enos_refreshes_an_expired_token_once_and_succeeds() {
 }
 
 #[test]
+fn enos_token_request_in_a_used_millisecond_is_signed_again_once() {
+    let env = Env::new(Ca::Enos, "p256");
+    env.emu.set_fault(Fault::EnosDuplicatedEncryption, Some(1));
+    env.expect(&["enroll"], 0);
+    let token_calls: Vec<Option<String>> =
+        env.emu.log().into_iter().filter(|r| r.path.contains("/token/")).map(|r| r.fault).collect();
+    assert_eq!(
+        token_calls,
+        [Some("enos-duplicated-encryption".to_string()), None],
+        "status 1001, then one more token request"
+    );
+    env.assert_chain_verifies();
+
+    // Twice in a row is another client racing for good: temporary (75), nothing installed.
+    let env = Env::new(Ca::Enos, "p256");
+    env.emu.set_fault(Fault::EnosDuplicatedEncryption, Some(2));
+    let out = env.expect(&["enroll"], 75);
+    assert!(out.stderr.contains("status 1001 twice"), "{}", out.stderr);
+    assert!(!env.current().exists());
+}
+
+#[test]
 fn enos_product_key_and_device_key_select_the_device() {
     let env = Env::new(Ca::Enos, "rsa2048");
     env.edit_config(|c| {

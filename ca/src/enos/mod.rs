@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::http::{self, Http};
 use crate::json::{self, Value};
 use crate::pki::Issued;
+use crate::tokens::Token;
 
 pub const CREDENTIALS: Credentials = Credentials {
     enroll: "EnOS application appKey + appSecret (apim token and per-request signature)",
@@ -27,21 +28,23 @@ const REFRESH_PATH: &str = "/apim-token-service/v2.0/token/refresh";
 const CERTIFICATES_PATH: &str = "/connect-service/v2.0/certificates";
 /// §1.2: the token service's "token expired" code.
 const TOKEN_EXPIRED: i64 = 1203;
+/// §1.2: "duplicated encryption": another token request was signed in the same millisecond
+/// (another replica of the gateway, say). A new timestamp makes a new request.
+const DUPLICATED_ENCRYPTION: i64 = 1001;
 
 pub struct Enos<'a> {
     settings: &'a EnosSettings,
     http: Http,
-    token: Option<Token>,
-}
-
-struct Token {
-    value: Zeroizing<String>,
-    expires_at: u64,
 }
 
 impl<'a> Enos<'a> {
     pub fn new(settings: &'a EnosSettings, http: Http) -> Self {
-        Enos { settings, http, token: None }
+        Enos { settings, http }
+    }
+
+    /// The token cache key: a token belongs to one application at one API gateway.
+    fn token_key(&self) -> String {
+        format!("enos {} {}", self.settings.api_gateway, self.settings.app_key)
     }
 
     fn issue_authority(request: &Request) -> &'static str {
@@ -51,18 +54,27 @@ impl<'a> Enos<'a> {
         }
     }
 
-    /// A valid access token: the cached one, a refreshed one when it is about to expire, or a
-    /// new one.
-    fn access_token(&mut self) -> Result<Zeroizing<String>> {
+    /// A valid access token: the cached one (shared by the clients of this transport), a
+    /// refreshed one when it is about to expire, or a new one.
+    fn access_token(&self) -> Result<Zeroizing<String>> {
+        let slot = self.http.tokens().slot(&self.token_key());
+        let mut cached = slot.lock();
         let now = self.http.clock().now();
-        let token = match self.token.take() {
+        let token = match cached.take() {
             Some(token) if token.expires_at > now.saturating_add(60) => token,
             Some(stale) => self.refresh_token(&stale)?,
             None => self.fetch_token(TOKEN_PATH, None)?,
         };
         let value = token.value.clone();
-        self.token = Some(token);
+        *cached = Some(token);
         Ok(value)
+    }
+
+    /// Marks the cached token expired (the service said 1203), so the next call refreshes it.
+    fn expire_token(&self) {
+        if let Some(token) = self.http.tokens().slot(&self.token_key()).lock().as_mut() {
+            token.expires_at = 0;
+        }
     }
 
     /// §1.2 step A': exchange an expired token; if the service will not, get a new one.
@@ -73,8 +85,26 @@ impl<'a> Enos<'a> {
         })
     }
 
-    /// `token/get` (no `previous`) or `token/refresh` (with the token being replaced).
+    /// `token/get` (no `previous`) or `token/refresh` (with the token being replaced), once more
+    /// with a new timestamp when the service saw this one already.
     fn fetch_token(&self, path: &str, previous: Option<&str>) -> Result<Token> {
+        if let Some(token) = self.try_fetch_token(path, previous)? {
+            return Ok(token);
+        }
+        log::info!(
+            "EnOS token request signed in the same millisecond as another one (status 1001); retrying"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        self.try_fetch_token(path, previous)?.ok_or_else(|| {
+            Error::temporary(
+                "getting an EnOS access token: status 1001 twice: another client signs token requests \
+                 with this appKey in the same milliseconds",
+            )
+        })
+    }
+
+    /// One token request; `None` when the service answers 1001 (timestamp already used).
+    fn try_fetch_token(&self, path: &str, previous: Option<&str>) -> Result<Option<Token>> {
         const STEP: &str = "getting an EnOS access token";
         let timestamp = now_ms(self.http.clock()).to_string();
         let secret = self.settings.app_secret.expose();
@@ -102,6 +132,9 @@ impl<'a> Enos<'a> {
         let answer = crate::backend::parse_json(STEP, &response)?;
         // The doc's sample spells the field "stauts" (protocols.md §1.2).
         let status = answer.get("status").or_else(|| answer.get("stauts")).and_then(Value::as_i64);
+        if status == Some(DUPLICATED_ENCRYPTION) {
+            return Ok(None);
+        }
         if status != Some(0) {
             let msg = answer.get("msg").and_then(Value::as_str).unwrap_or("");
             let status = status.map_or("missing".into(), |s| s.to_string());
@@ -123,7 +156,7 @@ impl<'a> Enos<'a> {
         let lifetime = data.get("expire").and_then(Value::as_u64).unwrap_or(7200);
         // `expire` is the CA's number: saturate, never overflow (issue 14 item 5).
         let expires_at = self.http.clock().now().saturating_add(lifetime);
-        Ok(Token { value: Zeroizing::new(value.to_string()), expires_at })
+        Ok(Some(Token { value: Zeroizing::new(value.to_string()), expires_at }))
     }
 
     /// The device selection of §1.3 plus the action, as (key, value) query parameters.
@@ -176,9 +209,7 @@ impl<'a> Enos<'a> {
             }
             if code == Some(TOKEN_EXPIRED) && attempt == 0 {
                 log::info!("EnOS access token expired (code 1203); refreshing it");
-                if let Some(token) = self.token.as_mut() {
-                    token.expires_at = 0;
-                }
+                self.expire_token();
                 continue;
             }
             return Err(service_error(&step, &answer));

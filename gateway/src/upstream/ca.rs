@@ -33,7 +33,9 @@ pub struct CaUpstream {
     label: String,
     /// The block as configured; `{device}` is replaced per request.
     block: serde_json::Value,
-    transport: Transport,
+    /// One HTTP client for every request of this label: its clones share the connection pool
+    /// and the vendor access tokens (one EnOS token per label, not one per request).
+    http: Http,
 }
 
 /// The transport of one upstream: `upstream.trust_bundle` (else the system roots), its own clock
@@ -47,6 +49,7 @@ pub fn transport(settings: &UpstreamSettings) -> Result<Transport, String> {
         clock_window_s: None,
         timeout_s: settings.timeout_s,
         clock: Arc::new(Clock::new(0)),
+        tokens: Default::default(),
     })
 }
 
@@ -74,25 +77,15 @@ impl CaUpstream {
                  renewal signs with the device key, which the gateway never holds)"
             ));
         }
-        let upstream = CaUpstream { label: label.to_string(), block: block.clone(), transport };
-        upstream.backend_for(PROBE_DEVICE).map_err(|e| e.chain_line())?;
-        Ok(Arc::new(upstream))
+        let block = block.clone();
+        backend_for(label, &block, PROBE_DEVICE).map_err(|e| e.chain_line())?;
+        let http = Http::new(transport).map_err(|e| format!("labels.{label}: {}", e.chain_line()))?;
+        Ok(Arc::new(CaUpstream { label: label.to_string(), block, http }))
     }
 
-    /// The label's block for one device, parsed by the CA crate (the agent's parser).
+    /// The label's block for one device.
     fn backend_for(&self, device: &str) -> enroll_ca::error::Result<Backend> {
-        let at = format!("labels.{}.ca", self.label);
-        let text = with_device(&self.block, device).to_string();
-        let value =
-            enroll_ca::json::parse(text.as_bytes()).map_err(|e| Error::config(format!("{at}: {e}")))?;
-        let fields = Fields::new(&value, &at)?;
-        Backend::parse(fields, false).map_err(|e| match e.kind() {
-            // The CA crate names some fields from its own root (`ca.renew_auth`).
-            Kind::Config if e.to_string().starts_with("ca.") => {
-                Error::config(format!("labels.{}.{}", self.label, e.chain_line()))
-            }
-            _ => e,
-        })
+        backend_for(&self.label, &self.block, device)
     }
 
     /// Runs `call` with a fresh client for this request's device.
@@ -102,8 +95,7 @@ impl CaUpstream {
         call: impl FnOnce(&mut dyn CaBackend) -> enroll_ca::error::Result<T>,
     ) -> Result<T, UpstreamError> {
         let backend = self.backend_for(device).map_err(upstream_error)?;
-        let http = Http::new(self.transport.clone()).map_err(upstream_error)?;
-        let mut client = backend.client(http);
+        let mut client = backend.client(self.http.clone());
         call(client.as_mut()).map_err(upstream_error)
     }
 }
@@ -163,12 +155,26 @@ impl Upstream for CaUpstream {
     /// `check --online` does. It does not authenticate: that would need an API call per vendor.
     fn check(&self) -> Result<(), UpstreamError> {
         let backend = self.backend_for(PROBE_DEVICE).map_err(upstream_error)?;
-        let http = Http::new(self.transport.clone()).map_err(upstream_error)?;
-        let url = backend.client(http.clone()).probe_url();
-        let response = http.send("reaching the CA", "GET", &url, &[], None).map_err(upstream_error)?;
+        let url = backend.client(self.http.clone()).probe_url();
+        let response = self.http.send("reaching the CA", "GET", &url, &[], None).map_err(upstream_error)?;
         log::info!("labels.{}: {} answered HTTP {} at {url}", self.label, backend.name(), response.status);
         Ok(())
     }
+}
+
+/// A label's block for one device, parsed by the CA crate (the agent's parser).
+fn backend_for(label: &str, block: &serde_json::Value, device: &str) -> enroll_ca::error::Result<Backend> {
+    let at = format!("labels.{label}.ca");
+    let text = with_device(block, device).to_string();
+    let value = enroll_ca::json::parse(text.as_bytes()).map_err(|e| Error::config(format!("{at}: {e}")))?;
+    let fields = Fields::new(&value, &at)?;
+    Backend::parse(fields, false).map_err(|e| match e.kind() {
+        // The CA crate names some fields from its own root (`ca.renew_auth`).
+        Kind::Config if e.to_string().starts_with("ca.") => {
+            Error::config(format!("labels.{label}.{}", e.chain_line()))
+        }
+        _ => e,
+    })
 }
 
 /// The certificate being renewed, when the gateway issued it.
@@ -231,6 +237,7 @@ mod tests {
             clock_window_s: None,
             timeout_s: 5,
             clock: Arc::new(Clock::new(0)),
+            tokens: Default::default(),
         };
         CaUpstream::new("meters", &block, transport)
     }
