@@ -1,5 +1,5 @@
 //! The command line (design.md §9): `serve`, `check`, `token create`, `device list|show|revoke`,
-//! `audit`. Exit codes as design.md §2.
+//! `audit`, and `request stuck|release` for submissions a dead replica left behind. Exit codes as design.md §2.
 
 use crate::config::{Settings, DEFAULT_CONFIG};
 use crate::error::{report, Error, Kind};
@@ -36,6 +36,9 @@ enum Command {
     /// What the gateway issued, per device
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Submissions to a CA that a replica started and never finished
+    #[command(subcommand)]
+    Request(RequestCommand),
     /// Every decision: who, label, operation, outcome, upstream reference, reason
     Audit {
         /// Only decisions at or after this time (RFC 3339, e.g. 2026-12-01T00:00:00Z)
@@ -73,6 +76,25 @@ enum DeviceCommand {
     },
     /// Refuse every further enroll and renew of this device
     Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum RequestCommand {
+    /// List submissions whose replica stopped during the vendor call: the vendor may or may not
+    /// have them, so the gateway never submits them again by itself
+    Stuck {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let the device's next identical request be submitted again. Check the vendor first: if
+    /// it issued a certificate for this CSR, releasing gets the device a second one
+    Release {
+        #[arg(long)]
+        label: String,
+        /// SHA-256 (hex) of the CSR, as `request stuck` and the device's 503 answer show it
+        #[arg(long)]
+        csr: String,
+    },
 }
 
 /// Runs the command line; returns the exit code.
@@ -197,6 +219,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Device(cmd) => runtime(false)?.block_on(device(settings, cmd)),
+        Command::Request(cmd) => runtime(false)?.block_on(request(settings, cmd)),
         Command::Audit { since, json } => {
             let since = match since {
                 None => 0,
@@ -368,6 +391,61 @@ async fn device(settings: Settings, cmd: DeviceCommand) -> Result<(), Error> {
                 })
                 .await?;
             println!("device {id}: {}", if changed { "revoked" } else { "was already revoked" });
+            Ok(())
+        }
+    }
+}
+
+async fn request(settings: Settings, cmd: RequestCommand) -> Result<(), Error> {
+    let store = open(&settings).await?;
+    let stale_s = crate::est::stale_submit_s(settings.upstream.timeout_s);
+    let stale_before = now() - stale_s;
+    match cmd {
+        RequestCommand::Stuck { json } => {
+            let stuck = store.stuck_requests(stale_before).await?;
+            if json {
+                return json_out(&stuck);
+            }
+            println!("{:<16} {:<32} {:<14} {:<20} CSR SHA-256", "LABEL", "DEVICE", "OPERATION", "CLAIMED");
+            for r in stuck {
+                println!(
+                    "{:<16} {:<32} {:<14} {:<20} {}",
+                    r.label,
+                    r.device,
+                    r.operation,
+                    rfc3339(r.claimed_at),
+                    r.csr_sha256
+                );
+            }
+            Ok(())
+        }
+        RequestCommand::Release { label, csr } => {
+            let csr = csr.to_ascii_lowercase();
+            if !settings.labels.contains_key(&label) {
+                return Err(Error::usage(format!("--label {label}: not a label of the config")));
+            }
+            if csr.len() != 64 || !csr.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Error::usage("--csr: the CSR's SHA-256 as 64 hex digits"));
+            }
+            if !store.release_stuck(&label, &csr, stale_before).await? {
+                return Err(Error::usage(format!(
+                    "--csr {csr}: no stuck request of label {label} (only a submission claimed more than \
+                     {stale_s} s ago and never finished can be released; see `request stuck`)"
+                )));
+            }
+            store
+                .audit(&AuditRow {
+                    at: now(),
+                    peer: "cli".into(),
+                    who: "operator".into(),
+                    label: label.clone(),
+                    operation: "request-release".into(),
+                    outcome: "released".into(),
+                    upstream_ref: None,
+                    reason: Some(format!("csr {csr}")),
+                })
+                .await?;
+            println!("request {csr} of label {label}: released; the device's next retry is submitted again");
             Ok(())
         }
     }

@@ -35,9 +35,17 @@ const STALE_POLL_S: i64 = 300;
 fn stale_poll_s(upstream_timeout_s: u64) -> i64 {
     (2 * upstream_timeout_s as i64 + 5).min(STALE_POLL_S)
 }
-/// A `submitting` claim older than this belongs to a replica that died during the vendor call
-/// (the call itself is bounded by the vendor client's own timeouts, far below this).
+/// At most this long, a `submitting` claim is taken for a vendor call still running.
 const STALE_SUBMIT_S: i64 = 900;
+
+/// When a `submitting` claim belongs to a replica that died during the vendor call: a submission
+/// makes at most six vendor calls (token, a repeated token, the request, the EnOS lost-answer
+/// recovery's list and apply, a first collect), each bounded by `upstream.timeout_s`; plus 30 s.
+/// Past it the device is told the request is stuck, and `enroll-gateway request release` may
+/// free it (design.md §9: a CSR is never forwarded twice without an operator's decision).
+pub fn stale_submit_s(upstream_timeout_s: u64) -> i64 {
+    (6 * upstream_timeout_s as i64 + 30).min(STALE_SUBMIT_S)
+}
 /// Retry-After for a request whose submission was interrupted.
 const STUCK_RETRY_S: u64 = 3600;
 /// Upstream calls running at once in this replica (the blocking pool is not a queue).
@@ -587,17 +595,21 @@ impl Gateway {
                 .with_ref(row.upstream_ref)),
             State::Failed => Ok(Decision::status(502, "upstream-error", row.reason.unwrap_or_default())
                 .with_ref(row.upstream_ref)),
-            State::Submitting if now() - row.updated_at > STALE_SUBMIT_S => {
+            State::Submitting
+                if now() - row.updated_at > stale_submit_s(self.settings.upstream.timeout_s) =>
+            {
                 // The replica that claimed it stopped during the vendor call: whether the vendor
-                // has it is unknown, so it is never resubmitted. Say so, loudly, until an
-                // operator decides (the device may also enroll with a new CSR).
+                // has it is unknown, so it is never resubmitted by itself. Say so, loudly, until
+                // an operator checks the vendor and runs `request release` (or the device sends
+                // a CSR for a new key).
                 let mut d = Decision::status(
                     503,
                     "stuck",
                     format!(
                         "the submission of this CSR to the CA was interrupted at {} (Unix time); \
-                         whether the CA has it is unknown; an operator must decide, or send a new CSR",
-                        row.updated_at
+                         whether the CA has it is unknown; an operator must check the CA and run \
+                         `enroll-gateway request release --label {} --csr {}`, or the device must send a new CSR",
+                        row.updated_at, label.name, csr.sha256
                     ),
                 );
                 d.retry_after = Some(STUCK_RETRY_S);

@@ -83,6 +83,16 @@ pub struct RequestRow {
     pub updated_at: i64,
 }
 
+/// A request whose submission upstream was claimed and never finished (`request stuck`).
+#[derive(Clone, Debug, Serialize)]
+pub struct StuckRequest {
+    pub label: String,
+    pub csr_sha256: String,
+    pub device: String,
+    pub operation: String,
+    pub claimed_at: i64,
+}
+
 /// One issued certificate.
 #[derive(Clone, Debug, Serialize)]
 pub struct IssuedRecord {
@@ -461,6 +471,47 @@ impl Store {
             .await
             .map_err(db("releasing the request"))?;
         Ok(())
+    }
+
+    /// Submissions claimed before `stale_before` and never finished: their replica died during
+    /// the vendor call.
+    pub async fn stuck_requests(&self, stale_before: i64) -> Result<Vec<StuckRequest>, Error> {
+        let rows = sqlx::query(
+            "SELECT label, csr_sha256, device, operation, updated_at FROM requests \
+             WHERE state = 'submitting' AND updated_at < $1 ORDER BY updated_at",
+        )
+        .bind(stale_before)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing stuck requests"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(StuckRequest {
+                    label: r.try_get(0)?,
+                    csr_sha256: r.try_get(1)?,
+                    device: r.try_get(2)?,
+                    operation: r.try_get(3)?,
+                    claimed_at: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db("listing stuck requests"))
+    }
+
+    /// Drops a stuck submission (claimed before `stale_before`), so the device's next identical
+    /// request is submitted again. False when there is no such stuck request.
+    pub async fn release_stuck(&self, label: &str, csr_sha: &str, stale_before: i64) -> Result<bool, Error> {
+        let r = sqlx::query(
+            "DELETE FROM requests WHERE label = $1 AND csr_sha256 = $2 AND state = 'submitting' \
+             AND updated_at < $3",
+        )
+        .bind(label)
+        .bind(csr_sha)
+        .bind(stale_before)
+        .execute(&self.pool)
+        .await
+        .map_err(db("releasing the stuck request"))?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// Requests of this device and label since `since` that count against the daily quota:

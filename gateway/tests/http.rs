@@ -508,3 +508,58 @@ async fn a_submission_interrupted_by_a_dead_replica_is_reported_not_resubmitted(
     assert_eq!(env.up.submits(), 0);
     env.stop().await;
 }
+
+/// A replica killed during the vendor call leaves the claim `submitting`: after the stale bound
+/// the device hears 503 "stuck" (never a second submission), `request stuck` lists it, and
+/// `request release` lets the device's next identical request through, recorded in the audit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_submission_is_listed_and_released_by_the_operator_only() {
+    let env = Env::start(|_| {}).await;
+    let dev = env.device("dev-1");
+    let token = env.token("dev-1");
+    let csr = dev.csr("dev-1", &[&dev.san()]);
+    let sha = enroll_gateway::pki::sha256_hex(&csr);
+    let long_ago = time::OffsetDateTime::now_utc().unix_timestamp() - 3_600;
+    assert!(env.store().request_claim("meters", &sha, "dev-1", "simpleenroll", long_ago).await.unwrap());
+
+    let r = env.enroll_basic("dev-1", &token, &csr).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains(&format!("request release --label meters --csr {sha}")), "{}", r.text());
+    assert_eq!(env.up.submits(), 0, "a stuck submission is never sent again by itself");
+
+    let (code, out, err) = env.cli(&["request", "stuck", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let stuck: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stuck[0]["csr_sha256"], sha.as_str());
+    assert_eq!(stuck[0]["device"], "dev-1");
+
+    // A fresh claim (a replica may still be calling the vendor) cannot be released.
+    let fresh = dev.csr("dev-1", &[]);
+    let fresh_sha = enroll_gateway::pki::sha256_hex(&fresh);
+    let t = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(env.store().request_claim("meters", &fresh_sha, "dev-1", "simpleenroll", t).await.unwrap());
+    let (code, _, err) = env.cli(&["request", "release", "--label", "meters", "--csr", &fresh_sha]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("no stuck request"), "{err}");
+    let (code, _, err) = env.cli(&["request", "release", "--label", "meters", "--csr", "xyz"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--csr"), "{err}");
+
+    let (code, out, err) = env.cli(&["request", "release", "--label", "meters", "--csr", &sha]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("released"), "{out}");
+    let r = env.enroll_basic("dev-1", &token, &csr).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(env.up.submits(), 1);
+    let releases: Vec<(String, String)> = env
+        .audit()
+        .await
+        .into_iter()
+        .filter(|a| a.operation == "request-release")
+        .map(|a| (a.outcome, a.reason.unwrap_or_default()))
+        .collect();
+    assert_eq!(releases, [("released".to_string(), format!("csr {sha}"))]);
+    let outcomes: Vec<String> = audit_of(&env, "dev-1").await.into_iter().map(|a| a.outcome).collect();
+    assert_eq!(outcomes, ["stuck", "issued"]);
+    env.stop().await;
+}
