@@ -563,3 +563,26 @@ async fn a_stuck_submission_is_listed_and_released_by_the_operator_only() {
     assert_eq!(outcomes, ["stuck", "issued"]);
     env.stop().await;
 }
+
+/// A token is bound to its label as well as its device: a `meters` token is refused at the
+/// `wrapped` label (both accept tokens), with nothing forwarded, and still works at `meters`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_another_label_is_refused() {
+    let env = Env::start(|_| {}).await;
+    let dev = env.device("dev-1");
+    let token = env.token("dev-1");
+    let csr = dev.csr("dev-1", &[]);
+    let r = env
+        .call(common::Call {
+            path: "/.well-known/est/wrapped/simpleenroll",
+            basic: Some(("dev-1", &token)),
+            cert: None,
+            body: Some(&b64(&csr)),
+        })
+        .await;
+    assert_refused(&env, &r, "dev-1", "token").await;
+    assert_eq!(env.up.submits(), 0);
+    let r = env.enroll_basic("dev-1", &token, &dev.csr("dev-1", &[&dev.san()])).await;
+    assert_eq!(r.status, 200, "the refusal did not use the token up: {}", r.text());
+    env.stop().await;
+}
