@@ -31,14 +31,18 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tss_esapi::attributes::ObjectAttributesBuilder;
-use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+use tss_esapi::constants::tss::{
+    TPM2_PT_HR_TRANSIENT_AVAIL, TPM2_RH_NULL, TPM2_ST_HASHCHECK, TPM2_TRANSIENT_FIRST,
+};
 use tss_esapi::constants::Tss2ResponseCodeKind;
+use tss_esapi::constants::{CapabilityType, PropertyTag};
 use tss_esapi::handles::KeyHandle;
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::CapabilityData;
 use tss_esapi::structures::{
     Digest, EccParameter, EccPoint, EccScheme, HashScheme, HashcheckTicket, Private, Public, PublicBuffer,
     PublicBuilder, PublicEccParametersBuilder, PublicKeyRsa, PublicRsaParametersBuilder, RsaExponent,
@@ -333,9 +337,10 @@ struct Tpm {
 impl Tpm {
     fn open(tcti: &TctiNameConf, step: &'static str) -> Result<Tpm, Error> {
         let lock = TPM_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let ctx = Context::new(tcti.clone()).map_err(|e| {
+        let mut ctx = Context::new(tcti.clone()).map_err(|e| {
             Error::key(step, format!("cannot open the TPM at tcti {} ({e})", tcti_display(tcti)))
         })?;
+        free_object_slots(&mut ctx).map_err(|e| tpm_error(step, "freeing transient object slots", e))?;
         Ok(Tpm { ctx, _lock: lock })
     }
 
@@ -360,6 +365,41 @@ impl Tpm {
             Ok(value)
         })
     }
+}
+
+/// Transient objects this provider has loaded at once: the SRK and the key.
+const OBJECTS_NEEDED: u32 = 2;
+
+/// Makes room for the SRK and the key when the TPM has no two free transient object slots.
+///
+/// Behind a resource manager (`/dev/tpmrm0`, tpm2-abrmd) each connection sees its own objects
+/// only, so slots are always free here. Without one (swtpm, a raw `/dev/tpm0`; three slots) a
+/// process killed between load and flush leaves its objects loaded for good, and every later
+/// operation would fail with "out of memory for object contexts" until a reboot. Such leftovers
+/// are flushed. A process using the raw TPM at this very instant would lose its objects too;
+/// on a device where that can happen, use a resource manager.
+fn free_object_slots(ctx: &mut Context) -> tss_esapi::Result<()> {
+    let (properties, _) = ctx.get_capability(CapabilityType::TpmProperties, TPM2_PT_HR_TRANSIENT_AVAIL, 1)?;
+    let available = match properties {
+        CapabilityData::TpmProperties(list) => list.find(PropertyTag::HrTransientAvail).map(|p| p.value()),
+        _ => None,
+    };
+    if available.is_none_or(|free| free >= OBJECTS_NEEDED) {
+        return Ok(());
+    }
+    let (handles, _) = ctx.get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)?;
+    let CapabilityData::Handles(handles) = handles else { return Ok(()) };
+    for handle in handles.iter().copied() {
+        let object = ctx.tr_from_tpm_public(handle)?;
+        ctx.flush_context(object)?;
+    }
+    log::warn!(
+        "the TPM had {} free transient object slots: flushed {} objects left loaded by a process that \
+         stopped without flushing them (no resource manager)",
+        available.unwrap_or_default(),
+        handles.len()
+    );
+    Ok(())
 }
 
 /// The ECC P-256 SRK template of the TCG "TPM 2.0 Provisioning Guidance" (§7.5.1): restricted

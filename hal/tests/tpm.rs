@@ -10,6 +10,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -389,6 +390,75 @@ fn damaged_or_mismatched_slot_files_are_errors_that_leak_nothing() {
         Err(Error::Permissions { detail, .. }) => assert!(detail.contains("0644"), "{detail}"),
         other => panic!("expected a permissions error, got {other:?}"),
     }
+    tpm.assert_no_transient_objects();
+}
+
+/// What a process killed between load and flush leaves in a TPM without a resource manager:
+/// objects loaded for good. Fills every transient slot with primaries and closes the connection
+/// without flushing them (`tr_close` forgets an object on the client side only).
+fn leave_objects_loaded(tpm: &Swtpm) -> usize {
+    use tss_esapi::interface_types::resource_handles::Hierarchy;
+    use tss_esapi::structures::{
+        EccPoint, PublicBuilder, PublicEccParametersBuilder, SymmetricDefinitionObject,
+    };
+    use tss_esapi::{attributes::ObjectAttributesBuilder, interface_types::algorithm::*};
+    let tcti = tss_esapi::tcti_ldr::TctiNameConf::from_str(&tpm.tcti()).unwrap();
+    let mut ctx = tss_esapi::Context::new(tcti).unwrap();
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_restricted(true)
+        .with_decrypt(true)
+        .build()
+        .unwrap();
+    let template = PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                tss_esapi::interface_types::ecc::EccCurve::NistP256,
+            )
+            .build()
+            .unwrap(),
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+        .unwrap();
+    let mut loaded = 0;
+    ctx.execute_with_session(
+        Some(tss_esapi::interface_types::session_handles::AuthSession::Password),
+        |ctx| {
+            while let Ok(primary) =
+                ctx.create_primary(Hierarchy::Owner, template.clone(), None, None, None, None)
+            {
+                // ESYS forgets the object (the call succeeds); tss-esapi's own bookkeeping then
+                // refuses to mark a flushable handle closed, an error that changes nothing here.
+                let mut handle = primary.key_handle.into();
+                let _ = ctx.tr_close(&mut handle);
+                loaded += 1;
+            }
+        },
+    );
+    loaded
+}
+
+#[test]
+fn objects_a_killed_process_left_loaded_are_flushed_before_use() {
+    let Some(Setup { _serial, dir, tpm }) = setup("leftovers") else { return };
+    let provider = tpm.provider();
+    let slot = dir.slot(1);
+    provider.generate(Algorithm::P256, &slot).unwrap();
+    let left = leave_objects_loaded(&tpm);
+    assert!(left >= 2, "the simulator took {left} objects");
+    assert_eq!(tpm.transient_handles().lines().count(), left, "{}", tpm.transient_handles());
+
+    let key = provider.load(&slot).unwrap();
+    let sig = key.sign(SignatureScheme::EcdsaP256Sha256, MESSAGE).unwrap();
+    assert!(ring_verifies(key.as_ref(), SignatureScheme::EcdsaP256Sha256, MESSAGE, &sig));
     tpm.assert_no_transient_objects();
 }
 
