@@ -29,8 +29,8 @@ pub(crate) fn uint(bytes: &[u8]) -> Vec<u8> {
     tlv(0x02, &content)
 }
 
-#[cfg_attr(not(any(feature = "pkcs11", feature = "tpm")), allow(dead_code))]
-/// A SEQUENCE of already encoded elements.
+/// A SEQUENCE of already encoded elements (the TPM provider's signatures and public keys).
+#[cfg_attr(not(feature = "tpm"), allow(dead_code))]
 pub(crate) fn sequence(parts: &[Vec<u8>]) -> Vec<u8> {
     tlv(0x30, &parts.concat())
 }
