@@ -41,6 +41,9 @@ pub struct EnosConfig {
     /// certificate (false: only `device_key`). The gateway's fleet tests and load benchmark
     /// name each device by `{device}`, as a real EnOS product with many devices.
     pub fleet: bool,
+    /// Issue certificates that live this many seconds instead of `validDay` days (the soak run
+    /// renews every minute or two).
+    pub leaf_lifetime_s: Option<u32>,
 }
 
 impl EnosConfig {
@@ -56,6 +59,7 @@ impl EnosConfig {
             max_valid_days: 3650,
             token_lifetime_s: 7200,
             fleet: false,
+            leaf_lifetime_s: None,
         }
     }
 }
@@ -418,7 +422,8 @@ impl Shared {
             Some(Fault::ExpiredCert) => LeafFault::Expired,
             _ => LeafFault::None,
         };
-        let issued = pki::issue_leaf(&csr, &self.pki.enos_root, &LeafProfile::device(days), leaf_fault)
+        let profile = LeafProfile { lifetime_s: self.enos_cfg.leaf_lifetime_s, ..LeafProfile::device(days) };
+        let issued = pki::issue_leaf(&csr, &self.pki.enos_root, &profile, leaf_fault)
             .map_err(|e| {
                 envelope(99500, &format!("Internal error of certificate service. {e}"), Value::Null)
             })?;

@@ -195,6 +195,7 @@ impl Shared {
             sans_override: (!sans.is_empty()).then_some(sans),
             key_usages: key_usages(&body)?,
             ekus: ekus(&body)?,
+            lifetime_s: None,
         };
         Ok(self.ezca_issue(Endpoint::EzcaIssue, &csr, profile, true))
     }

@@ -479,6 +479,8 @@ pub struct LeafProfile {
     pub key_usages: Vec<KeyUsagePurpose>,
     /// extendedKeyUsage purposes.
     pub ekus: Vec<ExtendedKeyUsagePurpose>,
+    /// A lifetime in seconds that replaces `days` (short-lived certificates for soak runs).
+    pub lifetime_s: Option<u32>,
 }
 
 impl LeafProfile {
@@ -489,6 +491,7 @@ impl LeafProfile {
             sans_override: None,
             key_usages: vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
             ekus: vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth],
+            lifetime_s: None,
         }
     }
 }
@@ -588,8 +591,11 @@ fn leaf_params(
         p.not_after = now - ::time::Duration::days(1);
     } else {
         p.not_before = now - ::time::Duration::seconds(60);
-        p.not_after =
-            (now + ::time::Duration::days(i64::from(profile.days))).min(to_offset(issuer.not_after));
+        let lifetime = match profile.lifetime_s {
+            Some(seconds) => ::time::Duration::seconds(i64::from(seconds)),
+            None => ::time::Duration::days(i64::from(profile.days)),
+        };
+        p.not_after = (now + lifetime).min(to_offset(issuer.not_after));
     }
     Ok(p)
 }

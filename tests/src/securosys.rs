@@ -283,7 +283,7 @@ impl Shared {
                 .ok_or_else(|| bad_request("validity must be a positive number of days"))?
                 as u32,
         };
-        let profile = LeafProfile { days, sans_override: None, key_usages, ekus };
+        let profile = LeafProfile { days, sans_override: None, key_usages, ekus, lifetime_s: None };
         Ok(SignSpec { csr, profile, alg })
     }
 

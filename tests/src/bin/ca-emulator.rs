@@ -1,4 +1,4 @@
-//! `ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L] [--enos-fleet]`
+//! `ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L] [--enos-fleet] [--enos-leaf-lifetime-s S]`
 //!
 //! Starts the EnOS + EZCA + Sectigo + Securosys + Redtrust + EST emulator (see the `enroll_tests`
 //! crate docs), writes what a client needs into DIR (0700): `tls-root.pem`,
@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L] [--enos-fleet]";
+const USAGE: &str = "usage: ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L] [--enos-fleet] [--enos-leaf-lifetime-s S]";
 
 struct Args {
     opts: Options,
@@ -54,6 +54,11 @@ fn parse_args() -> Result<Args, String> {
             "--client-cert" => opts.request_client_cert = true,
             "--est-label" => opts.est.label = value("--est-label")?,
             "--enos-fleet" => opts.enos.fleet = true,
+            "--enos-leaf-lifetime-s" => {
+                let seconds = value("--enos-leaf-lifetime-s")?;
+                opts.enos.leaf_lifetime_s =
+                    Some(seconds.parse().map_err(|_| "--enos-leaf-lifetime-s: not a number of seconds")?);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}\nfaults: {}", enroll_tests::fault::names());
                 std::process::exit(0);
