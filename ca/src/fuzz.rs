@@ -29,6 +29,19 @@ fn render(error: &Error) {
     let _ = (error.kind().exit_code(), error.retry_after(), error.answer());
 }
 
+/// EnOS: the token answer, the connect-service answer (`code`/`data`), the certificate in it,
+/// and the `action=list` search for a key (the lost-answer recovery).
+#[cfg(feature = "enos")]
+pub fn enos_answer(data: &[u8]) {
+    let response = response(data);
+    // A clock at its end: `expire` must saturate, never overflow.
+    show(crate::enos::token_answer("fuzz", &response, u64::MAX - 1));
+    if let Some(Some(data)) = show(crate::enos::service_answer("fuzz", &response)) {
+        show(crate::enos::issued_from(&data));
+        show(crate::enos::listed_for_key(&data, b"not the SPKI of any listed certificate"));
+    }
+}
+
 /// EZCA: the JSON and PEM-text issuance answers, and the renewal status check (§2).
 #[cfg(feature = "ezca")]
 pub fn ezca_answer(data: &[u8]) {

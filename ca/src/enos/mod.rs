@@ -126,37 +126,7 @@ impl<'a> Enos<'a> {
             &[("Content-Type", "application/json;charset=UTF-8")],
             Some(body.as_bytes()),
         )?;
-        if !response.is_success() {
-            return Err(gateway_error(STEP, &response));
-        }
-        let answer = crate::backend::parse_json(STEP, &response)?;
-        // The doc's sample spells the field "stauts" (protocols.md §1.2).
-        let status = answer.get("status").or_else(|| answer.get("stauts")).and_then(Value::as_i64);
-        if status == Some(DUPLICATED_ENCRYPTION) {
-            return Ok(None);
-        }
-        if status != Some(0) {
-            let msg = answer.get("msg").and_then(Value::as_str).unwrap_or("");
-            let status = status.map_or("missing".into(), |s| s.to_string());
-            return Err(if status == "1005" {
-                Error::temporary(format!("{STEP}: EnOS token service failed: status {status}: {msg}"))
-            } else {
-                Error::refused(format!(
-                    "{STEP}: EnOS token service refused the app credentials: status {status}: {msg}"
-                ))
-            });
-        }
-        let data =
-            answer.get("data").ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no data")))?;
-        let value = data
-            .get("accessToken")
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::protocol(format!("{STEP}: the answer has no data.accessToken")))?;
-        let lifetime = data.get("expire").and_then(Value::as_u64).unwrap_or(7200);
-        // `expire` is the CA's number: saturate, never overflow (issue 14 item 5).
-        let expires_at = self.http.clock().now().saturating_add(lifetime);
-        Ok(Some(Token { value: Zeroizing::new(value.to_string()), expires_at }))
+        token_answer(STEP, &response, self.http.clock().now())
     }
 
     /// The device selection of §1.3 plus the action, as (key, value) query parameters.
@@ -196,23 +166,14 @@ impl<'a> Enos<'a> {
             ];
             let sent = (method == "POST").then_some(body.as_bytes());
             let response = self.http.send(&step, method, &url, &headers, sent)?;
-            if !response.is_success() {
-                return Err(gateway_error(&step, &response));
+            match service_answer(&step, &response)? {
+                Some(data) => return Ok(data),
+                None if attempt == 0 => {
+                    log::info!("EnOS access token expired (code 1203); refreshing it");
+                    self.expire_token();
+                }
+                None => {}
             }
-            let answer = crate::backend::parse_json(&step, &response)?;
-            let code = answer.get("code").and_then(Value::as_i64);
-            if code == Some(0) {
-                return answer
-                    .get("data")
-                    .cloned()
-                    .ok_or_else(|| Error::protocol(format!("{step}: the answer has no data")));
-            }
-            if code == Some(TOKEN_EXPIRED) && attempt == 0 {
-                log::info!("EnOS access token expired (code 1203); refreshing it");
-                self.expire_token();
-                continue;
-            }
-            return Err(service_error(&step, &answer));
         }
         Err(Error::refused(format!(
             "{step}: EnOS kept answering code 1203 (token expired) with a fresh token"
@@ -240,43 +201,101 @@ impl<'a> Enos<'a> {
 
     /// The valid certificate in `action=list` that carries `spki`, if any.
     fn listed_for_key(&mut self, spki: &[u8]) -> Result<Option<Issued>> {
-        let data = self.call("list", None)?;
-        let Value::Array(entries) = &data else {
-            return Err(Error::protocol("EnOS certificates action=list: data is not an array"));
-        };
-        for entry in entries {
-            let valid = entry.get("certStatus").and_then(Value::as_i64) == Some(0);
-            let pem = entry.get("cert").and_then(Value::as_str).filter(|c| c.contains("-----BEGIN"));
-            let (true, Some(_)) = (valid, pem) else { continue };
-            let issued = Self::issued_from(entry)?;
-            if crate::pki::Cert::from_der(&issued.leaf)?.spki_der() == spki {
-                return Ok(Some(issued));
-            }
-        }
-        Ok(None)
+        listed_for_key(&self.call("list", None)?, spki)
     }
+}
 
-    fn issued_from(data: &Value) -> Result<Issued> {
-        const STEP: &str = "reading the EnOS certificate";
-        let leaf = crate::backend::pem_field(STEP, data, "cert")?
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::protocol(format!("{STEP}: empty cert")))?;
-        let roots = match data.get("caCert") {
-            Some(_) => crate::backend::pem_field(STEP, data, "caCert")?,
-            None => Vec::new(),
-        };
-        // The table says certSn, the samples certSN; it is a decimal string (§1.4).
-        let ca_ref = ["certSN", "certSn"].iter().find_map(|k| data.get(k)).and_then(|v| match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.clone()),
-            _ => None,
-        });
-        if ca_ref.as_deref().is_none_or(|s| s.parse::<i64>().is_err()) {
-            return Err(Error::protocol(format!("{STEP}: certSN is missing or not a number")));
+/// The valid certificate of an `action=list` answer's data that carries `spki`, if any.
+pub(crate) fn listed_for_key(data: &Value, spki: &[u8]) -> Result<Option<Issued>> {
+    let Value::Array(entries) = data else {
+        return Err(Error::protocol("EnOS certificates action=list: data is not an array"));
+    };
+    for entry in entries {
+        let valid = entry.get("certStatus").and_then(Value::as_i64) == Some(0);
+        let pem = entry.get("cert").and_then(Value::as_str).filter(|c| c.contains("-----BEGIN"));
+        let (true, Some(_)) = (valid, pem) else { continue };
+        let issued = issued_from(entry)?;
+        if crate::pki::Cert::from_der(&issued.leaf)?.spki_der() == spki {
+            return Ok(Some(issued));
         }
-        Ok(Issued { leaf, intermediates: Vec::new(), roots, ca_ref })
     }
+    Ok(None)
+}
+
+/// The token service's answer (§1.2): the token, `None` for status 1001 (the timestamp was used
+/// already), or the error. `now` is when it arrived, on the transport's clock.
+pub(crate) fn token_answer(step: &str, response: &http::Response, now: u64) -> Result<Option<Token>> {
+    if !response.is_success() {
+        return Err(gateway_error(step, response));
+    }
+    let answer = crate::backend::parse_json(step, response)?;
+    // The doc's sample spells the field "stauts" (protocols.md §1.2).
+    let status = answer.get("status").or_else(|| answer.get("stauts")).and_then(Value::as_i64);
+    if status == Some(DUPLICATED_ENCRYPTION) {
+        return Ok(None);
+    }
+    if status != Some(0) {
+        let msg = answer.get("msg").and_then(Value::as_str).unwrap_or("");
+        let status = status.map_or("missing".into(), |s| s.to_string());
+        return Err(if status == "1005" {
+            Error::temporary(format!("{step}: EnOS token service failed: status {status}: {msg}"))
+        } else {
+            Error::refused(format!(
+                "{step}: EnOS token service refused the app credentials: status {status}: {msg}"
+            ))
+        });
+    }
+    let data =
+        answer.get("data").ok_or_else(|| Error::protocol(format!("{step}: the answer has no data")))?;
+    let value = data
+        .get("accessToken")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::protocol(format!("{step}: the answer has no data.accessToken")))?;
+    let lifetime = data.get("expire").and_then(Value::as_u64).unwrap_or(7200);
+    // `expire` is the CA's number: saturate, never overflow (issue 14 item 5).
+    Ok(Some(Token { value: Zeroizing::new(value.to_string()), expires_at: now.saturating_add(lifetime) }))
+}
+
+/// A connect-service answer (§1.1): its `data` on code 0, `None` on 1203 (token expired), or
+/// the error (gateway status, service code).
+pub(crate) fn service_answer(step: &str, response: &http::Response) -> Result<Option<Value>> {
+    if !response.is_success() {
+        return Err(gateway_error(step, response));
+    }
+    let answer = crate::backend::parse_json(step, response)?;
+    match answer.get("code").and_then(Value::as_i64) {
+        Some(0) => answer
+            .get("data")
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| Error::protocol(format!("{step}: the answer has no data"))),
+        Some(TOKEN_EXPIRED) => Ok(None),
+        _ => Err(service_error(step, &answer)),
+    }
+}
+
+/// The certificate of an apply, renew or list entry (§1.4, §1.7).
+pub(crate) fn issued_from(data: &Value) -> Result<Issued> {
+    const STEP: &str = "reading the EnOS certificate";
+    let leaf = crate::backend::pem_field(STEP, data, "cert")?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::protocol(format!("{STEP}: empty cert")))?;
+    let roots = match data.get("caCert") {
+        Some(_) => crate::backend::pem_field(STEP, data, "caCert")?,
+        None => Vec::new(),
+    };
+    // The table says certSn, the samples certSN; it is a decimal string (§1.4).
+    let ca_ref = ["certSN", "certSn"].iter().find_map(|k| data.get(k)).and_then(|v| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.clone()),
+        _ => None,
+    });
+    if ca_ref.as_deref().is_none_or(|s| s.parse::<i64>().is_err()) {
+        return Err(Error::protocol(format!("{STEP}: certSN is missing or not a number")));
+    }
+    Ok(Issued { leaf, intermediates: Vec::new(), roots, ca_ref })
 }
 
 impl CaBackend for Enos<'_> {
@@ -291,7 +310,7 @@ impl CaBackend for Enos<'_> {
             ("issueAuthority", Self::issue_authority(request).into()),
         ]);
         let data = self.call("apply", Some(&body))?;
-        Ok(Outcome::Issued(Self::issued_from(&data)?))
+        Ok(Outcome::Issued(issued_from(&data)?))
     }
 
     fn renew(&mut self, request: &Request, current: &Current) -> Result<Outcome> {
@@ -310,7 +329,7 @@ impl CaBackend for Enos<'_> {
             ("issueAuthority", Self::issue_authority(request).into()),
         ]);
         match self.call("renew", Some(&body)) {
-            Ok(data) => Ok(Outcome::Issued(Self::issued_from(&data)?)),
+            Ok(data) => Ok(Outcome::Issued(issued_from(&data)?)),
             Err(error) if replaced_or_gone(&error) => self.recover_renewal(request, error),
             Err(error) => Err(error),
         }
