@@ -397,44 +397,28 @@ fn damaged_or_mismatched_slot_files_are_errors_that_leak_nothing() {
 /// objects loaded for good. Fills every transient slot with primaries and closes the connection
 /// without flushing them (`tr_close` forgets an object on the client side only).
 fn leave_objects_loaded(tpm: &Swtpm) -> usize {
-    use tss_esapi::interface_types::resource_handles::Hierarchy;
-    use tss_esapi::structures::{
-        EccPoint, PublicBuilder, PublicEccParametersBuilder, SymmetricDefinitionObject,
-    };
-    use tss_esapi::{attributes::ObjectAttributesBuilder, interface_types::algorithm::*};
+    use tss_esapi::interface_types::{algorithm::HashingAlgorithm, ecc::EccCurve};
+    use tss_esapi::structures::{EccScheme, HashScheme};
     let tcti = tss_esapi::tcti_ldr::TctiNameConf::from_str(&tpm.tcti()).unwrap();
     let mut ctx = tss_esapi::Context::new(tcti).unwrap();
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_restricted(true)
-        .with_decrypt(true)
-        .build()
-        .unwrap();
-    let template = PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_restricted_decryption_key(
-                SymmetricDefinitionObject::AES_128_CFB,
-                tss_esapi::interface_types::ecc::EccCurve::NistP256,
-            )
-            .build()
-            .unwrap(),
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
-        .unwrap();
+    // Any primary fills a slot: tss-esapi's stock ECDSA signing template.
+    let template = tss_esapi::utils::create_unrestricted_signing_ecc_public(
+        EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+        EccCurve::NistP256,
+    )
+    .unwrap();
     let mut loaded = 0;
     ctx.execute_with_session(
         Some(tss_esapi::interface_types::session_handles::AuthSession::Password),
         |ctx| {
-            while let Ok(primary) =
-                ctx.create_primary(Hierarchy::Owner, template.clone(), None, None, None, None)
-            {
+            while let Ok(primary) = ctx.create_primary(
+                tss_esapi::interface_types::resource_handles::Hierarchy::Owner,
+                template.clone(),
+                None,
+                None,
+                None,
+                None,
+            ) {
                 // ESYS forgets the object (the call succeeds); tss-esapi's own bookkeeping then
                 // refuses to mark a flushable handle closed, an error that changes nothing here.
                 let mut handle = primary.key_handle.into();

@@ -11,10 +11,8 @@ cargo build --locked --quiet --workspace --bins --all-features
 agent=target/$target/release/enroll-agent
 work=$(mktemp -d /tmp/enroll-bench.XXXXXX)
 chmod 700 "$work"
-target/debug/ca-emulator --dir "$work/emu" > "$work/emu.out" &
-emulator=$!
-trap 'kill "$emulator" 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 100); do grep -q '^ca-emulator ready' "$work/emu.out" 2>/dev/null && break; sleep 0.1; done
+. tests/emulator.sh
+start_emulator "$work/emu"
 
 measure() {  # label, agent args...
   local label=$1; shift

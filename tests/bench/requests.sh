@@ -8,20 +8,18 @@ cd "$(dirname "$0")/../.."
 cargo build --locked --quiet --workspace --bins --all-features
 bin=target/debug
 work=$(mktemp -d /tmp/enroll-requests.XXXXXX)
-"$bin/ca-emulator" --dir "$work" > "$work/out" &
-emulator=$!
-trap 'kill "$emulator" 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 100); do grep -q '^ca-emulator ready' "$work/out" 2>/dev/null && break; sleep 0.1; done
-url=$(sed -n 's/^ca-emulator ready //p' "$work/out")
-count() { curl -s --cacert "$work/tls-root.pem" "$url/_emulator/log" | grep -vc '"/_emulator/' || true; }
-paths() { curl -s --cacert "$work/tls-root.pem" "$url/_emulator/log" | grep -v '"/_emulator/' | tail -n "$1" |
+. tests/emulator.sh
+start_emulator "$work/emu"
+url=$emulator_url
+count() { curl -s --cacert "$work/emu/tls-root.pem" "$url/_emulator/log" | grep -vc '"/_emulator/' || true; }
+paths() { curl -s --cacert "$work/emu/tls-root.pem" "$url/_emulator/log" | grep -v '"/_emulator/' | tail -n "$1" |
   sed -E 's/.*"method":"([A-Z]+)".*"path":"([^"]*)".*/\1 \2/' | sed -E 's#/[0-9a-f-]{8,}$#/{id}#; s#/[0-9]{5,}(/|$)#/{id}\1#' | sort | uniq -c | sed -E 's/^ +//' | paste -sd ',' -; }
 printf '%-20s %8s %8s  %s\n' backend enroll renew 'renewal requests'
 for ca in enos ezca sectigo securosys securosys-approval redtrust-enos; do
   before=$(count)
-  "$bin/enroll-agent" -q -c "$work/agent-$ca.json" enroll > /dev/null
+  "$bin/enroll-agent" -q -c "$work/emu/agent-$ca.json" enroll > /dev/null
   middle=$(count)
-  "$bin/enroll-agent" -q -c "$work/agent-$ca.json" renew --force > /dev/null
+  "$bin/enroll-agent" -q -c "$work/emu/agent-$ca.json" renew --force > /dev/null
   after=$(count)
   printf '%-20s %8d %8d  %s\n' "$ca" $((middle - before)) $((after - middle)) "$(paths $((after - middle)))"
 done

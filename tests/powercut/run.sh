@@ -13,10 +13,7 @@ command -v strace >/dev/null || { echo "strace is not installed (Debian package 
 cargo build --locked --quiet --workspace --bins --all-features
 work=$(mktemp -d /tmp/enroll-powercut.XXXXXX)
 chmod 700 "$work"
-target/debug/ca-emulator --dir "$work/emulator" > "$work/emulator.out" &
-emulator=$!
-trap 'kill "$emulator" 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 100); do grep -q '^ca-emulator ready' "$work/emulator.out" 2>/dev/null && break; sleep 0.1; done
-grep -q '^ca-emulator ready' "$work/emulator.out" || { echo "the emulator did not start" >&2; exit 1; }
+. tests/emulator.sh
+start_emulator "$work/emulator"
 POWERCUT_MAX_STATES_PER_CUT=${1:-64} python3 tests/powercut/powercut.py "$PWD/target/debug/enroll-agent" \
   "$work/emulator/agent-enos.json" "$work/emulator/agent-sectigo.json" "$work/emulator/agent-est.json"
