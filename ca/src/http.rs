@@ -83,7 +83,8 @@ impl Http {
         &self.transport.tokens
     }
 
-    /// Sends one request and reads the whole bounded body. `what` names the step for errors.
+    /// Sends one request and reads the whole body, at most [`MAX_BODY_BYTES`]. `what` names the
+    /// step for errors.
     pub fn send(
         &self,
         what: &str,
@@ -91,6 +92,19 @@ impl Http {
         url: &str,
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
+    ) -> Result<Response> {
+        self.send_bounded(what, method, url, headers, body, MAX_BODY_BYTES)
+    }
+
+    /// As [`Http::send`], for an answer that may be longer: at most `max_body` bytes.
+    pub fn send_bounded(
+        &self,
+        what: &str,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        max_body: u64,
     ) -> Result<Response> {
         let mut request = self.agent.request(method, url);
         for (name, value) in headers {
@@ -112,10 +126,16 @@ impl Http {
         };
         // An answer over https:// came through TLS that verified the CA; its Date may vouch for
         // our clock (design.md §5 rule 7). A plain-http lab CA's Date may not.
-        self.read(what, response, url.starts_with("https://"))
+        self.read(what, response, url.starts_with("https://"), max_body)
     }
 
-    fn read(&self, what: &str, response: ureq::Response, authenticated: bool) -> Result<Response> {
+    fn read(
+        &self,
+        what: &str,
+        response: ureq::Response,
+        authenticated: bool,
+        max_body: u64,
+    ) -> Result<Response> {
         if let Some(date) = response.header("date").and_then(crate::time::parse_http_date) {
             self.transport.clock.observe_server_date(date, authenticated);
         }
@@ -124,7 +144,7 @@ impl Http {
         let location = response.header("location").map(str::to_string);
         let retry_after =
             response.header("retry-after").and_then(|text| parse_retry_after(text, self.clock().now()));
-        let body = read_body(what, response.into_reader(), MAX_BODY_BYTES)?;
+        let body = read_body(what, response.into_reader(), max_body)?;
         Ok(Response { status, body, content_type, location, retry_after })
     }
 }

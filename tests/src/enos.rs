@@ -423,10 +423,9 @@ impl Shared {
             _ => LeafFault::None,
         };
         let profile = LeafProfile { lifetime_s: self.enos_cfg.leaf_lifetime_s, ..LeafProfile::device(days) };
-        let issued = pki::issue_leaf(&csr, &self.pki.enos_root, &profile, leaf_fault)
-            .map_err(|e| {
-                envelope(99500, &format!("Internal error of certificate service. {e}"), Value::Null)
-            })?;
+        let issued = pki::issue_leaf(&csr, &self.pki.enos_root, &profile, leaf_fault).map_err(|e| {
+            envelope(99500, &format!("Internal error of certificate service. {e}"), Value::Null)
+        })?;
         // A lost answer is an answer the CA gave: the certificate is issued and bound.
         if fault.is_none() || fault == Some(Fault::EnosAnswerLost) {
             self.bind(&issued, csr, device);

@@ -172,3 +172,26 @@ fn a_failed_forced_renewal_does_not_make_the_next_plain_renew_due() {
     assert_eq!(env.issuing_calls().len(), calls);
     env.expect(&["needs-renewal"], 1);
 }
+
+/// `action=list` names every certificate the device ever had: after years of renewals the
+/// answer outgrows the 64 KiB bound of other answers, and the lost-answer recovery must still
+/// read it (the 1,000-kill run found a device stuck on 76 "larger than 65536 bytes").
+#[test]
+fn enos_recovery_reads_a_list_longer_than_64_kib() {
+    let env = Env::new(Ca::Enos, "p256");
+    env.expect(&["enroll"], 0);
+    // About 700 bytes per listed P-256 certificate: 130 of them make more than 64 KiB.
+    for _ in 0..130 {
+        env.expect(&["renew", "--force"], 0);
+    }
+    env.emu.set_fault(Fault::EnosAnswerLost, Some(1));
+    env.expect(&["renew", "--force"], 75);
+    let lost = env.emu.issued().last().cloned().unwrap();
+    let run = env.expect(&["renew", "--force"], 0);
+    assert!(run.stderr.contains("EnOS already issued certificate"), "{run:?}");
+    let list =
+        env.emu.log().into_iter().rev().find(|r| r.query.iter().any(|(k, v)| k == "action" && v == "list"));
+    assert_eq!(list.map(|r| r.status), Some(200));
+    let installed = pem::parse(std::fs::read(env.current().join("cert.pem")).unwrap()).unwrap();
+    assert_eq!(installed.contents(), lost.as_slice());
+}

@@ -28,6 +28,10 @@ const REFRESH_PATH: &str = "/apim-token-service/v2.0/token/refresh";
 const CERTIFICATES_PATH: &str = "/connect-service/v2.0/certificates";
 /// §1.2: the token service's "token expired" code.
 const TOKEN_EXPIRED: i64 = 1203;
+/// `action=list` answers every certificate the device ever had (revoked and expired ones too:
+/// about 2 KB each), so a device that renewed monthly for years outgrows the usual 64 KiB
+/// bound; 1 MiB holds about 500.
+const LIST_MAX_BODY_BYTES: u64 = 1 << 20;
 /// §1.2: "duplicated encryption": another token request was signed in the same millisecond
 /// (another replica of the gateway, say). A new timestamp makes a new request.
 const DUPLICATED_ENCRYPTION: i64 = 1001;
@@ -165,7 +169,8 @@ impl<'a> Enos<'a> {
                 ("apim-timestamp", timestamp.as_str()),
             ];
             let sent = (method == "POST").then_some(body.as_bytes());
-            let response = self.http.send(&step, method, &url, &headers, sent)?;
+            let limit = if action == "list" { LIST_MAX_BODY_BYTES } else { http::MAX_BODY_BYTES };
+            let response = self.http.send_bounded(&step, method, &url, &headers, sent, limit)?;
             match service_answer(&step, &response)? {
                 Some(data) => return Ok(data),
                 None if attempt == 0 => {
