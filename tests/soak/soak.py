@@ -286,6 +286,10 @@ def main():
         if fd_growth > 4:
             problems.append(f"{name}: open-fd floor grew by {fd_growth} from the first to the last quarter")
 
+    db = sqlite3.connect(f"file:{gw}/gateway.db?mode=ro", uri=True)
+    outcomes = db.execute("SELECT operation, outcome, COUNT(*) FROM audit GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+    db.close()
+    print("soak: gateway decisions: " + ", ".join(f"{op} {outcome} {n}" for op, outcome, n in outcomes))
     total_issued = samples[-1][1] if samples else 0
     renewals = total_issued - DEVICES
     # Upstream requests per sample interval: steady mean before the burst vs the peak after it.
