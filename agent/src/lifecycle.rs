@@ -606,7 +606,13 @@ impl<'a> Agent<'a> {
         };
         self.write_identity(&prepared.slot, &verified)?;
         let uri = match remote {
-            Some(service) => Some(self.finalize_remote(service, &verified.leaf)?),
+            Some(service) => match self.finalize_remote(service, &verified.leaf) {
+                Ok(uri) => Some(uri),
+                Err(e) if e.answer().is_some_and(|a| a.status == 404) => {
+                    return Err(self.abandon_unknown_request(e));
+                }
+                Err(e) => return Err(e),
+            },
             None => prepared.key.uri(),
         };
         if let Some(uri) = uri {
@@ -820,6 +826,21 @@ impl<'a> Agent<'a> {
             return Err(Error::new(Kind::Internal, format!("the {provider} request handle was lost")));
         };
         service.finalize(&handle, leaf).context(format!("handing the certificate to {provider}"))
+    }
+
+    /// The remote key service no longer knows this request (HTTP 404 on finalize): an earlier
+    /// run's finalize was processed and its answer lost, or the request expired. It cannot
+    /// complete either way, and installing its certificate unconfirmed could name a key the
+    /// service does not hold; so it is abandoned (the installed identity stays) and the next run
+    /// makes a new request, instead of failing the same way at every run.
+    fn abandon_unknown_request(&mut self, error: Error) -> Error {
+        if let Err(e) = self.abandon_pending() {
+            return e;
+        }
+        Error::temporary(format!(
+            "{}; the request was abandoned and the next run makes a new one",
+            error.chain_line()
+        ))
     }
 
     /// Swaps `current` to the verified slot and records the install.

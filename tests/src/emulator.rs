@@ -408,7 +408,9 @@ pub(crate) fn answer_fault(f: Option<Fault>, mut r: Response) -> Response {
             let half = r.body.len() / 2;
             r.body.truncate(half);
         }
-        Fault::TruncatedBody | Fault::EnosAnswerLost => r.truncate_body_at = Some(r.body.len() / 2),
+        Fault::TruncatedBody | Fault::EnosAnswerLost | Fault::RedtrustFinalizeAnswerLost => {
+            r.truncate_body_at = Some(r.body.len() / 2)
+        }
         Fault::EzcaWrapped => {
             let inner = String::from_utf8_lossy(&r.body).into_owned();
             r.body = Value::String(inner).to_string().into_bytes();

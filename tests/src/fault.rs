@@ -149,6 +149,7 @@ faults! {
     SectigoRevoked = "sectigo-revoked", "Sectigo collect answers 400 -110 (revoked, can't be downloaded); sticky per sslId.";
     RedtrustTokenExpired = "redtrust-token-expired", "The next bearer-authenticated Redtrust RA call answers 401 TOKEN_EXPIRED; that access token stays dead.";
     RedtrustFinalize500 = "redtrust-finalize-500", "Redtrust csr/finalize answers HTTP 500 without recording anything.";
+    RedtrustFinalizeAnswerLost = "redtrust-finalize-answer-lost", "Redtrust csr/finalize binds the certificate (the request is consumed), then the answer is cut off mid-body: a retry of the same requestCode gets 404 REQUEST_NOT_FOUND.";
     EstPending = "est-pending", "EST enroll/reenroll: 202 Accepted with `Retry-After: <retry_after_s>` after authentication, nothing issued (count = how many 202s; the client resends the identical CSR).";
     EstForbidden = "est-forbidden", "EST enroll/reenroll: authenticated, then 403 with a one-line text body.";
     EstWrap64 = "est-wrap-64", "EST PKCS#7 answers (cacerts too) as base64 wrapped at 64 columns (LF).";
@@ -176,7 +177,7 @@ impl Fault {
             RequestFailed => ep == Endpoint::SecurosysRequest,
             SectigoRevoked => ep == Endpoint::SectigoCollect,
             RedtrustTokenExpired => matches!(ep, Endpoint::RedtrustCreate | Endpoint::RedtrustFinalize),
-            RedtrustFinalize500 => ep == Endpoint::RedtrustFinalize,
+            RedtrustFinalize500 | RedtrustFinalizeAnswerLost => ep == Endpoint::RedtrustFinalize,
             EstPending | EstForbidden | EstExtraCerts => {
                 matches!(ep, Endpoint::EstEnroll | Endpoint::EstReenroll)
             }
@@ -203,10 +204,20 @@ impl Fault {
             RedtrustTokenExpired | RedtrustFinalize500 => Phase::Authenticated,
             // EST: the server answers 202 / 403 only to a client it has authenticated.
             EstPending | EstForbidden => Phase::Authenticated,
-            MalformedJson | TruncatedJson | TruncatedBody | WrongKeyCert | ExpiredCert | EzcaWrapped
-            | EnosAnswerLost | AbsurdDate | EstWrap64 | EstWrap76 | EstCrlf | EstBer | EstExtraCerts => {
-                Phase::Answer
-            }
+            MalformedJson
+            | TruncatedJson
+            | TruncatedBody
+            | WrongKeyCert
+            | ExpiredCert
+            | EzcaWrapped
+            | EnosAnswerLost
+            | RedtrustFinalizeAnswerLost
+            | AbsurdDate
+            | EstWrap64
+            | EstWrap76
+            | EstCrlf
+            | EstBer
+            | EstExtraCerts => Phase::Answer,
             _ => Phase::Early,
         }
     }

@@ -377,7 +377,11 @@ impl Shared {
         if let Err(r) = self.redtrust_bearer(req, Some(Endpoint::RedtrustFinalize)) {
             return r;
         }
-        self.finalize_checked(req).unwrap_or_else(|r| r)
+        let answer = self.finalize_checked(req).unwrap_or_else(|r| r);
+        match self.take_fault(Endpoint::RedtrustFinalize, Phase::Answer) {
+            Some(f) if answer.status == 200 => answer_fault(Some(f), answer),
+            _ => answer,
+        }
     }
 
     fn finalize_checked(&self, req: &Request) -> Result<Response, Response> {

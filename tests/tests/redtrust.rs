@@ -76,6 +76,35 @@ fn a_failed_finalize_is_retried_without_a_second_key_or_certificate() {
     assert_eq!(env.emu.redtrust_finalized(), 1);
 }
 
+/// Issue 11's question for Redtrust: finalize bound the certificate and its answer was lost.
+/// The retry of the same requestCode gets 404; the request is abandoned (75, the old identity
+/// untouched) and the next run converges with a new request instead of failing at every run.
+#[test]
+fn a_finalize_whose_answer_was_lost_is_abandoned_and_the_next_run_starts_over() {
+    let env = redtrust_with(Ca::Enos);
+    env.expect(&["enroll"], 0);
+    let first = env.identity();
+    env.emu.set_fault(Fault::RedtrustFinalizeAnswerLost, Some(1));
+    env.expect(&["renew", "--force"], 75);
+    assert_eq!(env.emu.redtrust_finalized(), 2, "Redtrust bound the renewal's certificate");
+    assert_eq!(env.identity(), first, "the old identity stays installed");
+
+    let run = env.expect(&["renew", "--force"], 75);
+    assert!(run.stderr.contains("HTTP 404") && run.stderr.contains("abandoned"), "{run:?}");
+    assert_eq!(env.identity(), first, "the old identity stays installed");
+    assert!(env.state_json()["pending"].is_null(), "nothing pending: {}", env.state_json());
+
+    // Redtrust replaced the old certificate with the lost one, so renewing the old one is a 404:
+    // the agent asks for a new key and certificate instead (v1 create, as an enrollment).
+    let run = env.expect(&["renew", "--force"], 0);
+    assert!(run.stderr.contains("requesting a new key and certificate instead"), "{run:?}");
+    assert_eq!(calls(&env, "POST", "/raapi/v2/csr/create"), 2, "the lost renewal, then the refused one");
+    assert_eq!(calls(&env, "POST", "/raapi/v1/csr/create"), 2, "the enrollment, then the new issuance");
+    assert_ne!(env.identity(), first);
+    assert_eq!(env.emu.redtrust_finalized(), 3);
+    env.assert_chain_verifies();
+}
+
 #[test]
 fn killed_between_create_and_finalize_resumes_the_same_key_and_request() {
     let env = redtrust_with(Ca::Sectigo);

@@ -244,8 +244,20 @@ impl RemoteKeyService for Redtrust<'_> {
     }
 
     fn create(&mut self, subject: &Subject, renewing: Option<&Cert>) -> Result<RemoteRequest> {
-        let thumbprint = renewing.map(Cert::thumbprint_sha1_hex);
-        self.create_request(subject, thumbprint.as_deref())
+        let Some(thumbprint) = renewing.map(Cert::thumbprint_sha1_hex) else {
+            return self.create_request(subject, None);
+        };
+        match self.create_request(subject, Some(&thumbprint)) {
+            // Redtrust no longer holds the certificate being renewed: a renewal whose finalize
+            // answer was lost replaced it there (seed step 4) while the device kept the old one.
+            // Renewing it can never work again; a new issuance (the enrollment's call, with the
+            // same partner credential) gives the device a key Redtrust holds.
+            Err(e) if e.answer().is_some_and(|a| a.status == 404) => {
+                log::warn!("{}; requesting a new key and certificate instead", e.chain_line());
+                self.create_request(subject, None)
+            }
+            other => other,
+        }
     }
 
     fn finalize(&mut self, handle: &str, leaf: &Cert) -> Result<String> {
