@@ -52,7 +52,8 @@ fn provider_compiled(name: &str) -> bool {
     text.lines().any(|l| l.starts_with("key providers:") && l.split_whitespace().any(|w| w == name))
 }
 
-/// Every backend with file keys; SoftHSM2 and swtpm where the machine and the build have them.
+/// Every backend with file keys, a Redtrust key; SoftHSM2 and swtpm where the machine and the
+/// build have them.
 fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
     let fast_polls = |c: &mut Value| {
@@ -82,6 +83,16 @@ fn cases() -> Vec<Case> {
             longest_ms: [0; 3],
         });
     }
+    // A key Redtrust generates and holds (create, then the CA, then finalize), issued by EnOS.
+    let env = Env::new(Ca::Enos, "rsa2048");
+    env.use_redtrust();
+    cases.push(Case {
+        name: "redtrust+enos rsa2048 remote".into(),
+        env,
+        token: None,
+        _tpm: None,
+        longest_ms: [0; 3],
+    });
     if provider_compiled("pkcs11") {
         for ca in [Ca::Enos, Ca::Est] {
             let env = Env::new(ca, "p256");
