@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Random kills (design.md §11, issue 11): SIGKILLs the real agent COUNT times at uniformly random
-# instants during enroll, renew --force and run, for every backend (file keys) and for SoftHSM2
-# and swtpm keys where this machine and build have them; checks design.md §4 after each kill and
+# instants during enroll, renew --force and run, for every backend (file keys), a Redtrust key,
+# and SoftHSM2 and swtpm keys where this machine and build have them; checks design.md §4 after each kill and
 # after the next run. Ends with "N passed, M failed". ENROLL_CRASH_SEED=<seed> repeats a run.
 #   bash tests/crash/run.sh COUNT
 set -euo pipefail
