@@ -507,6 +507,42 @@ impl Pkcs11Provider {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     }
 
+    /// Destroys key objects that a key generation interrupted by a crash left half made: no
+    /// label, no CKA_ID and not CKA_LOCAL (SoftHSM2 creates the objects, then writes their
+    /// attributes; a SIGKILL in between leaves such objects, found by the random-kill run). No
+    /// RFC 7512 URI can name them and no finished generation makes them, so they are nobody's.
+    /// Runs after an install (with [`KeyProvider::retain`]), outside any generation.
+    fn destroy_unfinished(&self) -> Result<(), Error> {
+        let session = self.token.session();
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            let objects = session
+                .find_objects(&[Attribute::Class(class)])
+                .map_err(|e| p11("listing keys on the token", e))?;
+            for object in objects {
+                let attrs = session
+                    .get_attributes(object, &[AttributeType::Label, AttributeType::Id, AttributeType::Local])
+                    .map_err(|e| p11("reading key attributes", e))?;
+                let unfinished = attrs.iter().all(|attr| match attr {
+                    Attribute::Label(bytes) | Attribute::Id(bytes) => bytes.is_empty(),
+                    Attribute::Local(local) => !bool::from(*local),
+                    _ => true,
+                });
+                if unfinished {
+                    log::info!(
+                        "destroying a key object without label or id on token {:?} (a key generation \
+                         interrupted by a crash)",
+                        self.token.label
+                    );
+                    match session.destroy_object(object) {
+                        Ok(()) | Err(P11Error::Pkcs11(RvError::ObjectHandleInvalid, _)) => {}
+                        Err(e) => return Err(p11("destroying key on the token", e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn our_labels(&self) -> Result<Vec<String>, Error> {
         let session = self.token.session();
         let mut labels = Vec::new();
@@ -744,7 +780,7 @@ impl KeyProvider for Pkcs11Provider {
                 self.destroy(&label)?;
             }
         }
-        Ok(())
+        self.destroy_unfinished()
     }
 }
 

@@ -197,6 +197,58 @@ impl Harness {
         labels
     }
 
+    /// Creates a token P-256 public key object without a label, with `id` if given (not CKA_LOCAL:
+    /// created, not generated).
+    fn create_public_key(&self, id: Option<&[u8]>) {
+        let (ctx, slot) = self.open();
+        let session = ctx.open_rw_session(slot).unwrap();
+        let _ = session.login(cryptoki::session::UserType::User, Some(&PIN.into()));
+        let point = {
+            // A valid uncompressed P-256 point (the generator G), DER OCTET STRING wrapped.
+            let x = "6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296";
+            let y = "4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
+            let mut raw = vec![0x04];
+            raw.extend(
+                (0..64).map(|i| u8::from_str_radix(&format!("{x}{y}")[i * 2..i * 2 + 2], 16).unwrap()),
+            );
+            let mut der = vec![0x04, raw.len() as u8];
+            der.extend(raw);
+            der
+        };
+        let mut template = vec![
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(cryptoki::object::KeyType::EC),
+            Attribute::Token(true),
+            Attribute::EcParams(vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]),
+            Attribute::EcPoint(point),
+        ];
+        template.extend(id.map(|id| Attribute::Id(id.to_vec())));
+        session.create_object(&template).unwrap();
+    }
+
+    /// Public key objects without a label, counted by CKA_ID (empty = none).
+    fn public_keys_by_id(&self) -> Vec<(Vec<u8>, usize)> {
+        let (ctx, slot) = self.open();
+        let session = ctx.open_ro_session(slot).unwrap();
+        let mut counts: Vec<(Vec<u8>, usize)> = Vec::new();
+        for object in session.find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY)]).unwrap() {
+            let attrs = session.get_attributes(object, &[AttributeType::Label, AttributeType::Id]).unwrap();
+            let label =
+                attrs.iter().find_map(|a| if let Attribute::Label(l) = a { Some(l.clone()) } else { None });
+            if label.is_some_and(|l| !l.is_empty()) {
+                continue;
+            }
+            let id = attrs.iter().find_map(|a| if let Attribute::Id(i) = a { Some(i.clone()) } else { None });
+            let id = id.unwrap_or_default();
+            match counts.iter_mut().find(|(i, _)| *i == id) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((id, 1)),
+            }
+        }
+        counts.sort();
+        counts
+    }
+
     fn open(&self) -> (Pkcs11, cryptoki::slot::Slot) {
         let ctx = Pkcs11::new(&self.module).unwrap();
         let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
@@ -436,7 +488,19 @@ fn check_retain_and_regenerate(h: &Harness) {
     let other = Pkcs11Provider::new(other_config).unwrap();
     other.generate(Algorithm::P256, &h.slot(99)).unwrap();
 
+    // What a key generation cut short inside SoftHSM2 leaves (no label, no id, not local), and a
+    // key another application imported without a label but with an id (it must survive).
+    // (tpm2-pkcs11 does not import public keys: SoftHSM2 only, whose crashes make such objects.)
+    if h.softhsm {
+        h.create_public_key(None);
+        h.create_public_key(Some(b"app-id"));
+        assert_eq!(h.public_keys_by_id(), [(Vec::new(), 1), (b"app-id".to_vec(), 1)], "before retain");
+    }
     provider.retain(&[live1.clone(), live2.clone()]).unwrap();
+    if h.softhsm {
+        let left = h.public_keys_by_id();
+        assert_eq!(left, [(b"app-id".to_vec(), 1)], "the nameless object is swept, the app's key stays");
+    }
     let labels = h.labels();
     assert!(!labels.iter().any(|l| l == "device-key.43"), "{labels:?}");
     for kept in ["device-key.41", "device-key.42", "other-agent.99"] {

@@ -12,7 +12,7 @@ log=$(mktemp)
 status=0
 ENROLL_CRASH_COUNT=$count cargo test --locked -q --all-features -p enroll-tests --test crash -- \
   --ignored --nocapture random_kills >"$log" 2>&1 || status=$?
-grep -E '^(random kills|kill |calibration|kills that|SKIPPED|.* takes [0-9]+ ms)' "$log" || true
+grep -E '^(random kills|kill |calibration|kills that|SoftHSM2 token|SKIPPED|.* takes [0-9]+ ms)' "$log" || true
 if [ "$status" -ne 0 ]; then
   grep -E "panicked|^  (left|right)|error" "$log" | head -20 || true
 fi

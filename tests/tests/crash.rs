@@ -159,9 +159,14 @@ fn random_kills() {
     println!("random kills: {count}, seed {seed} (ENROLL_CRASH_SEED={seed} repeats this run)");
     let mut rng = Rng(seed);
     let mut cases = cases();
-    let (mut passed, mut failed, mut pending_kills) = (0, 0, 0);
+    // ENROLL_CRASH_CASES=<words>: only the cases whose name contains one of them (to chase one).
+    if let Ok(only) = std::env::var("ENROLL_CRASH_CASES") {
+        cases.retain(|c| only.split_whitespace().any(|w| c.name.contains(w)));
+        assert!(!cases.is_empty(), "ENROLL_CRASH_CASES={only:?} names no case");
+    }
+    let (mut passed, mut failed, mut pending_kills, mut tokens_lost) = (0, 0, 0, 0);
     let mut i = 0;
-    while passed + failed < count {
+    while passed + failed + tokens_lost < count && !cases.is_empty() {
         let index = rng.below(cases.len() as u64) as usize;
         let case = &mut cases[index];
         let op = choose_operation(case, &mut rng);
@@ -179,6 +184,18 @@ fn random_kills() {
             continue;
         }
         let (kill_ms, was_pending, verdict) = kill_once(case, op, &mut rng);
+        if case.token.as_ref().is_some_and(|token| !token.present()) {
+            // Not the agent's invariant: SoftHSM2 lost its own store (see Token::present).
+            tokens_lost += 1;
+            println!(
+                "kill {i}: {} {args} at {kill_ms} ms: SoftHSM2 lost its token store to the kill (SoftHSM2 \
+                 is not crash-safe); the case leaves the run",
+                case.name
+            );
+            cases.remove(index);
+            i += 1;
+            continue;
+        }
         pending_kills += usize::from(was_pending);
         let when = if was_pending { " (a request was pending)" } else { "" };
         match verdict {
@@ -194,6 +211,9 @@ fn random_kills() {
         i += 1;
     }
     println!("kills that left a CA request pending: {pending_kills}");
+    if tokens_lost > 0 {
+        println!("SoftHSM2 token stores lost to a kill (not counted as passed or failed): {tokens_lost}");
+    }
     println!("{passed} passed, {failed} failed");
     assert_eq!(failed, 0, "invariant violations (seed {seed})");
 }
@@ -221,7 +241,7 @@ fn kill_once(case: &mut Case, op: usize, rng: &mut Rng) -> (u64, bool, Result<()
     };
     let result = complete(case, op)
         .and_then(|()| check_identity(case))
-        .and_then(|()| check_converged(case, &after))
+        .and_then(|()| check_converged(case, op, &after))
         .map_err(|why| format!("after the next run: {why}"));
     (kill_ms, after.pending_request.is_some(), result)
 }
@@ -311,9 +331,22 @@ fn check_identity(case: &Case) -> Result<(), String> {
     }
     if let Some(token) = &case.token {
         // A token holds the installed key, the previous one and at most one pending or orphan key.
-        let keys = token.private_keys().len();
-        if keys > 3 {
-            return Err(format!("{keys} private keys on the token"));
+        // Labelled keys: a crash inside SoftHSM2's key generation leaves nameless half-made
+        // objects, which the next install sweeps (checked in check_converged).
+        let keys: Vec<String> = token.private_keys().into_iter().filter(|l| !l.is_empty()).collect();
+        if keys.len() > 3 {
+            let slots: Vec<String> = fs::read_dir(env.state_dir().join("slots"))
+                .map(|d| {
+                    d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+                })
+                .unwrap_or_default();
+            let links = ["current", "previous"].map(|l| fs::read_link(env.state_dir().join(l)).ok());
+            return Err(format!(
+                "{} private keys on the token {keys:?}; slots {slots:?}, current/previous {links:?}, pending {:?}; {}",
+                keys.len(),
+                pending(env),
+                token.listing().replace('\n', " | ")
+            ));
         }
     }
     Ok(())
@@ -321,7 +354,7 @@ fn check_identity(case: &Case) -> Result<(), String> {
 
 /// After the next run: no second key where a pending key existed, and no second CA request
 /// for a request the CA had accepted.
-fn check_converged(case: &Case, after: &AfterKill) -> Result<(), String> {
+fn check_converged(case: &Case, op: usize, after: &AfterKill) -> Result<(), String> {
     let env = &case.env;
     if let (Some(slot), Some(key)) = (&after.pending_slot, &after.pending_key) {
         let installed = key_of(&env.current()).ok_or("the installed slot has no key")?;
@@ -342,6 +375,15 @@ fn check_converged(case: &Case, after: &AfterKill) -> Result<(), String> {
     let orphans = orphan_slots(&env.state_dir(), None);
     if orphans.len() > 1 {
         return Err(format!("{} orphan slots after the next run: {orphans:?}", orphans.len()));
+    }
+    // `renew --force` installs, and an install sweeps what an interrupted generation left.
+    if let (Some(token), 1) = (&case.token, op) {
+        let nameless = token.private_keys().iter().filter(|l| l.is_empty()).count();
+        if nameless > 0 {
+            return Err(format!(
+                "{nameless} nameless private key objects left on the token after an install"
+            ));
+        }
     }
     Ok(())
 }

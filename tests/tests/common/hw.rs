@@ -185,6 +185,35 @@ impl Token {
         Ok(token)
     }
 
+    /// Whether the module still lists a token with this label. SoftHSM2 is not crash-safe: a
+    /// process killed while SoftHSM2 rewrites its token file can leave the token uninitialised
+    /// (reproduced with `pkcs11-tool --keypairgen` killed at random instants, without our code).
+    pub fn present(&self) -> bool {
+        let env: Vec<(&str, &Path)> =
+            self.env.iter().map(|(k, v)| (k.as_str(), Path::new(v.as_str()))).collect();
+        run("pkcs11-tool", &["--module", &self.module, "--list-token-slots"], &env).is_ok_and(|text| {
+            text.lines()
+                .any(|l| l.contains("token label") && l.trim_end().ends_with(&format!(": {}", self.label)))
+        })
+    }
+
+    /// Every object on the token as pkcs11-tool lists it (for failure messages).
+    pub fn listing(&self) -> String {
+        let env: Vec<(&str, &Path)> =
+            self.env.iter().map(|(k, v)| (k.as_str(), Path::new(v.as_str()))).collect();
+        let args = [
+            "--module",
+            &self.module,
+            "--token-label",
+            &self.label,
+            "--login",
+            "--pin",
+            USER_PIN,
+            "--list-objects",
+        ];
+        run("pkcs11-tool", &args, &env).unwrap_or_else(|e| e)
+    }
+
     /// Private-key objects on the token, by label (pkcs11-tool, not our code, counts them).
     pub fn private_keys(&self) -> Vec<String> {
         let env: Vec<(&str, &Path)> =
