@@ -524,7 +524,7 @@ impl Pkcs11Provider {
                     .map_err(|e| p11("reading key attributes", e))?;
                 let unfinished = attrs.iter().all(|attr| match attr {
                     Attribute::Label(bytes) | Attribute::Id(bytes) => bytes.is_empty(),
-                    Attribute::Local(local) => !bool::from(*local),
+                    Attribute::Local(local) => !*local,
                     _ => true,
                 });
                 if unfinished {
