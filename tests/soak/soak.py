@@ -297,8 +297,9 @@ def main():
     total_issued = samples[-1][1] if samples else 0
     renewals = total_issued - DEVICES
     # Upstream requests per sample interval: steady mean before the burst vs the peak after it.
-    rates = [(b[0], b[2] - a[2]) for a, b in zip(samples, samples[1:])]
-    steady = [r for t, r in rates if MINUTES * 60 * 0.15 <= t <= burst[0] - start]
+    # (interval start, requests in it); "after" = the intervals that begin once the burst is over.
+    rates = [(a[0], b[2] - a[2]) for a, b in zip(samples, samples[1:])]
+    steady = [r for t, r in rates if MINUTES * 60 * 0.15 <= t and t + SAMPLE_S <= burst[0] - start]
     after = [r for t, r in rates if burst[1] - start <= t <= burst[1] - start + 600]
     mean = sum(steady) / len(steady) if steady else 0
     print(f"soak: {total_issued} certificates issued ({renewals} renewals by {DEVICES} devices) in {MINUTES:g} min")
