@@ -6,14 +6,16 @@
 # Also the tools the end-to-end suites run: openssl (CSR and chain checks), faketime (a device
 # booted at 1970), curl, file and time (benchmarks); strongSwan's `pki` as an independent EST client
 # against the EST emulator (extra-plugins for curl, standard-plugins for EC keys). PostgreSQL
-# for the gateway's store tests (they start a private cluster; tooling.md).
+# for the gateway's store tests (they start a private cluster; tooling.md). Pebble (with its
+# pebble-challtestsrv DNS) for the ACME suite; lego and certbot as ACME peers and micromdm's scep
+# for the side-by-side benchmark (tests/bench/peers.sh).
 # Installs the missing ones when run as root; otherwise says which are missing.
 set -euo pipefail
 packages=(pkg-config libtss2-dev softhsm2 opensc swtpm swtpm-tools tpm2-tools
   tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus
   openssl ca-certificates faketime curl file time
   strongswan-pki libstrongswan-extra-plugins libstrongswan-standard-plugins
-  postgresql)
+  postgresql pebble lego certbot scep)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -164,7 +164,7 @@ impl Settings {
     pub fn from_value(value: &Value) -> Result<Settings> {
         let mut root = Fields::new(value, "")?;
         let tls = parse_tls(&mut root)?;
-        let settings = Settings {
+        let mut settings = Settings {
             state_dir: root
                 .string("state_dir")?
                 .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
@@ -187,6 +187,7 @@ impl Settings {
             tls,
         };
         root.finish()?;
+        settings.ca.use_state_dir(&settings.state_dir);
         settings.cross_check()?;
         Ok(settings)
     }

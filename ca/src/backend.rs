@@ -166,6 +166,9 @@ pub trait Protocol: std::fmt::Debug {
     fn check_key(&self, _algorithm: Algorithm, _remote: bool) -> Result<()> {
         Ok(())
     }
+    /// Where this program keeps its state (the agent's `state_dir`), for protocols that keep
+    /// files of their own there (the ACME account key).
+    fn use_state_dir(&mut self, _state_dir: &std::path::Path) {}
 }
 
 /// Makes [`Backend`] and the protocol lists from one line per protocol: its name (= its cargo
@@ -213,6 +216,12 @@ macro_rules! protocols {
                     $( #[cfg(feature = $name)] Backend::$variant(ref settings) => settings, )*
                 }
             }
+
+            fn protocol_mut(&mut self) -> &mut dyn Protocol {
+                match *self {
+                    $( #[cfg(feature = $name)] Backend::$variant(ref mut settings) => settings, )*
+                }
+            }
         }
     };
 }
@@ -223,6 +232,7 @@ protocols! {
     "sectigo" => Sectigo(crate::sectigo::SectigoSettings),
     "securosys" => Securosys(crate::securosys::SecurosysSettings),
     "est" => Est(crate::est::EstSettings),
+    "acme" => Acme(crate::acme::AcmeSettings),
 }
 
 impl Backend {
@@ -234,7 +244,7 @@ impl Backend {
         check_protocol(&name, &protocols())?;
         let backend = match Backend::parse_named(&name, &mut fields, allow_http) {
             Some(parsed) => parsed?,
-            None if matches!(name.as_str(), "scep" | "acme") => {
+            None if name == "scep" => {
                 return Err(Error::config(format!(
                     "ca.backend: backend {name} is not implemented in this version"
                 )))
@@ -265,6 +275,11 @@ impl Backend {
     /// device, as Redtrust's); the 78 names the field to change.
     pub fn check_key(&self, algorithm: Algorithm, remote: bool) -> Result<()> {
         self.protocol().check_key(algorithm, remote)
+    }
+
+    /// Tells the protocol where the program keeps its state (see [`Protocol::use_state_dir`]).
+    pub fn use_state_dir(&mut self, state_dir: &std::path::Path) {
+        self.protocol_mut().use_state_dir(state_dir)
     }
 }
 

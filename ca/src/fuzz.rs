@@ -15,7 +15,14 @@ fn response(data: &[u8]) -> Response {
         [high, low, body @ ..] => (u16::from_be_bytes([*high, *low]), body),
         _ => (200, data),
     };
-    Response { status, body: body.to_vec(), content_type: None, location: None, retry_after: Some(1) }
+    Response {
+        status,
+        body: body.to_vec(),
+        content_type: None,
+        location: None,
+        retry_after: Some(1),
+        replay_nonce: None,
+    }
 }
 
 /// What a caller does with an error: render it for the log and the gateway.

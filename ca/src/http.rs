@@ -31,6 +31,8 @@ pub struct Response {
     /// `Retry-After` (RFC 9110 §10.2.3) in seconds from now, read from delta-seconds or an HTTP
     /// date when the answer arrived.
     pub retry_after: Option<u64>,
+    /// ACME's `Replay-Nonce` (RFC 8555 §6.5), which comes with every answer of an ACME server.
+    pub replay_nonce: Option<String>,
 }
 
 impl Response {
@@ -144,8 +146,9 @@ impl Http {
         let location = response.header("location").map(str::to_string);
         let retry_after =
             response.header("retry-after").and_then(|text| parse_retry_after(text, self.clock().now()));
+        let replay_nonce = response.header("replay-nonce").map(str::to_string);
         let body = read_body(what, response.into_reader(), max_body)?;
-        Ok(Response { status, body, content_type, location, retry_after })
+        Ok(Response { status, body, content_type, location, retry_after, replay_nonce })
     }
 }
 

@@ -27,6 +27,8 @@ pub mod time;
 pub mod tls;
 pub mod tokens;
 
+#[cfg(feature = "acme")]
+pub mod acme;
 #[cfg(feature = "enos")]
 pub mod enos;
 #[cfg(feature = "est")]

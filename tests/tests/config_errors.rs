@@ -114,7 +114,7 @@ fn providers_and_backends_not_in_this_build_say_so() {
     // The binary under test has every protocol (the unit test of config::check_protocol covers
     // the refusal); a build without some refuses each with 78 before reading the rest of `ca`.
     let protocols = version.lines().find_map(|l| l.strip_prefix("protocols: ")).expect("a protocols: line");
-    for protocol in ["enos", "ezca", "sectigo", "securosys", "est"] {
+    for protocol in ["enos", "ezca", "sectigo", "securosys", "est", "acme"] {
         if !protocols.split_whitespace().any(|w| w == protocol) {
             config_error(
                 Ca::Enos,
@@ -431,4 +431,45 @@ fn clock_window_and_hook_timeout_out_of_bounds_are_named() {
         |c| c["hooks"] = serde_json::json!({ "after_install": ["/bin/true"], "timeout_s": 0 }),
         "hooks.timeout_s: must be a whole number of at least 1",
     );
+}
+
+#[test]
+fn acme_blocks_are_checked_field_by_field() {
+    let acme = |extra: Value| {
+        move |c: &mut Value| {
+            let mut block = serde_json::json!({
+                "backend": "acme", "directory": "https://acme.example/directory", "terms_agreed": true
+            });
+            for (key, value) in extra.as_object().unwrap() {
+                block[key] = value.clone();
+            }
+            c["ca"] = block;
+        }
+    };
+    let cases = [
+        (
+            serde_json::json!({ "challenge": "tls-alpn-01" }),
+            "ca.challenge: tls-alpn-01 is not implemented in this version; use \"http-01\" or \"dns-01\"",
+        ),
+        (
+            serde_json::json!({ "challenge": "dns-01" }),
+            "ca.dns01_hook: dns-01 needs the argv of a program that publishes the TXT record (an absolute path first)",
+        ),
+        (
+            serde_json::json!({ "http01_listen": "port 80" }),
+            "ca.http01_listen: \"port 80\" is not an address:port (e.g. \"0.0.0.0:80\")",
+        ),
+        (
+            serde_json::json!({ "contact": ["ops@acme.example"] }),
+            "ca.contact: \"ops@acme.example\" is not one mailto: URL",
+        ),
+        (
+            serde_json::json!({ "account_key_file": "acme.key" }),
+            "ca.account_key_file: must be an absolute path",
+        ),
+        (serde_json::json!({ "eab": { "kid": "k" } }), "ca.eab.hmac_key_file: missing"),
+    ];
+    for (extra, message) in cases {
+        config_error(Ca::Enos, "p256", acme(extra), message);
+    }
 }

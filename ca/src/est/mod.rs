@@ -414,6 +414,7 @@ mod tests {
             content_type: Some("text/plain".into()),
             location: None,
             retry_after: None,
+            replay_nonce: None,
         };
         for (status, kind) in [
             (401, crate::error::Kind::Refused),

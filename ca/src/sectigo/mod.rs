@@ -241,6 +241,7 @@ mod tests {
             content_type: None,
             location: None,
             retry_after: None,
+            replay_nonce: None,
         }
     }
 

@@ -263,6 +263,7 @@ mod tests {
             content_type: None,
             location: None,
             retry_after: None,
+            replay_nonce: None,
         };
         let error = securosys_error("s", &response);
         assert_eq!(error.kind(), crate::error::Kind::Refused);

@@ -1,0 +1,107 @@
+//! The `ca` block for ACME (design.md §10, protocols.md §6.3).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::backend::{parse_polling, Polling};
+use crate::error::{Error, Result};
+use crate::fields::Fields;
+use crate::secret::Secret;
+
+/// `ca.backend = "acme"`.
+#[derive(Debug)]
+pub struct AcmeSettings {
+    /// The directory URL (RFC 8555 §7.1.1).
+    pub directory: String,
+    /// `mailto:` URLs for the account.
+    pub contact: Vec<String>,
+    /// The operator agreed to the CA's terms of service (sent as `termsOfServiceAgreed`).
+    pub terms_agreed: bool,
+    /// External account binding (RFC 8555 §7.3.4), required by most private CAs.
+    pub eab: Option<Eab>,
+    pub challenge: Challenge,
+    /// Where the account key (P-256, PKCS#8 PEM, 0600) lives: `<state_dir>/acme/account.key`
+    /// unless the block names a file.
+    pub account_key_file: Option<PathBuf>,
+    /// Pauses while an authorization or the order is processing (2 s, doubling), `poll_wait_s`
+    /// (120) and `poll_timeout_s` (3600).
+    pub polling: Polling,
+}
+
+#[derive(Debug)]
+pub struct Eab {
+    pub kid: String,
+    /// The base64url MAC key the CA handed out with the key id.
+    pub hmac_key: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    /// RFC 8555 §8.3: the agent answers `GET /.well-known/acme-challenge/<token>` on `listen`
+    /// while its authorizations are pending, and only then.
+    Http01 { listen: SocketAddr },
+    /// RFC 8555 §8.4: `hook` (argv) publishes the TXT record (`ACME_ACTION=present`) and
+    /// removes it afterwards (`ACME_ACTION=cleanup`).
+    Dns01 { hook: Vec<String> },
+}
+
+/// `ca` for ACME: `directory`, `contact`, `terms_agreed`, `eab` (`kid` + `hmac_key_file`),
+/// `challenge` (`http-01` with `http01_listen`, or `dns-01` with `dns01_hook`),
+/// `account_key_file`, `poll_interval_s`, `poll_wait_s`, `poll_timeout_s`.
+pub fn parse(fields: &mut Fields, allow_http: bool) -> Result<AcmeSettings> {
+    let directory = fields.url("directory", None, allow_http)?;
+    let contact = fields.string_list("contact")?.unwrap_or_default();
+    if let Some(bad) = contact.iter().find(|c| !c.starts_with("mailto:") || c.contains([',', ' '])) {
+        return Err(Error::config(format!("ca.contact: {bad:?} is not one mailto: URL")));
+    }
+    let terms_agreed = fields.boolean("terms_agreed")?.unwrap_or(false);
+    let eab = match fields.object("eab")? {
+        None => None,
+        Some(mut block) => {
+            let eab =
+                Eab { kid: block.required_string("kid")?, hmac_key: block.secret_file("hmac_key_file")? };
+            block.finish()?;
+            Some(eab)
+        }
+    };
+    let challenge = parse_challenge(fields)?;
+    let account_key_file = fields.string("account_key_file")?.map(PathBuf::from);
+    if account_key_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+        return Err(Error::config("ca.account_key_file: must be an absolute path"));
+    }
+    let polling = parse_polling(fields, 2, 3600)?;
+    Ok(AcmeSettings { directory, contact, terms_agreed, eab, challenge, account_key_file, polling })
+}
+
+fn parse_challenge(fields: &mut Fields) -> Result<Challenge> {
+    let name = fields.string("challenge")?.unwrap_or_else(|| "http-01".to_string());
+    let listen = fields.string("http01_listen")?;
+    let hook = fields.string_list("dns01_hook")?;
+    match name.as_str() {
+        "http-01" => {
+            let text = listen.as_deref().unwrap_or("0.0.0.0:80");
+            let listen = text.parse().map_err(|_| {
+                Error::config(format!(
+                    "ca.http01_listen: {text:?} is not an address:port (e.g. \"0.0.0.0:80\")"
+                ))
+            })?;
+            Ok(Challenge::Http01 { listen })
+        }
+        "dns-01" => match hook {
+            Some(hook) if !hook.is_empty() && Path::new(&hook[0]).is_absolute() => {
+                // Whoever can write the program runs code as the agent (as for hooks.after_install).
+                crate::files::check_program(Path::new(&hook[0]))
+                    .map_err(|e| Error::config(format!("ca.dns01_hook: {e}")))?;
+                Ok(Challenge::Dns01 { hook })
+            }
+            _ => Err(Error::config(
+                "ca.dns01_hook: dns-01 needs the argv of a program that publishes the TXT record \
+                 (an absolute path first)",
+            )),
+        },
+        "tls-alpn-01" => Err(Error::config(
+            "ca.challenge: tls-alpn-01 is not implemented in this version; use \"http-01\" or \"dns-01\"",
+        )),
+        other => Err(Error::config(format!("ca.challenge: {other:?} is not one of \"http-01\", \"dns-01\""))),
+    }
+}
