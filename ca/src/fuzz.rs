@@ -49,6 +49,24 @@ pub fn enos_answer(data: &[u8]) {
     }
 }
 
+/// ACME: a problem document, and the JSON objects the client reads (directory, order,
+/// authorization with its challenges), and a PEM certificate chain.
+#[cfg(feature = "acme")]
+pub fn acme_answer(data: &[u8]) {
+    use crate::acme;
+    let response = response(data);
+    render(&acme::problem("fuzz", &response));
+    let _ = acme::problem_type(&response);
+    if let Ok(value) = json::parse(&response.body) {
+        show(acme::read_directory(&value).map(|_| ()));
+        render(&acme::invalid("fuzz", &value));
+        show(acme::string_list(&value, "authorizations"));
+        show(acme::pick_challenge(&value, "http-01").map(|_| ()));
+        show(acme::pick_challenge(&value, "dns-01").map(|_| ()));
+    }
+    show(acme::chain_of(&response));
+}
+
 /// EZCA: the JSON and PEM-text issuance answers, and the renewal status check (§2).
 #[cfg(feature = "ezca")]
 pub fn ezca_answer(data: &[u8]) {

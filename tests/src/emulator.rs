@@ -8,6 +8,7 @@
 //! println!("{} trusts {}", emu.url(), emu.tls_root_pem());
 //! ```
 
+use crate::acme::{AcmeConfig, AcmeState};
 use crate::enos::{EnosConfig, EnosState};
 use crate::est::{EstAuth, EstConfig, EstState};
 use crate::ezca::{EzcaConfig, EzcaState};
@@ -49,6 +50,8 @@ pub struct Options {
     pub redtrust: RedtrustConfig,
     /// EST label, Basic credentials, Retry-After and certificate lifetime.
     pub est: EstConfig,
+    /// ACME certificate lifetime and ARI (renewalInfo) behaviour.
+    pub acme: AcmeConfig,
     /// Polls an asynchronous request stays pending (Sectigo collect calls, Securosys PENDING
     /// GETs) before it completes; default 1. Changeable at run time.
     pub pending_polls: u32,
@@ -72,6 +75,7 @@ impl Default for Options {
             securosys: SecurosysConfig::generate(),
             redtrust: RedtrustConfig::generate(),
             est: EstConfig::generate(),
+            acme: AcmeConfig::generate(),
             pending_polls: 1,
             tls_start_offset_s: -86_400,
             tls_end_offset_s: 365 * 86_400,
@@ -188,6 +192,8 @@ pub(crate) struct Shared {
     pub(crate) redtrust: Mutex<RedtrustState>,
     pub(crate) est_cfg: EstConfig,
     pub(crate) est: Mutex<EstState>,
+    pub(crate) acme_cfg: AcmeConfig,
+    pub(crate) acme: Mutex<AcmeState>,
     pending_polls: Mutex<u32>,
     faults: Mutex<FaultState>,
     fault_delay: Mutex<Duration>,
@@ -224,6 +230,8 @@ impl Shared {
             redtrust: Mutex::new(RedtrustState::default()),
             est_cfg: opts.est.clone(),
             est: Mutex::new(est),
+            acme_cfg: opts.acme.clone(),
+            acme: Mutex::new(AcmeState::default()),
             pending_polls: Mutex::new(opts.pending_polls),
             faults: Mutex::new(faults),
             fault_delay: Mutex::new(opts.fault_delay),
@@ -270,6 +278,7 @@ impl Shared {
                 self.redtrust(req)
             }
             (_, p) if p.starts_with("/.well-known/est/") => self.est(req),
+            (_, p) if p.starts_with("/acme/") => self.acme(req),
             (_, "/_emulator/fault") => self.control_fault(req),
             (_, "/_emulator/pending-polls") => self.control_pending_polls(req),
             ("GET", "/_emulator/log") => self.control_log(),
@@ -565,6 +574,21 @@ impl Emulator {
     }
 
     /// `simpleenroll` requests received on a known label (whatever the answer).
+    /// ACME new-order requests answered 201.
+    pub fn acme_new_orders(&self) -> usize {
+        lock(&self.shared.acme).new_orders
+    }
+
+    /// Every `replaces` (RFC 9773 §5) a new ACME order carried.
+    pub fn acme_replaces(&self) -> Vec<String> {
+        lock(&self.shared.acme).replaces.clone()
+    }
+
+    /// ACME renewal-info GETs answered.
+    pub fn acme_renewal_info_requests(&self) -> usize {
+        lock(&self.shared.acme).renewal_info_requests
+    }
+
     pub fn est_enroll_requests(&self) -> usize {
         lock(&self.shared.est).enrolls
     }

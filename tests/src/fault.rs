@@ -46,6 +46,10 @@ pub enum Endpoint {
     EstEnroll,
     /// EST `POST …/simplereenroll` (RFC 7030 §4.2.2).
     EstReenroll,
+    /// ACME `new-order` (RFC 8555 §7.4).
+    AcmeOrder,
+    /// ACME `finalize` (RFC 8555 §7.4), where the certificate is issued.
+    AcmeFinalize,
 }
 
 impl Endpoint {
@@ -65,6 +69,7 @@ impl Endpoint {
                 | RedtrustCreate
                 | EstEnroll
                 | EstReenroll
+                | AcmeOrder
         )
     }
 
@@ -82,6 +87,7 @@ impl Endpoint {
                 | SecurosysRequest
                 | EstEnroll
                 | EstReenroll
+                | AcmeFinalize
         )
     }
 }
@@ -171,7 +177,10 @@ impl Fault {
             | EnosAnswerLost | Gateway401 | Gateway429 => ep == Endpoint::EnosCert,
             EzcaV3404 | EzcaWrapped => ep == Endpoint::EzcaRenewV3,
             WrongKeyCert | ExpiredCert => ep.delivers_cert(),
-            PendingForever | ApprovalRejected | RequestExpired => {
+            PendingForever => {
+                matches!(ep, Endpoint::SectigoCollect | Endpoint::SecurosysRequest | Endpoint::AcmeFinalize)
+            }
+            ApprovalRejected | RequestExpired => {
                 matches!(ep, Endpoint::SectigoCollect | Endpoint::SecurosysRequest)
             }
             RequestFailed => ep == Endpoint::SecurosysRequest,

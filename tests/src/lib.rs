@@ -14,6 +14,8 @@
 //!   `/raapi/v1/csr/finalize` (server-side RSA keys);
 //! - EST (RFC 7030 + RFC 8951, protocols.md §6.1): `/.well-known/est[/<label>]/{cacerts,
 //!   simpleenroll,simplereenroll}` with HTTP Basic or factory / device TLS client certificates;
+//! - ACME (RFC 8555 + RFC 9773 ARI, protocols.md §6.3): `/acme/{directory,new-nonce,new-account,
+//!   new-order,order/…,authz/…,chall/…,finalize/…,cert/…,renewal-info/…}`, JWS-verified;
 //! - control: `POST|GET|DELETE /_emulator/fault`, `POST|GET /_emulator/pending-polls`,
 //!   `GET /_emulator/log` (JSON lines).
 //!
@@ -24,6 +26,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod client;
 pub mod emulator;
 pub mod enos;
@@ -37,6 +40,7 @@ pub mod securosys;
 pub mod server;
 pub mod util;
 
+pub use acme::AcmeConfig;
 pub use emulator::{Emulator, LoggedRequest, Options};
 pub use enos::EnosConfig;
 pub use est::{EstAuth, EstConfig};

@@ -68,6 +68,8 @@ backend_suite!(securosys_p256_with_approval, Ca::Securosys, "p256", |c: &mut ser
 });
 backend_suite!(est_p256, Ca::Est, "p256", no_tweak);
 backend_suite!(est_rsa2048, Ca::Est, "rsa2048", no_tweak);
+backend_suite!(acme_p256, Ca::Acme, "p256", no_tweak);
+backend_suite!(acme_rsa2048, Ca::Acme, "rsa2048", no_tweak);
 
 fn suite_first_enroll(env: &Env) {
     let run = env.expect(&["enroll"], 0);
@@ -153,6 +155,7 @@ fn suite_forced_renewal(env: &Env) {
         (Ca::Sectigo, _) => "POST /api/ssl/v1/renewById/",
         (Ca::Securosys, _) => sign_path(env),
         (Ca::Est, _) => "POST /.well-known/est/meters/simplereenroll",
+        (Ca::Acme, _) => "POST /acme/finalize/",
     };
     assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
     assert_eq!(env.status_json()["renewals"], 1);
@@ -255,6 +258,7 @@ fn suite_forced_enrollment(env: &Env) {
         Ca::Sectigo => "POST /api/ssl/v1/enroll",
         Ca::Securosys => sign_path(env),
         Ca::Est => "POST /.well-known/est/meters/simpleenroll",
+        Ca::Acme => "POST /acme/finalize/",
     };
     assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
 }

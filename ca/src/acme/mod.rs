@@ -55,7 +55,7 @@ pub fn credentials(settings: &AcmeSettings) -> Credentials {
 }
 
 /// The URLs of `GET directory` (§7.1.1) this client uses.
-struct Directory {
+pub(crate) struct Directory {
     new_nonce: String,
     new_account: String,
     new_order: String,
@@ -289,36 +289,10 @@ impl<'a> Acme<'a> {
     }
 
     fn pick_challenge(&self, authz: &Value) -> Result<Offer> {
-        let wanted = match self.settings.challenge {
-            Challenge::Http01 { .. } => "http-01",
-            Challenge::Dns01 { .. } => "dns-01",
-        };
-        let identifier =
-            authz.get("identifier").and_then(|i| i.get("value")).and_then(Value::as_str).unwrap_or("");
-        let challenges = match authz.get("challenges") {
-            Some(Value::Array(items)) => items.as_slice(),
-            _ => return Err(Error::protocol("ACME authorization: no challenges list")),
-        };
-        let chosen = challenges.iter().find(|c| c.get("type").and_then(Value::as_str) == Some(wanted));
-        let Some(chosen) = chosen else {
-            let offered: Vec<&str> =
-                challenges.iter().filter_map(|c| c.get("type").and_then(Value::as_str)).collect();
-            return Err(Error::refused(format!(
-                "ACME authorization for {identifier}: the CA offers no {wanted} challenge (it offers {offered:?}); \
-                 change ca.challenge"
-            )));
-        };
-        let token = required_str(chosen, "token", "ACME challenge")?;
-        // §8.1: tokens are base64url; anything else must not reach a URL path or a DNS name.
-        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return Err(Error::protocol("ACME challenge: the token is not base64url"));
+        match self.settings.challenge {
+            Challenge::Http01 { .. } => pick_challenge(authz, "http-01"),
+            Challenge::Dns01 { .. } => pick_challenge(authz, "dns-01"),
         }
-        Ok(Offer {
-            identifier: identifier.to_string(),
-            url: required_str(chosen, "url", "ACME challenge")?.to_string(),
-            token: token.to_string(),
-            answered: chosen.get("status").and_then(Value::as_str) != Some("pending"),
-        })
     }
 
     fn key_authorization(&self, token: &str) -> String {
@@ -386,10 +360,7 @@ impl<'a> Acme<'a> {
     /// `application/pem-certificate-chain` (§7.4.2): the leaf, then its issuers.
     fn download(&mut self, url: &str) -> Result<Issued> {
         let response = self.post("ACME certificate download", url, "")?;
-        let text = std::str::from_utf8(&response.body)
-            .map_err(|_| Error::protocol("ACME certificate download: the chain is not PEM text"))?;
-        let certs = crate::pki::parse_pem_certs(text).map_err(|e| e.context("ACME certificate download"))?;
-        crate::pki::sort_returned(certs, None)
+        chain_of(&response)
     }
 
     fn polling(&self) -> Polling {
@@ -416,8 +387,39 @@ impl<'a> Acme<'a> {
     }
 }
 
+/// The challenge of type `wanted` in an authorization (§7.1.4), with a token that is safe to
+/// put in a URL path and a DNS name.
+pub(crate) fn pick_challenge(authz: &Value, wanted: &str) -> Result<Offer> {
+    let identifier =
+        authz.get("identifier").and_then(|i| i.get("value")).and_then(Value::as_str).unwrap_or("");
+    let challenges = match authz.get("challenges") {
+        Some(Value::Array(items)) => items.as_slice(),
+        _ => return Err(Error::protocol("ACME authorization: no challenges list")),
+    };
+    let chosen = challenges.iter().find(|c| c.get("type").and_then(Value::as_str) == Some(wanted));
+    let Some(chosen) = chosen else {
+        let offered: Vec<&str> =
+            challenges.iter().filter_map(|c| c.get("type").and_then(Value::as_str)).collect();
+        return Err(Error::refused(format!(
+            "ACME authorization for {identifier}: the CA offers no {wanted} challenge (it offers {offered:?}); \
+             change ca.challenge"
+        )));
+    };
+    let token = required_str(chosen, "token", "ACME challenge")?;
+    // §8.1: tokens are base64url; anything else must not reach a URL path or a DNS name.
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(Error::protocol("ACME challenge: the token is not base64url"));
+    }
+    Ok(Offer {
+        identifier: identifier.to_string(),
+        url: required_str(chosen, "url", "ACME challenge")?.to_string(),
+        token: token.to_string(),
+        answered: chosen.get("status").and_then(Value::as_str) != Some("pending"),
+    })
+}
+
 /// One challenge this client answers.
-struct Offer {
+pub(crate) struct Offer {
     identifier: String,
     url: String,
     token: String,
@@ -492,7 +494,15 @@ impl crate::backend::Protocol for AcmeSettings {
     }
 }
 
-fn read_directory(value: &Value) -> Result<Directory> {
+/// `application/pem-certificate-chain` (§7.4.2): the leaf, then its issuers.
+pub(crate) fn chain_of(response: &Response) -> Result<Issued> {
+    let text = std::str::from_utf8(&response.body)
+        .map_err(|_| Error::protocol("ACME certificate download: the chain is not PEM text"))?;
+    let certs = crate::pki::parse_pem_certs(text).map_err(|e| e.context("ACME certificate download"))?;
+    crate::pki::sort_returned(certs, None)
+}
+
+pub(crate) fn read_directory(value: &Value) -> Result<Directory> {
     let url = |name: &str| required_str(value, name, "ACME directory").map(str::to_string);
     let meta = value.get("meta");
     Ok(Directory {
@@ -510,14 +520,14 @@ fn read_directory(value: &Value) -> Result<Directory> {
     })
 }
 
-fn required_str<'v>(value: &'v Value, field: &str, what: &str) -> Result<&'v str> {
+pub(crate) fn required_str<'v>(value: &'v Value, field: &str, what: &str) -> Result<&'v str> {
     value
         .get(field)
         .and_then(Value::as_str)
         .ok_or_else(|| Error::protocol(format!("{what}: the answer has no {field}")))
 }
 
-fn string_list(value: &Value, field: &str) -> Result<Vec<String>> {
+pub(crate) fn string_list(value: &Value, field: &str) -> Result<Vec<String>> {
     match value.get(field) {
         Some(Value::Array(items)) => items
             .iter()
@@ -530,14 +540,14 @@ fn string_list(value: &Value, field: &str) -> Result<Vec<String>> {
 
 /// The short type of a problem document (§6.7): `badNonce` for
 /// `urn:ietf:params:acme:error:badNonce`.
-fn problem_type(response: &Response) -> Option<String> {
+pub(crate) fn problem_type(response: &Response) -> Option<String> {
     let value = json::parse(&response.body).ok()?;
     let full = value.get("type")?.as_str()?;
     Some(full.strip_prefix(PROBLEM_PREFIX).unwrap_or(full).to_string())
 }
 
 /// A problem document as an error of the right class, keeping the CA's words (§6.7).
-fn problem(what: &str, response: &Response) -> Error {
+pub(crate) fn problem(what: &str, response: &Response) -> Error {
     let parsed = json::parse(&response.body).ok();
     let detail =
         parsed.as_ref().and_then(|v| v.get("detail")).and_then(Value::as_str).map(crate::http::excerpt);
@@ -580,7 +590,7 @@ fn problem(what: &str, response: &Response) -> Error {
 }
 
 /// An order or authorization the CA marked invalid: refused, with the CA's reason.
-fn invalid(what: &str, value: &Value) -> Error {
+pub(crate) fn invalid(what: &str, value: &Value) -> Error {
     let status = value.get("status").and_then(Value::as_str).unwrap_or("missing");
     let mut reasons: Vec<String> = Vec::new();
     if let Some(detail) = value.get("error").and_then(|e| e.get("detail")).and_then(Value::as_str) {

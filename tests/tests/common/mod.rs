@@ -23,6 +23,8 @@ pub enum Ca {
     /// EST (RFC 7030) on the emulator, label `meters`, factory-certificate bootstrap by default
     /// ([`Env::use_est_basic`] switches to HTTP Basic). The emulator asks for TLS client certificates.
     Est,
+    /// ACME (RFC 8555) on the emulator: JWS-verified, challenges valid once answered, ARI offered.
+    Acme,
 }
 
 impl Ca {
@@ -34,6 +36,7 @@ impl Ca {
             Ca::Sectigo => "sectigo",
             Ca::Securosys => "securosys",
             Ca::Est => "est",
+            Ca::Acme => "acme",
         }
     }
 }
@@ -186,6 +189,7 @@ impl Env {
         let scratch = Scratch::new(ca.name());
         let dir = &scratch.0;
         fs::write(dir.join("tls-root.pem"), emu.tls_root_pem()).unwrap();
+        let http01_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let ca_block = match ca {
             Ca::Enos => {
                 write_secret(&dir.join("app-secret"), &emu.enos.app_secret);
@@ -263,6 +267,16 @@ impl Env {
                     "poll_timeout_s": 60
                 })
             }
+            Ca::Acme => json!({
+                "backend": "acme",
+                "directory": format!("{}/acme/directory", emu.url()),
+                "contact": ["mailto:fleet@acme.example"],
+                "terms_agreed": true,
+                "http01_listen": format!("127.0.0.1:{http01_port}"),
+                "poll_interval_s": 1,
+                "poll_wait_s": 5,
+                "poll_timeout_s": 60
+            }),
         };
         let mut config = json!({
             "state_dir": dir.join("state"),
@@ -397,7 +411,7 @@ impl Env {
             Ca::Ezca => self.emu.ezca_root_pem(),
             Ca::Sectigo => self.emu.sectigo_root_pem(),
             Ca::Securosys => self.emu.securosys_root_pem(),
-            Ca::Est => self.emu.est_root_pem(),
+            Ca::Est | Ca::Acme => self.emu.est_root_pem(),
         }
     }
 
@@ -477,6 +491,8 @@ impl Env {
                     || r.path.starts_with("/v1/certificate/")
                     || r.path.ends_with("/simpleenroll")
                     || r.path.ends_with("/simplereenroll")
+                    || r.path.starts_with("/acme/new-order")
+                    || r.path.starts_with("/acme/finalize/")
             })
             .map(|r| {
                 let action = r
