@@ -152,7 +152,9 @@ fn cycle(settings: &Settings) -> Result<Duration> {
                 .installed()
                 .ok_or_else(|| Error::storage("the identity vanished right after install"))?;
             let renew_at = agent.renew_at(&installed);
-            let wait = renew_at.saturating_sub(agent.clock().now()).max(1);
+            // Wake for the CA's suggested renewal window too (ACME ARI), whichever comes first.
+            let wake = agent.next_window_check().map_or(renew_at, |check| renew_at.min(check));
+            let wait = wake.saturating_sub(agent.clock().now()).max(1);
             log::info!("next renewal at {}", time::rfc3339(renew_at));
             Ok(Duration::from_secs(wait).min(MAX_SLEEP))
         }

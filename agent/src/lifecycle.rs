@@ -27,6 +27,10 @@ use crate::tls::Transport;
 /// A renewal is never started sooner than this after an install, whatever the certificate says
 /// (a CA issuing very short or back-dated certificates must not make us hammer it).
 const MIN_RENEWAL_INTERVAL_S: u64 = 60;
+
+/// How often the CA's suggested renewal window is read again when its answer names no
+/// Retry-After (RFC 9773 §4.3 suggests about every six hours).
+const WINDOW_RECHECK_S: u64 = 6 * 3600;
 /// The CSR a remote provider made, kept in its pending slot (Redtrust).
 const REQUEST_CSR: &str = "request.csr";
 /// The only PATH a hook inherits.
@@ -376,10 +380,13 @@ impl<'a> Agent<'a> {
             ));
         };
         let now = self.clock.now();
-        let renew_at = self.renew_at(&installed);
         // A request the CA accepted is resumed whenever we are asked; a slot kept from a failed
         // synchronous call waits for the renewal time like everything else.
         let accepted = self.state.pending.as_ref().is_some_and(|p| p.request_id.is_some());
+        if !force && !accepted {
+            self.consult_renewal_window(&installed)?;
+        }
+        let renew_at = self.renew_at(&installed);
         if !force && now < renew_at && !accepted {
             return Ok(Done::NotDue { renew_at });
         }
@@ -392,6 +399,50 @@ impl<'a> Agent<'a> {
             return self.obtain(Purpose::Enroll, Some(&installed));
         }
         self.obtain(Purpose::Renew, Some(&installed))
+    }
+
+    /// Where the CA suggests renewal times (ACME ARI, RFC 9773), asks for the window when the
+    /// last answer's Retry-After has passed and moves `renew_at` to a random point in it (so a
+    /// CA that wants a certificate replaced early, after a mass revocation say, gets it early).
+    /// A failure to ask is not the renewal's failure: it is logged, retried in an hour, and the
+    /// planned time stands.
+    fn consult_renewal_window(&mut self, installed: &Installed) -> Result<()> {
+        let now = self.clock.now();
+        if !self.settings.ca.suggests_renewal_time() || self.state.window_check_at.is_some_and(|at| now < at)
+        {
+            return Ok(());
+        }
+        let asked =
+            self.http().and_then(|http| self.settings.ca.client(http).renewal_window(&installed.cert));
+        let (not_before, not_after) = (installed.cert.not_before(), installed.cert.not_after());
+        let next_check = match asked {
+            Ok(Some(window)) => {
+                let (start, end) =
+                    (window.start.clamp(not_before, not_after), window.end.clamp(not_before, not_after));
+                let at = start + ((end - start) as f64 * random_unit()) as u64;
+                log::info!(
+                    "the CA suggests renewing between {} and {}: renewal planned at {}",
+                    time::rfc3339(window.start),
+                    time::rfc3339(window.end),
+                    time::rfc3339(at)
+                );
+                self.state.renew_at = Some(at);
+                window.retry_after_s.unwrap_or(WINDOW_RECHECK_S).clamp(60, 7 * 86_400)
+            }
+            Ok(None) => WINDOW_RECHECK_S * 4,
+            Err(e) => {
+                log::warn!("could not read the CA's suggested renewal window: {}", e.chain_line());
+                3600
+            }
+        };
+        self.state.window_check_at = Some(now.saturating_add(next_check));
+        self.save()
+    }
+
+    /// When `run` should wake to ask the CA for its suggested renewal window again, if it
+    /// suggests one.
+    pub fn next_window_check(&self) -> Option<u64> {
+        self.settings.ca.suggests_renewal_time().then(|| self.state.window_check_at.unwrap_or(0))
     }
 
     /// Whether the installed identity can be used as it is: valid now and its key loads and
@@ -876,6 +927,8 @@ impl<'a> Agent<'a> {
         }
         self.state.renew_at =
             Some(renewal_time(leaf.not_before(), leaf.not_after(), &renewal, random_unit() * 2.0 - 1.0));
+        // A new certificate has a window of its own: ask at the next chance.
+        self.state.window_check_at = None;
         self.state.last_success = Some(now);
         self.state.last_install = Some(now);
         // The CA vouched for its notBefore (rule 2 checked it against our time): a device without

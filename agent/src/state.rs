@@ -7,8 +7,12 @@ use crate::json::{self, Value};
 pub struct State {
     /// An outstanding request and the slot holding its key.
     pub pending: Option<Pending>,
-    /// When the current identity should be renewed (jitter drawn once, at install).
+    /// When the current identity should be renewed (jitter drawn once, at install; moved into
+    /// the CA's suggested window where the CA suggests one).
     pub renew_at: Option<u64>,
+    /// When to ask the CA for its suggested renewal window again (ACME ARI, RFC 9773); `None`:
+    /// at the next chance.
+    pub window_check_at: Option<u64>,
     /// The CA's handle for the current certificate (EnOS certSN).
     pub ca_ref: Option<String>,
     pub last_success: Option<u64>,
@@ -62,6 +66,7 @@ impl State {
         let mut text = json::object([
             ("pending", pending),
             ("renew_at", self.renew_at.into()),
+            ("window_check_at", self.window_check_at.into()),
             ("ca_ref", self.ca_ref.clone().into()),
             ("last_success", self.last_success.into()),
             ("last_install", self.last_install.into()),
@@ -105,6 +110,7 @@ impl State {
         Ok(State {
             pending,
             renew_at: number("renew_at"),
+            window_check_at: number("window_check_at"),
             ca_ref: text("ca_ref"),
             last_success: number("last_success"),
             last_install: number("last_install"),
@@ -132,6 +138,7 @@ mod tests {
                 purpose: Purpose::Renew,
             }),
             renew_at: Some(99),
+            window_check_at: Some(120),
             ca_ref: Some("9223372036854775807".into()),
             renewals: 3,
             clock_floor: Some(1_800_000_000),

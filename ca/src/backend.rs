@@ -92,6 +92,20 @@ pub trait CaBackend {
     fn cancel(&mut self, _request_id: &str) -> Result<()> {
         Ok(())
     }
+    /// The CA's suggested renewal window for `cert` (ACME ARI, RFC 9773), where the CA offers
+    /// one; only asked when [`Protocol::suggests_renewal_time`] says so.
+    fn renewal_window(&mut self, _cert: &Cert) -> Result<Option<RenewalWindow>> {
+        Ok(None)
+    }
+}
+
+/// When the CA would like a certificate renewed (RFC 9773 §4.2), and when to ask again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenewalWindow {
+    pub start: u64,
+    pub end: u64,
+    /// The answer's `Retry-After`, in seconds.
+    pub retry_after_s: Option<u64>,
 }
 
 /// A service that generates and keeps the device's key (Redtrust): it makes the CSR and takes
@@ -169,6 +183,11 @@ pub trait Protocol: std::fmt::Debug {
     /// Where this program keeps its state (the agent's `state_dir`), for protocols that keep
     /// files of their own there (the ACME account key).
     fn use_state_dir(&mut self, _state_dir: &std::path::Path) {}
+    /// Whether this CA may suggest renewal times ([`CaBackend::renewal_window`]); the agent
+    /// then asks before deciding that a renewal is not due yet.
+    fn suggests_renewal_time(&self) -> bool {
+        false
+    }
 }
 
 /// Makes [`Backend`] and the protocol lists from one line per protocol: its name (= its cargo
@@ -275,6 +294,11 @@ impl Backend {
     /// device, as Redtrust's); the 78 names the field to change.
     pub fn check_key(&self, algorithm: Algorithm, remote: bool) -> Result<()> {
         self.protocol().check_key(algorithm, remote)
+    }
+
+    /// See [`Protocol::suggests_renewal_time`].
+    pub fn suggests_renewal_time(&self) -> bool {
+        self.protocol().suggests_renewal_time()
     }
 
     /// Tells the protocol where the program keeps its state (see [`Protocol::use_state_dir`]).

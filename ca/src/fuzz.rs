@@ -63,6 +63,7 @@ pub fn acme_answer(data: &[u8]) {
         show(acme::string_list(&value, "authorizations"));
         show(acme::pick_challenge(&value, "http-01").map(|_| ()));
         show(acme::pick_challenge(&value, "dns-01").map(|_| ()));
+        show(acme::read_window(&value, response.retry_after));
     }
     show(acme::chain_of(&response));
 }

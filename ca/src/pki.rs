@@ -60,6 +60,19 @@ impl Cert {
         Some(bytes.iter().fold(0u128, |acc, b| (acc << 8) | u128::from(*b)).to_string())
     }
 
+    /// The serial number's content octets, as encoded (RFC 9773 §4.1 certID).
+    pub fn serial_bytes(&self) -> &[u8] {
+        self.parsed.tbs_certificate.serial_number.as_bytes()
+    }
+
+    /// The authorityKeyIdentifier's keyIdentifier, when the certificate has one.
+    pub fn authority_key_id(&self) -> Option<Vec<u8>> {
+        match self.parsed.tbs_certificate.get::<x509_cert::ext::pkix::AuthorityKeyIdentifier>() {
+            Ok(Some((_, aki))) => aki.key_identifier.map(|k| k.as_bytes().to_vec()),
+            _ => None,
+        }
+    }
+
     pub fn not_before(&self) -> u64 {
         self.parsed.tbs_certificate.validity.not_before.to_unix_duration().as_secs()
     }

@@ -87,9 +87,17 @@ pub struct AcmeState {
     pub replaces: Vec<String>,
     /// renewal-info GETs answered.
     pub renewal_info_requests: usize,
+    /// Overrides [`AcmeConfig::ari_window`] once set (`set_acme_window`).
+    pub ari_window: Option<(i64, i64)>,
+    ari_window_set: bool,
 }
 
 impl AcmeState {
+    pub(crate) fn set_window(&mut self, window: Option<(i64, i64)>) {
+        self.ari_window = window;
+        self.ari_window_set = true;
+    }
+
     fn next_id(&mut self) -> String {
         self.counter += 1;
         format!("{}{}", self.counter, util::random_hex(4))
@@ -479,7 +487,8 @@ impl Shared {
                 now - Duration::from_secs(offset.unsigned_abs())
             }
         };
-        let (start, end) = match self.acme_cfg.ari_window {
+        let window = if state.ari_window_set { state.ari_window } else { self.acme_cfg.ari_window };
+        let (start, end) = match window {
             Some((start, end)) => (at(start), at(end)),
             None => {
                 let life = not_after.duration_since(not_before).unwrap_or_default();

@@ -584,6 +584,12 @@ impl Emulator {
         lock(&self.shared.acme).replaces.clone()
     }
 
+    /// Changes the ACME suggested renewal window (seconds from now; `None`: the last third of
+    /// the certificate's life).
+    pub fn set_acme_window(&self, window: Option<(i64, i64)>) {
+        lock(&self.shared.acme).set_window(window);
+    }
+
     /// ACME renewal-info GETs answered.
     pub fn acme_renewal_info_requests(&self) -> usize {
         lock(&self.shared.acme).renewal_info_requests

@@ -200,3 +200,29 @@ fn securosys_sends_both_credentials_and_refuses_a_missing_ca_bundle() {
     let run = env.expect(&["renew", "--force"], 78);
     assert!(run.stderr.starts_with("error: ca.ca_bundle: missing"), "{run:?}");
 }
+
+/// ACME: an order the CA keeps `processing` (the `pending-forever` fault at finalize) is the
+/// pending request; later runs carry that order on instead of placing another, and a forced
+/// enrollment gives it up.
+#[test]
+fn acme_an_order_stuck_in_processing_is_carried_on_not_placed_again() {
+    let env = Env::with_config(Ca::Acme, "p256", |c| c["ca"]["poll_wait_s"] = 2.into());
+    env.emu.set_fault(Fault::PendingForever, Some(1));
+    let started = Instant::now();
+    let run = env.expect(&["enroll"], 75);
+    assert!(started.elapsed() < Duration::from_secs(15), "poll_wait_s bounds one run: {run:?}");
+    let status = env.status_json();
+    assert_eq!(status["state"], "pending", "{status}");
+    let order = status["pending"]["request_id"].as_str().unwrap().to_string();
+    assert!(order.contains("/acme/order/"), "{order}");
+    let key = env.only_slot_key();
+
+    let run = env.expect(&["enroll"], 75);
+    assert!(run.stderr.contains(&format!("resuming request {order}")), "{run:?}");
+    assert_eq!(env.emu.acme_new_orders(), 1, "one order reached the CA");
+    assert_eq!(env.only_slot_key(), key, "the same key waits");
+
+    env.expect(&["enroll", "--force"], 0);
+    assert_eq!(env.emu.acme_new_orders(), 2);
+    assert_eq!(env.status_json()["pending"], Value::Null);
+}

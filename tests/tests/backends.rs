@@ -299,3 +299,46 @@ fn an_enos_renewal_whose_answer_was_lost_is_found_in_the_certificate_list() {
         env.expect(&["renew", "--force"], 0);
     }
 }
+
+/// ACME renewal information (RFC 9773): the CA's suggested window moves the renewal time, a
+/// window that has begun makes the renewal due at once, and the new order names the
+/// certificate it replaces.
+#[test]
+fn acme_renewal_follows_the_cas_suggested_window_and_names_what_it_replaces() {
+    let mut options = enroll_tests::Options::default();
+    // Ten to eleven days from now: far earlier than the default two thirds of 30 days.
+    options.acme.ari_window = Some((10 * 86_400, 11 * 86_400));
+    let env = Env::with_options(Ca::Acme, "p256", options, |_| {});
+    env.expect(&["enroll"], 0);
+    let run = env.expect(&["renew"], 0);
+    assert!(run.stdout.contains("not due until"), "{run:?}");
+    assert_eq!(env.emu.acme_renewal_info_requests(), 1);
+    let renew_at = env.status_json()["renew_at"].as_str().unwrap().to_string();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let planned = enroll_ca::time::parse_rfc3339(&renew_at).unwrap();
+    assert!(
+        (now + 10 * 86_400 - 5..=now + 11 * 86_400 + 5).contains(&planned),
+        "renew_at {renew_at} lies in the suggested window"
+    );
+    // The window is asked again only after the answer's Retry-After (6 h).
+    env.expect(&["renew"], 0);
+    assert_eq!(env.emu.acme_renewal_info_requests(), 1, "Retry-After is respected");
+
+    // The CA now wants the certificate replaced (a window that has begun): the next check makes
+    // the renewal due at once. (The check is due: move it, and the last install, an hour back.)
+    env.emu.set_acme_window(Some((-600, -60)));
+    let state_path = env.state_dir().join("state.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&fs::read(&state_path).unwrap()).unwrap();
+    let hour_ago = now - 3600;
+    state["window_check_at"] = hour_ago.into();
+    state["last_install"] = hour_ago.into();
+    fs::write(&state_path, state.to_string()).unwrap();
+    let old_serial = serial_of(&env);
+    let run = env.expect(&["renew"], 0);
+    assert!(run.stdout.starts_with("renew: installed certificate serial"), "{run:?}");
+    assert_ne!(serial_of(&env), old_serial);
+    let replaces = env.emu.acme_replaces();
+    assert_eq!(replaces.len(), 1, "the renewal order names the certificate it replaces");
+    assert!(replaces[0].contains('.'), "an RFC 9773 certID: {replaces:?}");
+    env.assert_chain_verifies();
+}

@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 
-use crate::backend::{CaBackend, Credentials, Current, Outcome, Poll, Polling, Request};
+use crate::backend::{CaBackend, Credentials, Current, Outcome, Poll, Polling, RenewalWindow, Request};
 use crate::error::{Error, Result};
 use crate::http::{Http, Response};
 use crate::json::{self, Value};
-use crate::pki::Issued;
+use crate::pki::{Cert, Issued};
 use challenge::Http01Responder;
 use jws::AccountKey;
 
@@ -59,6 +59,8 @@ pub(crate) struct Directory {
     new_nonce: String,
     new_account: String,
     new_order: String,
+    /// ARI (RFC 9773 §4): where a certificate's suggested renewal window is read.
+    renewal_info: Option<String>,
     terms_of_service: Option<String>,
     eab_required: bool,
 }
@@ -193,8 +195,9 @@ impl<'a> Acme<'a> {
         response.replay_nonce.ok_or_else(|| Error::protocol("ACME newNonce: the answer has no Replay-Nonce"))
     }
 
-    /// `newOrder` for every DNS and IP SAN (§7.4, RFC 8738).
-    fn new_order(&mut self, request: &Request) -> Result<(String, Value)> {
+    /// `newOrder` for every DNS and IP SAN (§7.4, RFC 8738); a renewal names the certificate it
+    /// `replaces` where the CA offers ARI (RFC 9773 §5).
+    fn new_order(&mut self, request: &Request, replacing: Option<&Cert>) -> Result<(String, Value)> {
         let dns = request.sans.dns.iter().map(|name| ("dns", name.clone()));
         let ip = request.sans.ip.iter().map(|ip| ("ip", ip.to_string()));
         let identifiers: Vec<Value> = dns
@@ -204,9 +207,25 @@ impl<'a> Acme<'a> {
         if identifiers.is_empty() {
             return Err(Error::config("san: ACME orders name DNS or IP identifiers; give san.dns or san.ip"));
         }
-        let url = self.directory()?.new_order.clone();
-        let payload = json::object([("identifiers", Value::Array(identifiers))]).to_json();
-        let response = self.post("ACME newOrder", &url, &payload)?;
+        let directory = self.directory()?;
+        let url = directory.new_order.clone();
+        let replaces = replacing.filter(|_| directory.renewal_info.is_some()).and_then(cert_id);
+        let mut members = vec![("identifiers".to_string(), Value::Array(identifiers))];
+        if let Some(replaces) = replaces {
+            members.push(("replaces".to_string(), replaces.into()));
+        }
+        let response = match self.post("ACME newOrder", &url, &Value::Object(members.clone()).to_json()) {
+            // RFC 9773 §5: a CA that will not take this replacement still takes a plain order.
+            Err(e)
+                if members.len() > 1
+                    && e.answer().is_some_and(|a| a.words.starts_with("alreadyReplaced")) =>
+            {
+                log::info!("the CA refused the replacement ({}); ordering without it", e.chain_line());
+                members.pop();
+                self.post("ACME newOrder", &url, &Value::Object(members).to_json())?
+            }
+            other => other?,
+        };
         let order_url = response
             .location
             .clone()
@@ -374,9 +393,9 @@ impl<'a> Acme<'a> {
         wait
     }
 
-    fn order(&mut self, request: &Request) -> Result<Outcome> {
+    fn order(&mut self, request: &Request, replacing: Option<&Cert>) -> Result<Outcome> {
         let deadline = Instant::now() + Duration::from_secs(self.polling().wait_s);
-        let (order_url, order) = self.new_order(request)?;
+        let (order_url, order) = self.new_order(request, replacing)?;
         match self.carry_on(&order_url, order, &request.csr.der, deadline)? {
             Progress::Issued(issued) => Ok(Outcome::Issued(issued)),
             Progress::Waiting(why) => {
@@ -433,12 +452,31 @@ impl CaBackend for Acme<'_> {
     }
 
     fn enroll(&mut self, request: &Request) -> Result<Outcome> {
-        self.order(request)
+        self.order(request, None)
     }
 
-    /// A new order (§7.4); the current certificate is not a credential in ACME.
-    fn renew(&mut self, request: &Request, _current: &Current) -> Result<Outcome> {
-        self.order(request)
+    /// A new order (§7.4); the current certificate is not a credential in ACME, but with ARI
+    /// the order names it as the one it replaces.
+    fn renew(&mut self, request: &Request, current: &Current) -> Result<Outcome> {
+        self.order(request, Some(current.cert))
+    }
+
+    /// RFC 9773 §4: `GET renewalInfo/<certID>`, unauthenticated.
+    fn renewal_window(&mut self, cert: &Cert) -> Result<Option<RenewalWindow>> {
+        let Some(base) = self.directory()?.renewal_info.clone() else {
+            return Ok(None);
+        };
+        let Some(id) = cert_id(cert) else {
+            log::debug!("the certificate has no authorityKeyIdentifier: no ARI certID");
+            return Ok(None);
+        };
+        let what = "ACME renewalInfo";
+        let response =
+            self.http.send(what, "GET", &format!("{}/{id}", base.trim_end_matches('/')), &[], None)?;
+        if !response.is_success() {
+            return Err(problem(what, &response));
+        }
+        read_window(&crate::backend::parse_json(what, &response)?, response.retry_after).map(Some)
     }
 
     fn credentials(&self) -> Credentials {
@@ -487,11 +525,40 @@ impl crate::backend::Protocol for AcmeSettings {
         credentials(self)
     }
 
+    fn suggests_renewal_time(&self) -> bool {
+        true
+    }
+
     fn use_state_dir(&mut self, state_dir: &std::path::Path) {
         if self.account_key_file.is_none() {
             self.account_key_file = Some(state_dir.join("acme").join("account.key"));
         }
     }
+}
+
+/// RFC 9773 §4.1: base64url(authorityKeyIdentifier.keyIdentifier) "." base64url(serial octets).
+fn cert_id(cert: &Cert) -> Option<String> {
+    let aki = cert.authority_key_id()?;
+    Some(format!("{}.{}", URL_SAFE_NO_PAD.encode(aki), URL_SAFE_NO_PAD.encode(cert.serial_bytes())))
+}
+
+/// `{"suggestedWindow": {"start", "end"}}` (RFC 9773 §4.2): RFC 3339 times, start before end.
+pub(crate) fn read_window(value: &Value, retry_after_s: Option<u64>) -> Result<RenewalWindow> {
+    let window = value.get("suggestedWindow");
+    let time = |name: &str| {
+        window
+            .and_then(|w| w.get(name))
+            .and_then(Value::as_str)
+            .and_then(crate::time::parse_rfc3339)
+            .ok_or_else(|| {
+                Error::protocol(format!("ACME renewalInfo: suggestedWindow.{name} is not an RFC 3339 time"))
+            })
+    };
+    let (start, end) = (time("start")?, time("end")?);
+    if end < start {
+        return Err(Error::protocol("ACME renewalInfo: the suggested window ends before it starts"));
+    }
+    Ok(RenewalWindow { start, end, retry_after_s })
 }
 
 /// `application/pem-certificate-chain` (§7.4.2): the leaf, then its issuers.
@@ -509,6 +576,7 @@ pub(crate) fn read_directory(value: &Value) -> Result<Directory> {
         new_nonce: url("newNonce")?,
         new_account: url("newAccount")?,
         new_order: url("newOrder")?,
+        renewal_info: value.get("renewalInfo").and_then(Value::as_str).map(str::to_string),
         terms_of_service: meta
             .and_then(|m| m.get("termsOfService"))
             .and_then(Value::as_str)
