@@ -9,14 +9,14 @@
 # through pebble-challtestsrv. Each round enrolls from an empty state (a new account and key),
 # then renews that certificate (enroll-agent `renew --force`, lego `renew --days 100000
 # --no-random-sleep` (else lego sleeps up to 8 minutes first),
-# certbot `certonly --force-renewal`). getrusage gives user+sys CPU and peak RSS; the table
+# certbot `certonly --force-renewal`). wait4(2) gives user+sys CPU and peak RSS; the table
 # shows medians and each peer's figure divided by ours. Sizes: our static release
 # binary; the peers' Debian packages with every package they depend on (dpkg Installed-Size,
 # dependency closure, the C library included for everyone but us).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${ROUNDS:-5}
-for tool in pebble pebble-challtestsrv lego certbot curl openssl python3; do
+for tool in pebble pebble-challtestsrv lego certbot curl openssl python3 gcc; do
   command -v "$tool" >/dev/null || { echo "$tool is missing (bash scripts/hw-deps.sh installs it)" >&2; exit 1; }
 done
 target=x86_64-unknown-linux-musl
@@ -72,20 +72,12 @@ certbot_args=(certonly --non-interactive --standalone --server "$directory" --ag
   --key-type ecdsa --elliptic-curve secp256r1 --config-dir "$work/certbot/etc"
   --work-dir "$work/certbot/work" --logs-dir "$work/certbot/log" -d certbot.devices.example)
 
-# wall seconds, user and system CPU seconds (getrusage of the child: microseconds, where
-# /usr/bin/time prints 10 ms ticks and our runs take less than one), peak RSS in KiB.
+# wall seconds, user and system CPU seconds and peak RSS (KiB) of the command alone, from
+# wait4(2) in a small C launcher (tests/bench/rusage.c; see there why not /usr/bin/time or Python).
+gcc -O2 -o "$work/rusage" tests/bench/rusage.c
 measure() {  # tool phase command...
   local tool=$1 phase=$2; shift 2
-  if ! python3 - "$work/time" "$@" > "$work/out" 2>&1 <<'PY'
-import os, resource, subprocess, sys, time
-start = time.monotonic()
-status = subprocess.call(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-wall = time.monotonic() - start
-usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-open(sys.argv[1], "w").write(f"{wall:.4f} {usage.ru_utime:.6f} {usage.ru_stime:.6f} {usage.ru_maxrss}\n")
-sys.exit(status)
-PY
-  then
+  if ! "$work/rusage" "$work/time" "$@" > "$work/out" 2>&1; then
     echo "$tool $phase failed:" >&2; tail -n 5 "$work/out" >&2; exit 1
   fi
   echo "$tool $phase $(cat "$work/time")" >> "$work/results"

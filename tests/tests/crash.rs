@@ -66,9 +66,10 @@ fn cases() -> Vec<Case> {
         (Ca::Sectigo, "p256"),
         (Ca::Securosys, "rsa2048"),
         (Ca::Est, "p256"),
+        (Ca::Acme, "p256"),
     ] {
         let env = Env::with_config(ca, algorithm, |c| {
-            if matches!(ca, Ca::Sectigo | Ca::Securosys | Ca::Est) {
+            if matches!(ca, Ca::Sectigo | Ca::Securosys | Ca::Est | Ca::Acme) {
                 fast_polls(c);
             }
             if ca == Ca::Securosys {
@@ -422,6 +423,7 @@ fn creations(env: &Env) -> usize {
             r.path == "/api/ssl/v1/enroll"
                 || r.path.starts_with("/api/ssl/v1/renewById/")
                 || r.path == "/v1/certificate/sign"
+                || r.path == "/acme/new-order"
         })
         .count()
 }
