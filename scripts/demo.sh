@@ -4,7 +4,8 @@
 # status, forced renewal, status. Sectigo and the TSB approval flow are asynchronous (the agent
 # polls); the Redtrust run keeps its key on the Redtrust server and has EnOS issue the certificate;
 # EST enrolls with a factory certificate (or a one-time password) and renews over TLS client
-# authentication with the device's own certificate.
+# authentication with the device's own certificate; ACME places an order, answers http-01 and
+# finalizes with the device's CSR (the emulator also offers ARI renewal windows).
 # Then the gateway path on the embedded default: enroll-gateway with SQLite and a label forwarding
 # to the emulator's EnOS; the agent (ca.backend = "est") enrolls with a one-time password from
 # `enroll-gateway token create` and renews with its certificate; its config holds no EnOS secret.
@@ -23,7 +24,7 @@ for _ in $(seq 100); do grep -q '^ca-emulator ready' "$work/emulator.out" 2>/dev
 grep '^ca-emulator ready' "$work/emulator.out" || { echo "the emulator did not start" >&2; exit 1; }
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
-for ca in enos ezca sectigo securosys securosys-approval redtrust-enos est est-basic; do
+for ca in enos ezca sectigo securosys securosys-approval redtrust-enos est est-basic acme; do
   config=$work/emulator/agent-$ca.json
   printf '\n======== %s (config %s)\n' "$ca" "$config"
   step "$bin/enroll-agent" -c "$config" enroll

@@ -9,7 +9,8 @@
 //! `agent-enos.json`, `agent-ezca.json`, `agent-sectigo.json`, `agent-securosys.json`
 //! (synchronous sign), `agent-securosys-approval.json` (approval flow) and
 //! `agent-redtrust-enos.json` (Redtrust key, EnOS CA), `agent-est.json` (EST, factory certificate
-//! `est-factory.pem` / `est-factory.key` (0600)) and `agent-est-basic.json` (EST, HTTP Basic with
+//! `est-factory.pem` / `est-factory.key` (0600)), `agent-acme.json` (ACME, http-01) and
+//! `agent-est-basic.json` (EST, HTTP Basic with
 //! `est-password` (0600)); `est-ca.pem` is the EST issuing CA then root. With `--dir`, TLS client
 //! certificates are requested (optionally) as if `--client-cert` were given, so the EST
 //! factory-certificate config works. Prints `ca-emulator ready <url>` and
@@ -251,6 +252,18 @@ fn write_agent_configs(dir: &Path, emu: &Emulator) -> io::Result<()> {
     );
     let est_basic =
         est(json!({ "username": emu.est.username, "password_file": dir.join("est-password") }), "est-basic");
+    // ACME (design.md §10): the emulator validates a challenge as soon as it is answered (as
+    // Pebble with PEBBLE_VA_ALWAYS_VALID), so the http-01 listener may take any free port.
+    let acme = common(
+        "acme",
+        "p256",
+        json!({
+            "backend": "acme", "directory": format!("{}/acme/directory", emu.url()),
+            "contact": ["mailto:ops@acme.example"], "terms_agreed": true,
+            "challenge": "http-01", "http01_listen": "127.0.0.1:0", "poll_wait_s": 30,
+        }),
+    );
+    write_file(&dir, "agent-acme.json", &format!("{acme:#}\n"), 0o644)?;
     write_file(&dir, "agent-est.json", &format!("{est_cert:#}\n"), 0o644)?;
     write_file(&dir, "agent-est-basic.json", &format!("{est_basic:#}\n"), 0o644)?;
     write_file(&dir, "agent-enos.json", &format!("{enos:#}\n"), 0o644)?;
