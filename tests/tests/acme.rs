@@ -40,6 +40,8 @@ struct Pebble {
     management: u16,
     /// Where Pebble's validation authority connects for http-01.
     http01: u16,
+    /// Where it connects for tls-alpn-01.
+    tls_alpn01: u16,
     /// pebble-challtestsrv's management API (set-txt, clear-txt).
     dns_management: u16,
 }
@@ -76,13 +78,13 @@ impl Pebble {
                -extfile tls.ext -out tls-cert.pem 2>/dev/null",
             &dir,
         )?;
-        let (port, management, http01, dns, dns_management) =
-            (free_port(), free_port(), free_port(), free_port(), free_port());
+        let (port, management, http01, dns, dns_management, tls_alpn01) =
+            (free_port(), free_port(), free_port(), free_port(), free_port(), free_port());
         let mut config = json!({ "pebble": {
             "listenAddress": format!("127.0.0.1:{port}"),
             "managementListenAddress": format!("127.0.0.1:{management}"),
             "certificate": dir.join("tls-cert.pem"), "privateKey": dir.join("tls-key.pem"),
-            "httpPort": http01, "tlsPort": free_port(), "ocspResponderURL": "",
+            "httpPort": http01, "tlsPort": tls_alpn01, "ocspResponderURL": "",
             "externalAccountBindingRequired": options.eab.is_some()
         }});
         if let Some((kid, key)) = options.eab {
@@ -116,8 +118,15 @@ impl Pebble {
         }
         let pebble =
             pebble.stdout(log("pebble.log")?).stderr(Stdio::null()).spawn().map_err(|e| e.to_string())?;
-        let started =
-            Pebble { scratch, children: vec![dns_server, pebble], port, management, http01, dns_management };
+        let started = Pebble {
+            scratch,
+            children: vec![dns_server, pebble],
+            port,
+            management,
+            http01,
+            tls_alpn01,
+            dns_management,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err()
             || TcpStream::connect(("127.0.0.1", dns_management)).is_err()
@@ -383,6 +392,35 @@ fn dns01_publishes_the_txt_record_through_the_hook_and_removes_it() {
         format!("present {DEVICE}\ncleanup {DEVICE}\n"),
         "the record is published, then removed"
     );
+}
+
+#[test]
+fn tls_alpn01_is_answered_with_the_acme_identifier_certificate_for_names_and_addresses() {
+    let Some(pebble) = Pebble::start(PebbleOptions::default()) else { return };
+    let device = Device::new(&pebble, "p256", |c| {
+        c["ca"]["challenge"] = "tls-alpn-01".into();
+        c["ca"]["tls_alpn01_listen"] = format!("127.0.0.1:{}", pebble.tls_alpn01).into();
+        c["ca"].as_object_mut().unwrap().remove("http01_listen");
+        // An IP identifier is validated under its reverse-DNS name (RFC 8738 §6).
+        c["san"]["ip"] = json!(["127.0.0.1"]);
+    });
+    device.expect(&["enroll"], 0);
+    device.assert_chain_verifies(&pebble);
+    let (ok, text) = openssl(&[
+        "x509",
+        "-noout",
+        "-ext",
+        "subjectAltName",
+        "-in",
+        device.current().join("cert.pem").to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains(DEVICE) && text.contains("IP Address:127.0.0.1"), "{text}");
+    assert!(
+        TcpStream::connect(("127.0.0.1", pebble.tls_alpn01)).is_err(),
+        "the tls-alpn-01 listener is gone once the order is over"
+    );
+    device.expect(&["renew", "--force"], 0);
+    device.assert_chain_verifies(&pebble);
 }
 
 #[test]

@@ -17,18 +17,22 @@ use crate::error::{Error, Result};
 
 const WELL_KNOWN: &str = "/.well-known/acme-challenge/";
 
-/// Serves `GET /.well-known/acme-challenge/<token>` with the key authorization; stops on drop.
-pub struct Http01Responder {
+/// A listener that lives only while authorizations are pending: each connection goes to
+/// `serve` on the listener's thread; dropping the responder stops it and closes the port.
+pub struct Responder {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Http01Responder {
-    /// `answers`: token → key authorization.
-    pub fn start(listen: SocketAddr, answers: HashMap<String, String>) -> Result<Http01Responder> {
+impl Responder {
+    /// `field` names the config field of `listen`, for the error.
+    fn start(
+        listen: SocketAddr,
+        field: &str,
+        serve: impl Fn(TcpStream) + Send + 'static,
+    ) -> Result<Responder> {
         let listener = TcpListener::bind(listen).map_err(|e| {
-            let error =
-                format!("ca.http01_listen: cannot listen on {listen} for the http-01 challenge ({e})");
+            let error = format!("ca.{field}: cannot listen on {listen} for the challenge ({e})");
             match e.kind() {
                 std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::AddrNotAvailable => {
                     Error::config(error)
@@ -36,22 +40,43 @@ impl Http01Responder {
                 _ => Error::temporary(error),
             }
         })?;
-        listener.set_nonblocking(true).map_err(|e| Error::temporary(format!("http-01 listener: {e}")))?;
+        listener.set_nonblocking(true).map_err(|e| Error::temporary(format!("ca.{field}: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => answer(stream, &answers),
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+                        serve(stream)
+                    }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
         });
-        Ok(Http01Responder { stop, thread: Some(thread) })
+        Ok(Responder { stop, thread: Some(thread) })
+    }
+
+    /// http-01 (RFC 8555 §8.3): `GET /.well-known/acme-challenge/<token>` answers the key
+    /// authorization; `answers` maps token → key authorization.
+    pub fn http01(listen: SocketAddr, answers: HashMap<String, String>) -> Result<Responder> {
+        Responder::start(listen, "http01_listen", move |stream| answer(stream, &answers))
+    }
+
+    /// tls-alpn-01 (RFC 8737): a TLS server speaking only `acme-tls/1` that shows, for the name
+    /// the validation server asks for (SNI), a self-signed certificate carrying the critical
+    /// acmeIdentifier extension; `answers` maps identifier → key authorization.
+    pub fn tls_alpn01(listen: SocketAddr, answers: &[(Identifier, String)]) -> Result<Responder> {
+        let config = Arc::new(super::alpn::server_config(answers)?);
+        Responder::start(listen, "tls_alpn01_listen", move |stream| {
+            super::alpn::handshake(stream, config.clone())
+        })
     }
 }
 
-impl Drop for Http01Responder {
+impl Drop for Responder {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
@@ -60,12 +85,26 @@ impl Drop for Http01Responder {
     }
 }
 
+/// An identifier being validated: a DNS name or an IP address (RFC 8738).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identifier {
+    Dns(String),
+    Ip(std::net::IpAddr),
+}
+
+impl Identifier {
+    pub fn parse(kind: &str, value: &str) -> Option<Identifier> {
+        match kind {
+            "dns" => Some(Identifier::Dns(value.to_string())),
+            "ip" => value.parse().ok().map(Identifier::Ip),
+            _ => None,
+        }
+    }
+}
+
 /// One request per connection: the validation server asks once and is answered 200 with the
 /// key authorization or 404; anything else it sends is not ours to serve.
 fn answer(mut stream: TcpStream, answers: &HashMap<String, String>) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
@@ -132,8 +171,7 @@ mod tests {
         let port = TcpListener::bind(addr).unwrap().local_addr().unwrap().port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let responder =
-            Http01Responder::start(addr, HashMap::from([("tok".to_string(), "tok.thumb".to_string())]))
-                .unwrap();
+            Responder::http01(addr, HashMap::from([("tok".to_string(), "tok.thumb".to_string())])).unwrap();
         let ok = get(addr, "/.well-known/acme-challenge/tok");
         assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("\r\n\r\ntok.thumb"), "{ok}");
         assert!(get(addr, "/.well-known/acme-challenge/other").starts_with("HTTP/1.1 404"));

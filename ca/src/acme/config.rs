@@ -40,6 +40,9 @@ pub enum Challenge {
     /// RFC 8555 §8.3: the agent answers `GET /.well-known/acme-challenge/<token>` on `listen`
     /// while its authorizations are pending, and only then.
     Http01 { listen: SocketAddr },
+    /// RFC 8737: the agent answers TLS with ALPN `acme-tls/1` on `listen` while its
+    /// authorizations are pending, and only then.
+    TlsAlpn01 { listen: SocketAddr },
     /// RFC 8555 §8.4: `hook` (argv) publishes the TXT record (`ACME_ACTION=present`) and
     /// removes it afterwards (`ACME_ACTION=cleanup`).
     Dns01 { hook: Vec<String> },
@@ -75,17 +78,19 @@ pub fn parse(fields: &mut Fields, allow_http: bool) -> Result<AcmeSettings> {
 
 fn parse_challenge(fields: &mut Fields) -> Result<Challenge> {
     let name = fields.string("challenge")?.unwrap_or_else(|| "http-01".to_string());
-    let listen = fields.string("http01_listen")?;
+    let http01 = fields.string("http01_listen")?;
+    let tls_alpn01 = fields.string("tls_alpn01_listen")?;
     let hook = fields.string_list("dns01_hook")?;
+    let address = |field: &str, text: Option<String>, default: &str| -> Result<SocketAddr> {
+        let text = text.unwrap_or_else(|| default.to_string());
+        text.parse().map_err(|_| {
+            Error::config(format!("ca.{field}: {text:?} is not an address:port (e.g. \"{default}\")"))
+        })
+    };
     match name.as_str() {
-        "http-01" => {
-            let text = listen.as_deref().unwrap_or("0.0.0.0:80");
-            let listen = text.parse().map_err(|_| {
-                Error::config(format!(
-                    "ca.http01_listen: {text:?} is not an address:port (e.g. \"0.0.0.0:80\")"
-                ))
-            })?;
-            Ok(Challenge::Http01 { listen })
+        "http-01" => Ok(Challenge::Http01 { listen: address("http01_listen", http01, "0.0.0.0:80")? }),
+        "tls-alpn-01" => {
+            Ok(Challenge::TlsAlpn01 { listen: address("tls_alpn01_listen", tls_alpn01, "0.0.0.0:443")? })
         }
         "dns-01" => match hook {
             Some(hook) if !hook.is_empty() && Path::new(&hook[0]).is_absolute() => {
@@ -99,9 +104,8 @@ fn parse_challenge(fields: &mut Fields) -> Result<Challenge> {
                  (an absolute path first)",
             )),
         },
-        "tls-alpn-01" => Err(Error::config(
-            "ca.challenge: tls-alpn-01 is not implemented in this version; use \"http-01\" or \"dns-01\"",
-        )),
-        other => Err(Error::config(format!("ca.challenge: {other:?} is not one of \"http-01\", \"dns-01\""))),
+        other => Err(Error::config(format!(
+            "ca.challenge: {other:?} is not one of \"http-01\", \"tls-alpn-01\", \"dns-01\""
+        ))),
     }
 }

@@ -11,6 +11,7 @@
 //! state.json and the next run carries the same order on (answering authorizations again if
 //! they are still pending, finalizing it with the identical CSR if it is ready).
 
+mod alpn;
 mod challenge;
 pub mod config;
 mod jws;
@@ -29,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::http::{Http, Response};
 use crate::json::{self, Value};
 use crate::pki::{Cert, Issued};
-use challenge::Http01Responder;
+use challenge::{Identifier, Responder};
 use jws::AccountKey;
 
 const JOSE: &str = "application/jose+json";
@@ -44,6 +45,12 @@ pub fn credentials(settings: &AcmeSettings) -> Credentials {
         (Challenge::Http01 { .. }, false) => "ACME account key + http-01 challenge (ca.http01_listen)",
         (Challenge::Http01 { .. }, true) => {
             "ACME account key bound to ca.eab.kid (ca.eab.hmac_key_file) + http-01 challenge"
+        }
+        (Challenge::TlsAlpn01 { .. }, false) => {
+            "ACME account key + tls-alpn-01 challenge (ca.tls_alpn01_listen)"
+        }
+        (Challenge::TlsAlpn01 { .. }, true) => {
+            "ACME account key bound to ca.eab.kid (ca.eab.hmac_key_file) + tls-alpn-01 challenge"
         }
         (Challenge::Dns01 { .. }, false) => "ACME account key + dns-01 challenge (ca.dns01_hook)",
         (Challenge::Dns01 { .. }, true) => {
@@ -310,6 +317,7 @@ impl<'a> Acme<'a> {
     fn pick_challenge(&self, authz: &Value) -> Result<Offer> {
         match self.settings.challenge {
             Challenge::Http01 { .. } => pick_challenge(authz, "http-01"),
+            Challenge::TlsAlpn01 { .. } => pick_challenge(authz, "tls-alpn-01"),
             Challenge::Dns01 { .. } => pick_challenge(authz, "dns-01"),
         }
     }
@@ -319,14 +327,27 @@ impl<'a> Acme<'a> {
     }
 
     /// Puts the answers where the CA will look: the http-01 listener, or the hook's TXT records.
-    fn present(&self, pending: &[(String, Offer)]) -> Result<Option<Http01Responder>> {
+    fn present(&self, pending: &[(String, Offer)]) -> Result<Option<Responder>> {
         match &self.settings.challenge {
             Challenge::Http01 { listen } => {
                 let answers: HashMap<String, String> = pending
                     .iter()
                     .map(|(_, o)| (o.token.clone(), self.key_authorization(&o.token)))
                     .collect();
-                Http01Responder::start(*listen, answers).map(Some)
+                Responder::http01(*listen, answers).map(Some)
+            }
+            Challenge::TlsAlpn01 { listen } => {
+                let mut answers = Vec::new();
+                for (_, offer) in pending {
+                    let identifier = Identifier::parse(&offer.kind, &offer.identifier).ok_or_else(|| {
+                        Error::protocol(format!(
+                            "ACME authorization: identifier {:?} of type {:?}",
+                            offer.identifier, offer.kind
+                        ))
+                    })?;
+                    answers.push((identifier, self.key_authorization(&offer.token)));
+                }
+                Responder::tls_alpn01(*listen, &answers).map(Some)
             }
             Challenge::Dns01 { hook } => {
                 for (_, offer) in pending {
@@ -338,7 +359,7 @@ impl<'a> Acme<'a> {
         }
     }
 
-    fn withdraw(&self, responder: Option<Http01Responder>, pending: &[(String, Offer)]) {
+    fn withdraw(&self, responder: Option<Responder>, pending: &[(String, Offer)]) {
         drop(responder);
         if let Challenge::Dns01 { hook } = &self.settings.challenge {
             for (_, offer) in pending {
@@ -411,6 +432,7 @@ impl<'a> Acme<'a> {
 pub(crate) fn pick_challenge(authz: &Value, wanted: &str) -> Result<Offer> {
     let identifier =
         authz.get("identifier").and_then(|i| i.get("value")).and_then(Value::as_str).unwrap_or("");
+    let kind = authz.get("identifier").and_then(|i| i.get("type")).and_then(Value::as_str).unwrap_or("");
     let challenges = match authz.get("challenges") {
         Some(Value::Array(items)) => items.as_slice(),
         _ => return Err(Error::protocol("ACME authorization: no challenges list")),
@@ -430,6 +452,7 @@ pub(crate) fn pick_challenge(authz: &Value, wanted: &str) -> Result<Offer> {
         return Err(Error::protocol("ACME challenge: the token is not base64url"));
     }
     Ok(Offer {
+        kind: kind.to_string(),
         identifier: identifier.to_string(),
         url: required_str(chosen, "url", "ACME challenge")?.to_string(),
         token: token.to_string(),
@@ -439,6 +462,8 @@ pub(crate) fn pick_challenge(authz: &Value, wanted: &str) -> Result<Offer> {
 
 /// One challenge this client answers.
 pub(crate) struct Offer {
+    /// The identifier's type (`dns`, `ip`) and value.
+    kind: String,
     identifier: String,
     url: String,
     token: String,
