@@ -404,7 +404,13 @@ fn tls_alpn01_is_answered_with_the_acme_identifier_certificate_for_names_and_add
         // An IP identifier is validated under its reverse-DNS name (RFC 8738 §6).
         c["san"]["ip"] = json!(["127.0.0.1"]);
     });
-    device.expect(&["enroll"], 0);
+    let run = device.run(&["enroll"]);
+    if run.code == 78 && run.stderr.contains("(cargo feature acme-tls-alpn)") {
+        // Plain `cargo test` builds the default agent; scripts/test.sh builds --all-features.
+        eprintln!("SKIPPED: this enroll-agent was built without acme-tls-alpn");
+        return;
+    }
+    assert_eq!(run.code, 0, "{run:?}");
     device.assert_chain_verifies(&pebble);
     let (ok, text) = openssl(&[
         "x509",

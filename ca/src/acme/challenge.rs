@@ -68,11 +68,18 @@ impl Responder {
     /// tls-alpn-01 (RFC 8737): a TLS server speaking only `acme-tls/1` that shows, for the name
     /// the validation server asks for (SNI), a self-signed certificate carrying the critical
     /// acmeIdentifier extension; `answers` maps identifier → key authorization.
+    #[cfg(feature = "acme-tls-alpn")]
     pub fn tls_alpn01(listen: SocketAddr, answers: &[(Identifier, String)]) -> Result<Responder> {
         let config = Arc::new(super::alpn::server_config(answers)?);
         Responder::start(listen, "tls_alpn01_listen", move |stream| {
             super::alpn::handshake(stream, config.clone())
         })
+    }
+
+    /// Not compiled in: the config is refused while parsing, so this is never reached.
+    #[cfg(not(feature = "acme-tls-alpn"))]
+    pub fn tls_alpn01(_listen: SocketAddr, _answers: &[(Identifier, String)]) -> Result<Responder> {
+        Err(super::config::tls_alpn_not_compiled())
     }
 }
 

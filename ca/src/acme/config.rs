@@ -76,6 +76,11 @@ pub fn parse(fields: &mut Fields, allow_http: bool) -> Result<AcmeSettings> {
     Ok(AcmeSettings { directory, contact, terms_agreed, eab, challenge, account_key_file, polling })
 }
 
+/// The 78 for tls-alpn-01 in a build without its feature.
+pub(crate) fn tls_alpn_not_compiled() -> Error {
+    Error::config("ca.challenge: tls-alpn-01 is not compiled into this build (cargo feature acme-tls-alpn)")
+}
+
 fn parse_challenge(fields: &mut Fields) -> Result<Challenge> {
     let name = fields.string("challenge")?.unwrap_or_else(|| "http-01".to_string());
     let http01 = fields.string("http01_listen")?;
@@ -89,9 +94,10 @@ fn parse_challenge(fields: &mut Fields) -> Result<Challenge> {
     };
     match name.as_str() {
         "http-01" => Ok(Challenge::Http01 { listen: address("http01_listen", http01, "0.0.0.0:80")? }),
-        "tls-alpn-01" => {
+        "tls-alpn-01" if cfg!(feature = "acme-tls-alpn") => {
             Ok(Challenge::TlsAlpn01 { listen: address("tls_alpn01_listen", tls_alpn01, "0.0.0.0:443")? })
         }
+        "tls-alpn-01" => Err(tls_alpn_not_compiled()),
         "dns-01" => match hook {
             Some(hook) if !hook.is_empty() && Path::new(&hook[0]).is_absolute() => {
                 // Whoever can write the program runs code as the agent (as for hooks.after_install).
@@ -107,5 +113,27 @@ fn parse_challenge(fields: &mut Fields) -> Result<Challenge> {
         other => Err(Error::config(format!(
             "ca.challenge: {other:?} is not one of \"http-01\", \"tls-alpn-01\", \"dns-01\""
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_alpn01_needs_its_cargo_feature() {
+        let value =
+            crate::json::parse(br#"{"directory":"https://acme.example/dir","challenge":"tls-alpn-01"}"#)
+                .unwrap();
+        let parsed = parse(&mut Fields::new(&value, "ca").unwrap(), false);
+        if cfg!(feature = "acme-tls-alpn") {
+            let listen = "0.0.0.0:443".parse().unwrap();
+            assert_eq!(parsed.unwrap().challenge, Challenge::TlsAlpn01 { listen });
+        } else {
+            assert_eq!(
+                parsed.unwrap_err().to_string(),
+                "ca.challenge: tls-alpn-01 is not compiled into this build (cargo feature acme-tls-alpn)"
+            );
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! state.json and the next run carries the same order on (answering authorizations again if
 //! they are still pending, finalizing it with the identical CSR if it is ready).
 
+#[cfg(feature = "acme-tls-alpn")]
 mod alpn;
 mod challenge;
 pub mod config;
