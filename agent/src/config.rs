@@ -613,6 +613,7 @@ mod tests {
             cfg!(feature = "sectigo"),
             cfg!(feature = "securosys"),
             cfg!(feature = "est"),
+            cfg!(feature = "acme"),
         ];
         let expected: Vec<&str> =
             PROTOCOLS.iter().zip(features).filter(|(_, on)| *on).map(|(p, _)| *p).collect();

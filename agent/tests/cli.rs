@@ -24,13 +24,14 @@ fn version_names_the_release_the_key_providers_and_the_build_time() {
     let line = |prefix: &str| {
         lines.iter().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| panic!("{stdout}"))
     };
-    // Exactly the protocols whose cargo features this build has (the default build: all five).
+    // Exactly the protocols whose cargo features this build has (the default build: all six).
     let compiled: Vec<&str> = [
         ("enos", cfg!(feature = "enos")),
         ("ezca", cfg!(feature = "ezca")),
         ("sectigo", cfg!(feature = "sectigo")),
         ("securosys", cfg!(feature = "securosys")),
         ("est", cfg!(feature = "est")),
+        ("acme", cfg!(feature = "acme")),
     ]
     .into_iter()
     .filter_map(|(name, on)| on.then_some(name))
