@@ -218,19 +218,15 @@ impl Device {
     }
 
     fn run(&self, args: &[&str]) -> Run {
-        let output = Command::new(agent_binary())
+        Command::new(agent_binary())
             .arg("-c")
             .arg(&self.config)
             .args(args)
             .env_remove("ENROLL_AGENT_CONFIG")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
-            .unwrap();
-        Run {
-            code: output.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+            .unwrap()
+            .into()
     }
 
     fn expect(&self, args: &[&str], code: i32) -> Run {

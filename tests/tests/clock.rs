@@ -13,19 +13,15 @@ use enroll_tests::Options;
 fn at_1970(env: &Env, args: &[&str]) -> Run {
     let found = Command::new("faketime").arg("--version").output().is_ok();
     assert!(found, "faketime is not installed (Debian package faketime; .ci/run installs it)");
-    let output = Command::new("faketime")
+    Command::new("faketime")
         .arg("1970-01-02 00:00:00")
         .arg(agent_binary())
         .args(["-c", env.config.to_str().unwrap()])
         .args(args)
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .output()
-        .unwrap();
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+        .unwrap()
+        .into()
 }
 
 #[test]
