@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Power cuts (issue 11 item 2): traces the agent's file-system calls during a first-boot `enroll`
-# and a `renew --force` against the emulator (EnOS, Sectigo with a pending request, EST; file keys), builds every on-disk state a power
+# and a `renew --force` against the emulator (EnOS, Sectigo with a pending request, EST, ACME with
+# its account key; file keys), builds every on-disk state a power
 # cut could leave under the persistence model in tests/powercut/powercut.py, and checks
 # design.md §4 in each (check passes, at most one orphan slot, the next run converges). Ends with
 # "N states explored, M violations"; exit 1 on any violation. Needs strace.
@@ -16,4 +17,5 @@ chmod 700 "$work"
 . tests/emulator.sh
 start_emulator "$work/emulator"
 POWERCUT_MAX_STATES_PER_CUT=${1:-64} python3 tests/powercut/powercut.py "$PWD/target/debug/enroll-agent" \
-  "$work/emulator/agent-enos.json" "$work/emulator/agent-sectigo.json" "$work/emulator/agent-est.json"
+  "$work/emulator/agent-enos.json" "$work/emulator/agent-sectigo.json" "$work/emulator/agent-est.json" \
+  "$work/emulator/agent-acme.json"

@@ -25,16 +25,27 @@ pub struct AccountKey {
 
 impl AccountKey {
     /// Reads the key at `path`, or makes one and stores it there (0600, written atomically in a
-    /// 0700 directory) when there is none yet.
+    /// 0700 directory) when there is none yet. A key file that is there but is not a key (a
+    /// damaged disk) is set aside as `<name>.damaged` and replaced: the account only proves
+    /// continuity to the CA, and a new one is cheap, where keeping the damaged file would stop
+    /// every renewal for good. A file with loose permissions or the wrong owner is not damaged but
+    /// suspicious: that stays an error (74) for the operator.
     pub fn load_or_create(path: &Path) -> Result<AccountKey> {
         let what = || format!("the ACME account key {}", path.display());
         if path.exists() {
             let text = crate::files::read(path, crate::files::Rule::Secret, crate::files::MAX_SECRET_BYTES)
                 .map_err(|e| Error::storage(format!("reading {}: {e}", what())))?;
-            let parsed = pem::parse(&text).map_err(|_| Error::storage(format!("{} is not PEM", what())))?;
-            let der = Zeroizing::new(parsed.into_contents());
-            return AccountKey::from_pkcs8(&der)
-                .map_err(|_| Error::storage(format!("{} is not a P-256 PKCS#8 key", what())));
+            let key = pem::parse(&text).ok().and_then(|parsed| {
+                let der = Zeroizing::new(parsed.into_contents());
+                AccountKey::from_pkcs8(&der).ok()
+            });
+            if let Some(key) = key {
+                return Ok(key);
+            }
+            let aside = path.with_extension("key.damaged");
+            log::warn!("{} is not a P-256 key; set aside as {} and replaced", what(), aside.display());
+            std::fs::rename(path, &aside)
+                .map_err(|e| Error::storage(format!("setting aside {}: {e}", what())))?;
         }
         let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
             .map_err(|_| Error::new(Kind::Internal, "generating the ACME account key failed"))?;
@@ -135,6 +146,18 @@ mod tests {
         assert_eq!(key.thumbprint(), again.thumbprint(), "the stored key is read back, not replaced");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+
+        // A damaged file is set aside and replaced, never a dead end.
+        let damaged = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        std::fs::write(&path, damaged).unwrap();
+        let replaced = AccountKey::load_or_create(&path).unwrap();
+        assert_ne!(replaced.thumbprint(), key.thumbprint());
+        assert_eq!(std::fs::read(path.with_extension("key.damaged")).unwrap(), damaged);
+        assert_eq!(AccountKey::load_or_create(&path).unwrap().thumbprint(), replaced.thumbprint());
+        // Loose permissions are not damage: refused, the file left alone.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = AccountKey::load_or_create(&path).err().expect("a 0644 key file is refused");
+        assert_eq!(refused.kind(), crate::error::Kind::Storage, "{refused}");
 
         let jws =
             json::parse(key.sign("https://ca/new-order", "n1", None, "{}").unwrap().as_bytes()).unwrap();
