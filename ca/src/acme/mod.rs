@@ -7,9 +7,10 @@
 //! → download the PEM chain. Renewal is a new order. Every POST is a JWS with a fresh nonce;
 //! `badNonce` is retried with the nonce that came with it.
 //!
-//! An order not finished within `poll_wait_s` becomes the pending request: its URL is kept in
-//! state.json and the next run carries the same order on (answering authorizations again if
-//! they are still pending, finalizing it with the identical CSR if it is ready).
+//! A placed order is the pending request at once: its URL is kept in state.json before anything
+//! is waited for, and a run that ends (75 after `poll_wait_s`, a kill, a power cut) leaves it to
+//! the next run, which carries the same order on (answering authorizations again if they are
+//! still pending, finalizing it with the identical CSR if it is ready) instead of placing another.
 
 #[cfg(feature = "acme-tls-alpn")]
 mod alpn;
@@ -86,6 +87,8 @@ pub struct Acme<'a> {
     account: Option<Account>,
     nonce: RefCell<Option<String>>,
     retry_after: Option<u64>,
+    /// The order placed by this run and the CA's answer to it, until the first poll.
+    placed: Option<(String, Value)>,
 }
 
 /// Where an order stands after [`Acme::carry_on`].
@@ -97,7 +100,15 @@ enum Progress {
 
 impl<'a> Acme<'a> {
     pub fn new(settings: &'a AcmeSettings, http: Http) -> Self {
-        Acme { settings, http, directory: None, account: None, nonce: RefCell::new(None), retry_after: None }
+        Acme {
+            settings,
+            http,
+            directory: None,
+            account: None,
+            nonce: RefCell::new(None),
+            retry_after: None,
+            placed: None,
+        }
     }
 
     fn directory(&mut self) -> Result<&Directory> {
@@ -415,16 +426,13 @@ impl<'a> Acme<'a> {
         wait
     }
 
+    /// Places the order and hands its URL back as the pending request at once (design.md §5
+    /// rule 4: recorded before anything is waited for), so a restart at any later instant
+    /// carries this order on instead of placing another; [`CaBackend::poll`] then drives it.
     fn order(&mut self, request: &Request, replacing: Option<&Cert>) -> Result<Outcome> {
-        let deadline = Instant::now() + Duration::from_secs(self.polling().wait_s);
         let (order_url, order) = self.new_order(request, replacing)?;
-        match self.carry_on(&order_url, order, &request.csr.der, deadline)? {
-            Progress::Issued(issued) => Ok(Outcome::Issued(issued)),
-            Progress::Waiting(why) => {
-                log::info!("ACME order {order_url}: {why} after poll_wait_s; kept as the pending request");
-                Ok(Outcome::Pending { request_id: order_url })
-            }
-        }
+        self.placed = Some((order_url.clone(), order));
+        Ok(Outcome::Pending { request_id: order_url })
     }
 }
 
@@ -523,7 +531,13 @@ impl CaBackend for Acme<'_> {
 
     fn poll(&mut self, order_url: &str, request: &Request, _current: Option<&Current>) -> Result<Poll> {
         let deadline = Instant::now() + Duration::from_secs(self.polling().wait_s);
-        let order = match self.fetch("ACME order", order_url) {
+        // The order this run just placed is known already; one from an earlier run is fetched.
+        let placed = self.placed.take().filter(|(url, _)| url == order_url).map(|(_, order)| order);
+        let fetched = match placed {
+            Some(order) => Ok(order),
+            None => self.fetch("ACME order", order_url),
+        };
+        let order = match fetched {
             Ok(order) => order,
             Err(e) if e.answer().is_some_and(|a| a.status == 404) => return Ok(Poll::Ended(e)),
             Err(e) => return Err(e),
