@@ -512,7 +512,13 @@ fn a_softhsm2_key_is_certified_through_its_csr() {
             json!({ "module": token.module, "token_label": token.label, "pin_file": pin, "key_label": "device" });
     });
     device.env.extend(token.env.iter().cloned());
-    device.expect(&["enroll"], 0);
+    let run = device.run(&["enroll"]);
+    if run.code == 78 && run.stderr.contains("(cargo feature pkcs11)") {
+        // Plain `cargo test` builds the default agent; scripts/test.sh builds --all-features.
+        eprintln!("SKIPPED: this enroll-agent was built without pkcs11");
+        return;
+    }
+    assert_eq!(run.code, 0, "{run:?}");
     device.assert_chain_verifies(&pebble);
     assert!(device.current().join("key.uri").exists(), "the key stays in the token");
     device.expect(&["renew", "--force"], 0);

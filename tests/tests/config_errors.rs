@@ -448,10 +448,6 @@ fn acme_blocks_are_checked_field_by_field() {
     };
     let cases = [
         (
-            serde_json::json!({ "challenge": "tls-alpn-01", "tls_alpn01_listen": "443" }),
-            "ca.tls_alpn01_listen: \"443\" is not an address:port (e.g. \"0.0.0.0:443\")",
-        ),
-        (
             serde_json::json!({ "challenge": "tls-alpn" }),
             "ca.challenge: \"tls-alpn\" is not one of \"http-01\", \"tls-alpn-01\", \"dns-01\"",
         ),
