@@ -686,6 +686,7 @@ impl<'a> Agent<'a> {
     ) -> Result<(Issued, bool)> {
         let request = Request {
             csr: &prepared.csr,
+            key: Some(prepared.key.clone()),
             algorithm: self.settings.key.algorithm,
             subject: &self.settings.subject,
             sans: &self.settings.san,

@@ -19,6 +19,9 @@ use crate::subject::{Sans, Subject};
 /// What the backend needs to know about the request besides the CSR.
 pub struct Request<'a> {
     pub csr: &'a Csr,
+    /// The key the CSR is for, where the caller holds it (SCEP signs and decrypts with it); the
+    /// gateway, which only has a device's CSR, has none.
+    pub key: Option<Arc<dyn DeviceKey>>,
     pub algorithm: Algorithm,
     pub subject: &'a Subject,
     pub sans: &'a Sans,
@@ -252,6 +255,7 @@ protocols! {
     "securosys" => Securosys(crate::securosys::SecurosysSettings),
     "est" => Est(crate::est::EstSettings),
     "acme" => Acme(crate::acme::AcmeSettings),
+    "scep" => Scep(crate::scep::ScepSettings),
 }
 
 impl Backend {
@@ -263,11 +267,6 @@ impl Backend {
         check_protocol(&name, &protocols())?;
         let backend = match Backend::parse_named(&name, &mut fields, allow_http) {
             Some(parsed) => parsed?,
-            None if name == "scep" => {
-                return Err(Error::config(format!(
-                    "ca.backend: backend {name} is not implemented in this version"
-                )))
-            }
             None => {
                 let known: Vec<String> = PROTOCOLS.iter().map(|p| format!("{p:?}")).collect();
                 return Err(Error::config(format!(

@@ -28,7 +28,33 @@ pub struct Csr {
 
 /// Builds and signs a CSR for `subject` and `sans` with `key`.
 pub fn build(key: &dyn DeviceKey, subject: &Subject, sans: &Sans) -> Result<Csr> {
-    let info = request_info(key, subject, sans)?;
+    sign(key, request_info(key, subject, sans)?)
+}
+
+/// As [`build`], with a challengePassword attribute (RFC 2985 §5.4.1), which SCEP's PKCSReq
+/// carries (RFC 8894 §2.2): a PrintableString where the password allows, else UTF8String.
+#[cfg(feature = "scep")]
+pub fn build_with_challenge(
+    key: &dyn DeviceKey,
+    subject: &Subject,
+    sans: &Sans,
+    password: &str,
+) -> Result<Csr> {
+    const CHALLENGE_PASSWORD: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.7");
+    let mut info = request_info(key, subject, sans)?;
+    let value = match PrintableStringRef::new(password) {
+        Ok(printable) => Any::from(printable),
+        Err(_) => Any::from(Utf8StringRef::new(password).map_err(der_error)?),
+    };
+    let attribute = x509_cert::attr::Attribute {
+        oid: CHALLENGE_PASSWORD,
+        values: SetOfVec::try_from(vec![value]).map_err(der_error)?,
+    };
+    info.attributes.insert(attribute).map_err(der_error)?;
+    sign(key, info)
+}
+
+fn sign(key: &dyn DeviceKey, info: CertReqInfo) -> Result<Csr> {
     let tbs = info.to_der().map_err(der_error)?;
     let scheme = key.algorithm().default_scheme();
     let signature = key.sign(scheme, &tbs).context("signing the CSR with the device key")?;
@@ -189,6 +215,7 @@ impl Received {
     pub fn request(&self) -> crate::backend::Request<'_> {
         crate::backend::Request {
             csr: &self.csr,
+            key: None,
             algorithm: self.algorithm,
             subject: &self.subject,
             sans: &self.sans,

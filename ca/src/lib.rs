@@ -37,6 +37,8 @@ pub mod est;
 pub mod ezca;
 #[cfg(feature = "redtrust")]
 pub mod redtrust;
+#[cfg(feature = "scep")]
+pub mod scep;
 #[cfg(feature = "sectigo")]
 pub mod sectigo;
 #[cfg(feature = "securosys")]

@@ -72,6 +72,67 @@ pub fn certificates(input: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
+/// 1.2.840.113549.1.7.3 (id-envelopedData), as DER content octets.
+const ENVELOPED_DATA: [u8; 9] = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x03];
+const OCTET_STRING: u8 = 0x04;
+/// [0] primitive: EncryptedContentInfo's encryptedContent (IMPLICIT OCTET STRING, RFC 5652 §6.1).
+const CONTEXT_0_PRIMITIVE: u8 = 0x80;
+
+/// What a recipient needs from a ContentInfo(EnvelopedData) (RFC 5652 §6.1).
+#[derive(Debug)]
+pub struct Enveloped<'a> {
+    /// The recipientInfos SET, whole (DER in practice; read with `der` by the caller).
+    pub recipient_infos: &'a [u8],
+    /// The contentEncryptionAlgorithm AlgorithmIdentifier, whole.
+    pub content_algorithm: &'a [u8],
+    /// The encrypted content, its BER segments joined.
+    pub encrypted: Vec<u8>,
+}
+
+/// Reads an EnvelopedData, DER or BER. Go's CMS code (micromdm's SCEP server) sends the
+/// encrypted content as a constructed [0] of OCTET STRING segments, which is BER that `der`
+/// refuses, so this walks the envelope and joins the segments.
+pub fn enveloped(input: &[u8]) -> Result<Enveloped<'_>, String> {
+    let (info, rest) = read(input, 0)?;
+    if rest.iter().any(|b| *b != 0) {
+        return Err("bytes follow the EnvelopedData ContentInfo".into());
+    }
+    expect(&info, SEQUENCE, "ContentInfo")?;
+    let mut fields = children(&info, 1)?.into_iter();
+    if next(&mut fields, OID, "ContentInfo contentType")?.content != ENVELOPED_DATA {
+        return Err("the content is not EnvelopedData (1.2.840.113549.1.7.3)".into());
+    }
+    let explicit = next(&mut fields, CONTEXT_0, "ContentInfo content")?;
+    let mut inner = children(&explicit, 2)?.into_iter();
+    let enveloped = next(&mut inner, SEQUENCE, "EnvelopedData")?;
+    let mut fields = children(&enveloped, 3)?.into_iter();
+    next(&mut fields, INTEGER, "EnvelopedData version")?;
+    let mut recipients = fields.next().ok_or("EnvelopedData recipientInfos: missing")?;
+    if recipients.tag == CONTEXT_0 {
+        // originatorInfo [0], which key transport does not use.
+        recipients = fields.next().ok_or("EnvelopedData recipientInfos: missing")?;
+    }
+    expect(&recipients, SET, "EnvelopedData recipientInfos")?;
+    let content_info = next(&mut fields, SEQUENCE, "EnvelopedData encryptedContentInfo")?;
+    let mut parts = children(&content_info, 4)?.into_iter();
+    next(&mut parts, OID, "encryptedContentInfo contentType")?;
+    let algorithm = next(&mut parts, SEQUENCE, "encryptedContentInfo contentEncryptionAlgorithm")?;
+    let content = parts.next().ok_or("encryptedContentInfo encryptedContent: missing")?;
+    let encrypted = match content.tag {
+        CONTEXT_0_PRIMITIVE => content.content.to_vec(),
+        CONTEXT_0 => {
+            let mut joined = Vec::new();
+            for segment in children(&content, 5)? {
+                expect(&segment, OCTET_STRING, "an encryptedContent segment")?;
+                joined.extend_from_slice(segment.content);
+            }
+            joined
+        }
+        other => return Err(format!("encryptedContent: expected tag 0x80 or 0xa0, found 0x{other:02x}")),
+    };
+    Ok(Enveloped { recipient_infos: recipients.whole, content_algorithm: algorithm.whole, encrypted })
+}
+
 fn expect(tlv: &Tlv, tag: u8, what: &str) -> Result<(), String> {
     if tlv.tag != tag {
         return Err(format!("{what}: expected tag 0x{tag:02x}, found 0x{:02x}", tlv.tag));
@@ -254,6 +315,37 @@ mod tests {
         }
         deep.extend([0u8; 2000]);
         assert!(certificates(&deep).unwrap_err().contains("deeper"));
+    }
+
+    #[test]
+    fn enveloped_content_is_joined_from_ber_segments_or_read_whole() {
+        let id_data = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x01];
+        let build = |wrap: fn(u8, &[u8]) -> Vec<u8>, content: Vec<u8>| {
+            let algorithm = tlv(SEQUENCE, &tlv(OID, &[0x2b, 0x0e, 0x03, 0x02, 0x07]));
+            let mut eci = tlv(OID, &id_data);
+            eci.extend(&algorithm);
+            eci.extend(content);
+            let mut body = tlv(INTEGER, &[0]);
+            body.extend(tlv(SET, &tlv(SEQUENCE, &[1, 2, 3])));
+            body.extend(wrap(SEQUENCE, &eci));
+            let mut info = tlv(OID, &ENVELOPED_DATA);
+            info.extend(wrap(CONTEXT_0, &wrap(SEQUENCE, &body)));
+            wrap(SEQUENCE, &info)
+        };
+        let whole = build(tlv, tlv(CONTEXT_0_PRIMITIVE, b"0123456789abcdef"));
+        assert_eq!(enveloped(&whole).unwrap().encrypted, b"0123456789abcdef");
+        let segments = [tlv(OCTET_STRING, b"01234567"), tlv(OCTET_STRING, b"89abcdef")].concat();
+        for wrap in [tlv, ber] {
+            let input = build(wrap, wrap(CONTEXT_0, &segments));
+            let parts = enveloped(&input).unwrap();
+            assert_eq!(parts.encrypted, b"0123456789abcdef");
+            assert_eq!(parts.recipient_infos, tlv(SET, &tlv(SEQUENCE, &[1, 2, 3])).as_slice());
+        }
+        let input = build(ber, ber(CONTEXT_0, &segments));
+        for cut in 0..input.len() {
+            assert!(enveloped(&input[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(enveloped(&build(tlv, tlv(CONTEXT_0, &tlv(INTEGER, &[1])))).is_err());
     }
 
     #[test]

@@ -108,8 +108,24 @@ impl Cert {
         digest.as_ref().iter().map(|b| format!("{b:02X}")).collect()
     }
 
-    fn is_self_issued(&self) -> bool {
+    pub fn is_self_issued(&self) -> bool {
         self.parsed.tbs_certificate.subject == self.parsed.tbs_certificate.issuer
+    }
+
+    /// Whether `issuer` issued this certificate (its name and its signature).
+    pub fn is_signed_by(&self, issuer: &Cert) -> bool {
+        self.signed_by(issuer)
+    }
+
+    /// Whether the key usage extension allows keyEncipherment (or there is none).
+    pub fn allows_key_encipherment(&self) -> bool {
+        use x509_cert::ext::pkix::{KeyUsage, KeyUsages};
+        let extensions = self.parsed.tbs_certificate.extensions.as_deref().unwrap_or_default();
+        match extensions.iter().find(|e| e.extn_id == <KeyUsage as der::oid::AssociatedOid>::OID) {
+            None => true,
+            Some(e) => KeyUsage::from_der(e.extn_value.as_bytes())
+                .is_ok_and(|usage| usage.0.contains(KeyUsages::KeyEncipherment)),
+        }
     }
 
     /// Whether `issuer`'s key made this certificate's signature.
@@ -138,6 +154,56 @@ impl Cert {
         };
         UnparsedPublicKey::new(algorithm, public_key).verify(tbs, signature).is_ok()
     }
+}
+
+/// A self-signed certificate for `key` (valid from an hour ago for `valid_s` seconds, a random
+/// positive serial): the carrier a protocol needs for a key that has no certificate yet (SCEP's
+/// PKCSReq signer, ACME's tls-alpn-01 answer).
+#[cfg(any(feature = "scep", feature = "acme-tls-alpn"))]
+pub fn self_signed(
+    key: &dyn enroll_hal::DeviceKey,
+    subject: x509_cert::name::Name,
+    extensions: Vec<x509_cert::ext::Extension>,
+    valid_s: u64,
+) -> Result<Vec<u8>> {
+    use std::time::{Duration, SystemTime};
+    use x509_cert::time::{Time, Validity};
+    let internal = |what: &str, e: der::Error| {
+        Error::new(crate::error::Kind::Internal, format!("self-signed certificate: {what}: {e}"))
+    };
+    let mut serial = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+        .map_err(|_| Error::new(crate::error::Kind::Internal, "the system random generator failed"))?;
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    let scheme = key.algorithm().default_scheme();
+    let algorithm = crate::csr::signature_algorithm(scheme);
+    // An hour back, so a server whose clock is a little behind ours still takes it.
+    let start = SystemTime::now().checked_sub(Duration::from_secs(3600)).unwrap_or(SystemTime::UNIX_EPOCH);
+    let time = |at: SystemTime| Time::try_from(at).map_err(|e| internal("validity", e));
+    let tbs = x509_cert::TbsCertificate {
+        version: x509_cert::Version::V3,
+        serial_number: x509_cert::serial_number::SerialNumber::new(&serial)
+            .map_err(|e| internal("serial", e))?,
+        signature: algorithm.clone(),
+        issuer: subject.clone(),
+        validity: Validity {
+            not_before: time(start)?,
+            not_after: time(start + Duration::from_secs(3600 + valid_s))?,
+        },
+        subject,
+        subject_public_key_info: spki::SubjectPublicKeyInfoOwned::from_der(key.public_key_spki())
+            .map_err(|e| internal("key", e))?,
+        issuer_unique_id: None,
+        subject_unique_id: None,
+        extensions: (!extensions.is_empty()).then_some(extensions),
+    };
+    let signature = key.sign(scheme, &tbs.to_der().map_err(|e| internal("encoding", e))?)?;
+    let certificate = Certificate {
+        tbs_certificate: tbs,
+        signature_algorithm: algorithm,
+        signature: der::asn1::BitString::from_bytes(&signature).map_err(|e| internal("signature", e))?,
+    };
+    certificate.to_der().map_err(|e| internal("encoding", e))
 }
 
 /// Checks a CSR someone else made (Redtrust's server-side key) is signed by the key it carries,

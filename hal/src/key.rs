@@ -62,6 +62,16 @@ pub trait DeviceKey: Send + Sync + fmt::Debug {
     fn uri(&self) -> Option<String> {
         None
     }
+    /// Decrypts an RSAES-PKCS1-v1_5 `ciphertext` made for this key: the content-encryption key
+    /// of a CMS envelope a CA sent to the device (SCEP's CertRep). Callers decrypt only what a
+    /// CA signed, so the key never answers as a padding oracle. RSA keys only, and only in
+    /// builds with the `decrypt` feature; others refuse.
+    fn decrypt_pkcs1v15(&self, _ciphertext: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
+        Err(Error::key(
+            "decrypting",
+            format!("this {} key cannot decrypt in this build", self.algorithm().name()),
+        ))
+    }
 }
 
 /// Creates, loads and deletes the key of one identity slot directory.

@@ -382,6 +382,9 @@ impl Pkcs11Provider {
                     Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
                 ]);
                 private.push(Attribute::KeyType(KeyType::RSA));
+                // SCEP's CertRep is encrypted to the device key (RFC 8894 §3.3.2).
+                private.push(Attribute::Decrypt(true));
+                public.push(Attribute::Encrypt(true));
                 Mechanism::RsaPkcsKeyPairGen
             }
         };
@@ -860,6 +863,18 @@ impl DeviceKey for Pkcs11Key {
 
     fn uri(&self) -> Option<String> {
         Some(self.uri.clone())
+    }
+
+    #[cfg(feature = "decrypt")]
+    fn decrypt_pkcs1v15(&self, ciphertext: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
+        if self.algorithm != Algorithm::Rsa2048 {
+            return Err(Error::key("decrypting", "a P-256 key cannot decrypt RSA key transport"));
+        }
+        self.token
+            .session()
+            .decrypt(&Mechanism::RsaPkcs, self.private, ciphertext)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| p11("decrypting on the token", e))
     }
 }
 

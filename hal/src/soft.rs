@@ -102,7 +102,8 @@ pub struct SoftKey {
 
 enum Pair {
     Ecdsa(EcdsaKeyPair),
-    Rsa(RsaKeyPair),
+    /// ring signs; the PKCS#8 document is kept for decryption, which ring does not offer.
+    Rsa(RsaKeyPair, #[cfg_attr(not(feature = "decrypt"), allow(dead_code))] Zeroizing<Vec<u8>>),
 }
 
 impl std::fmt::Debug for SoftKey {
@@ -125,7 +126,7 @@ impl SoftKey {
             return Err(Error::key("loading key", "RSA keys must be 2048 bits"));
         }
         let spki = spki::rsa(pair.public_key().as_ref());
-        Ok(SoftKey { pair: Pair::Rsa(pair), spki })
+        Ok(SoftKey { pair: Pair::Rsa(pair, Zeroizing::new(der.to_vec())), spki })
     }
 }
 
@@ -133,7 +134,7 @@ impl DeviceKey for SoftKey {
     fn algorithm(&self) -> Algorithm {
         match self.pair {
             Pair::Ecdsa(_) => Algorithm::P256,
-            Pair::Rsa(_) => Algorithm::Rsa2048,
+            Pair::Rsa(..) => Algorithm::Rsa2048,
         }
     }
 
@@ -148,7 +149,7 @@ impl DeviceKey for SoftKey {
             (Pair::Ecdsa(pair), SignatureScheme::EcdsaP256Sha256) => {
                 Ok(pair.sign(&rng, message).map_err(failed)?.as_ref().to_vec())
             }
-            (Pair::Rsa(pair), SignatureScheme::RsaPkcs1Sha256 | SignatureScheme::RsaPssSha256) => {
+            (Pair::Rsa(pair, _), SignatureScheme::RsaPkcs1Sha256 | SignatureScheme::RsaPssSha256) => {
                 let padding: &'static dyn signature::RsaEncoding = match scheme {
                     SignatureScheme::RsaPssSha256 => &signature::RSA_PSS_SHA256,
                     _ => &signature::RSA_PKCS1_SHA256,
@@ -162,6 +163,20 @@ impl DeviceKey for SoftKey {
                 format!("a {} key cannot sign with {scheme:?}", self.algorithm().name()),
             )),
         }
+    }
+
+    #[cfg(feature = "decrypt")]
+    fn decrypt_pkcs1v15(&self, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
+        use rsa::pkcs8::DecodePrivateKey;
+        let Pair::Rsa(_, pkcs8) = &self.pair else {
+            return Err(Error::key("decrypting", "a P-256 key cannot decrypt RSA key transport"));
+        };
+        let key = rsa::RsaPrivateKey::from_pkcs8_der(pkcs8)
+            .map_err(|e| Error::key("decrypting", format!("reading the RSA key: {e}")))?;
+        // The rsa crate blinds the private operation (its default), so timing does not leak it.
+        key.decrypt(rsa::Pkcs1v15Encrypt, ciphertext)
+            .map(Zeroizing::new)
+            .map_err(|_| Error::key("decrypting", "the ciphertext was not made for this RSA key"))
     }
 }
 

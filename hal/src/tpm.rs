@@ -325,6 +325,25 @@ impl DeviceKey for TpmKey {
     fn uri(&self) -> Option<String> {
         Some(self.uri.clone())
     }
+
+    #[cfg(feature = "decrypt")]
+    fn decrypt_pkcs1v15(&self, ciphertext: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
+        const STEP: &str = "decrypting with the TPM";
+        if self.algorithm != Algorithm::Rsa2048 || !self.public.object_attributes().decrypt() {
+            return Err(Error::key(STEP, "only RSA keys created by this version can decrypt"));
+        }
+        let ciphertext = tss_esapi::structures::PublicKeyRsa::try_from(ciphertext.to_vec())
+            .map_err(|e| tpm_error(STEP, "preparing the ciphertext", e))?;
+        let plain = self.with_loaded(STEP, |ctx, key| {
+            ctx.rsa_decrypt(
+                key,
+                ciphertext,
+                tss_esapi::structures::RsaDecryptionScheme::RsaEs,
+                tss_esapi::structures::Data::default(),
+            )
+        })?;
+        Ok(zeroize::Zeroizing::new(plain.value().to_vec()))
+    }
 }
 
 /// One TCTI connection, held under the process-wide TPM lock. Dropping the context flushes any
@@ -431,7 +450,8 @@ fn srk_template() -> tss_esapi::Result<Public> {
 }
 
 /// An unrestricted signing key (so it signs digests it did not compute), not duplicable. RSA keys
-/// get the null scheme so one key can sign both PKCS#1 v1.5 (X.509, JWT) and PSS (TLS 1.3).
+/// get the null scheme so one key can sign both PKCS#1 v1.5 (X.509, JWT) and PSS (TLS 1.3), and
+/// may also decrypt (SCEP encrypts its answer to the device key, RFC 8894 §3.3.2).
 fn key_template(algorithm: Algorithm) -> tss_esapi::Result<Public> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
@@ -439,6 +459,7 @@ fn key_template(algorithm: Algorithm) -> tss_esapi::Result<Public> {
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
         .with_sign_encrypt(true)
+        .with_decrypt(algorithm == Algorithm::Rsa2048)
         .build()?;
     let builder = PublicBuilder::new()
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
@@ -463,6 +484,7 @@ fn key_template(algorithm: Algorithm) -> tss_esapi::Result<Public> {
                     RsaKeyBits::Rsa2048,
                     RsaExponent::default(),
                 )
+                .with_is_decryption_key(true)
                 .build()?,
             )
             .with_rsa_unique_identifier(PublicKeyRsa::default())

@@ -6,23 +6,18 @@
 
 use std::net::{IpAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
 
-use der::asn1::{BitString, OctetString};
-use der::{Decode, Encode};
+use der::asn1::OctetString;
+use der::Encode;
 use enroll_hal::soft::SoftKey;
-use enroll_hal::{DeviceKey, SignatureScheme};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use spki::{ObjectIdentifier, SubjectPublicKeyInfoOwned};
+use spki::ObjectIdentifier;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::Extension;
-use x509_cert::serial_number::SerialNumber;
-use x509_cert::time::Validity;
-use x509_cert::{Certificate, TbsCertificate};
 
 use super::challenge::Identifier;
 use crate::error::{Error, Kind, Result};
@@ -123,33 +118,7 @@ fn challenge_certificate(identifier: &Identifier, key_authorization: &str) -> Re
             extn_value: OctetString::new(acme).map_err(internal("acmeIdentifier"))?,
         },
     ];
-    let mut serial = [0u8; 16];
-    ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut serial)
-        .map_err(|_| Error::new(Kind::Internal, "the system random generator failed"))?;
-    serial[0] &= 0x7f;
-    serial[0] |= 0x01;
-    let algorithm = crate::csr::signature_algorithm(SignatureScheme::EcdsaP256Sha256);
-    let tbs = TbsCertificate {
-        version: x509_cert::Version::V3,
-        serial_number: SerialNumber::new(&serial).map_err(internal("serial"))?,
-        signature: algorithm.clone(),
-        issuer: Default::default(),
-        validity: Validity::from_now(Duration::from_secs(7 * 86_400)).map_err(internal("validity"))?,
-        subject: Default::default(),
-        subject_public_key_info: SubjectPublicKeyInfoOwned::from_der(key.public_key_spki())
-            .map_err(internal("key"))?,
-        issuer_unique_id: None,
-        subject_unique_id: None,
-        extensions: Some(extensions),
-    };
-    let signature =
-        key.sign(SignatureScheme::EcdsaP256Sha256, &tbs.to_der().map_err(internal("encoding"))?)?;
-    let certificate = Certificate {
-        tbs_certificate: tbs,
-        signature_algorithm: algorithm,
-        signature: BitString::from_bytes(&signature).map_err(internal("signature"))?,
-    };
-    let der = certificate.to_der().map_err(internal("encoding"))?;
+    let der = crate::pki::self_signed(&key, Default::default(), extensions, 7 * 86_400)?;
     let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
         PrivatePkcs8KeyDer::from(pkcs8.as_ref().to_vec()),
     ))
