@@ -150,6 +150,49 @@ pub fn est_answer(data: &[u8]) {
     }
 }
 
+/// SCEP: GetCACaps text, GetCACert (DER or certs-only PKCS#7, pinned), a CertRep's CMS and SCEP
+/// attributes (without the signature check, which random input cannot pass), and the
+/// EnvelopedData the answer's certificates come in (opened with a fixed RSA key).
+#[cfg(feature = "scep")]
+pub fn scep_answer(data: &[u8]) {
+    use crate::scep;
+    let (selector, body) = data.split_first().unwrap_or((&0, &[]));
+    match selector % 4 {
+        0 => {
+            let _ = scep::parse_caps(body);
+        }
+        1 => {
+            // Pinned to the first certificate of the answer, so the RA selection runs too.
+            let first = crate::pkcs7::certificates(body).ok().and_then(|c| c.into_iter().next());
+            let pin = ring::digest::digest(&ring::digest::SHA256, first.as_deref().unwrap_or(body));
+            let pin: [u8; 32] = pin.as_ref().try_into().unwrap_or([0; 32]);
+            if let Some(ca) = show(scep::read_ca_certs(body, &pin)) {
+                let _ = ca.trusted[ca.recipient].allows_key_encipherment();
+            }
+        }
+        2 => {
+            show(scep::message::read_cert_rep_unverified(body));
+        }
+        _ => {
+            if let Some(plain) = show(scep::envelope::open(body, fuzz_rsa_key())) {
+                let _ = crate::pkcs7::certificates(&plain);
+            }
+        }
+    }
+}
+
+/// One RSA-2048 key for the whole fuzz run (generating one per input would dominate it).
+#[cfg(feature = "scep")]
+fn fuzz_rsa_key() -> &'static dyn enroll_hal::DeviceKey {
+    static KEY: std::sync::OnceLock<enroll_hal::soft::SoftKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        use rsa::pkcs8::EncodePrivateKey;
+        let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).expect("generating the fuzz key");
+        let der = key.to_pkcs8_der().expect("encoding the fuzz key");
+        enroll_hal::soft::SoftKey::from_pkcs8(der.as_bytes()).expect("loading the fuzz key")
+    })
+}
+
 /// Retry-After and Date headers, and RFC 3339 times in answers (Redtrust `expiration`).
 pub fn header_values(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {

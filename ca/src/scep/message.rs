@@ -151,6 +151,13 @@ pub struct Expected<'a> {
 
 /// Reads and authenticates a CertRep.
 pub fn read_cert_rep(der: &[u8], expected: &Expected) -> Result<Answer> {
+    let (signer_info, content) = decode_cert_rep(der)?;
+    let attributes = verify_signer(&signer_info, content.as_deref().unwrap_or_default(), expected.ca_certs)?;
+    answer_of(&attributes, content, expected)
+}
+
+/// The one SignerInfo of a CertRep and its content (the encrypted reply), not yet verified.
+fn decode_cert_rep(der: &[u8]) -> Result<(SignerInfo, Option<Vec<u8>>)> {
     let malformed = |what: String| Error::protocol(format!("SCEP CertRep: {what}"));
     let info = ContentInfo::from_der(der).map_err(|e| malformed(format!("not a CMS message ({e})")))?;
     if info.content_type != SIGNED_DATA {
@@ -169,10 +176,18 @@ pub fn read_cert_rep(der: &[u8], expected: &Expected) -> Result<Answer> {
         ),
         None => None,
     };
-    let attributes = verify_signer(signer_info, content.as_deref().unwrap_or_default(), expected.ca_certs)?;
+    Ok((signer_info.clone(), content))
+}
+
+/// What the verified attributes say, checked against our request.
+fn answer_of(attributes: &Attributes, content: Option<Vec<u8>>, expected: &Expected) -> Result<Answer> {
+    let malformed = |what: String| Error::protocol(format!("SCEP CertRep: {what}"));
     let message_type = attributes.printable(MESSAGE_TYPE, "messageType")?;
     if message_type != (MessageType::CertRep as u8).to_string() {
-        return Err(malformed(format!("messageType {message_type}, not CertRep (3)")));
+        return Err(malformed(format!(
+            "messageType {}, not CertRep (3)",
+            crate::error::sanitize(&message_type, 20)
+        )));
     }
     let transaction_id = attributes.printable(TRANSACTION_ID, "transactionID")?;
     if transaction_id != expected.transaction_id {
@@ -195,6 +210,20 @@ pub fn read_cert_rep(der: &[u8], expected: &Expected) -> Result<Answer> {
         }
         other => Err(malformed(format!("unknown pkiStatus {}", crate::error::sanitize(other, 20)))),
     }
+}
+
+/// For the fuzz target: everything [`read_cert_rep`] reads, without the signature check (which
+/// random input never passes). The transaction and nonce are taken from the message itself, so
+/// the status branches are reached.
+#[cfg(fuzzing)]
+pub fn read_cert_rep_unverified(der: &[u8]) -> Result<Answer> {
+    let (signer_info, content) = decode_cert_rep(der)?;
+    let attributes =
+        Attributes(signer_info.signed_attrs.iter().flat_map(|set| set.iter().cloned()).collect());
+    let transaction_id = attributes.printable(TRANSACTION_ID, "transactionID").unwrap_or_default();
+    let nonce = attributes.octets(RECIPIENT_NONCE, "recipientNonce").unwrap_or_default();
+    let expected = Expected { transaction_id: &transaction_id, sender_nonce: &nonce, ca_certs: &[] };
+    answer_of(&attributes, content, &expected)
 }
 
 /// The signed attributes of a SignerInfo whose signature verified.
