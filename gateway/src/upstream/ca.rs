@@ -59,10 +59,10 @@ impl CaUpstream {
     pub fn new(label: &str, block: &serde_json::Value, transport: Transport) -> Result<Arc<Self>, String> {
         let name = block.get("backend").and_then(|b| b.as_str()).unwrap_or_default();
         if !UPSTREAM_PROTOCOLS.contains(&name) {
-            let why = if name == "est" {
-                "EST renews over TLS with the device's own key, which the gateway never holds"
-            } else {
-                "not a vendor CA protocol"
+            let why = match name {
+                "est" => "EST renews over TLS with the device's own key, which the gateway never holds",
+                "scep" => "SCEP messages are signed and decrypted with the device's own key, which the gateway never holds",
+                _ => "not a vendor CA protocol",
             };
             return Err(format!(
                 "labels.{label}.ca.backend: {name:?} cannot be a gateway upstream ({why}); use one of {}",
@@ -246,6 +246,11 @@ mod tests {
     fn est_and_unknown_backends_are_refused_naming_the_field() {
         let e = upstream(serde_json::json!({"backend": "est", "url": "https://est.example"})).err().unwrap();
         assert!(e.starts_with("labels.meters.ca.backend: \"est\" cannot be a gateway upstream"), "{e}");
+        let e = upstream(serde_json::json!({"backend": "scep", "url": "http://scep.example"})).err().unwrap();
+        assert!(
+            e.contains("\"scep\" cannot be a gateway upstream (SCEP messages are signed and decrypted"),
+            "{e}"
+        );
         assert!(e.contains("device's own key"), "{e}");
         let e = upstream(serde_json::json!({"backend": "scep"})).err().unwrap();
         assert!(e.starts_with("labels.meters.ca.backend: \"scep\" cannot be a gateway upstream"), "{e}");
