@@ -391,6 +391,86 @@ fn dns01_publishes_the_txt_record_through_the_hook_and_removes_it() {
 }
 
 #[test]
+fn a_failing_dns01_hook_is_temporary_names_the_step_and_the_next_run_recovers() {
+    let Some(pebble) = Pebble::start(PebbleOptions { always_valid: true, ..Default::default() }) else {
+        return;
+    };
+    let scratch = Scratch::new("acme-hook-fails");
+    let hook = scratch.0.join("dns-hook");
+    let log = scratch.0.join("hook.log");
+    // Fails while the flag file exists (a DNS API that is down), then works.
+    let down = scratch.0.join("dns-api-down");
+    fs::write(&down, "").unwrap();
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh
+echo \"$ACME_ACTION\" >> {log}
+[ -e {down} ] && exit 3
+exit 0\n",
+            log = log.display(),
+            down = down.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let device = Device::new(&pebble, "p256", |c| {
+        c["ca"]["challenge"] = "dns-01".into();
+        c["ca"]["dns01_hook"] = json!([hook]);
+        c["ca"].as_object_mut().unwrap().remove("http01_listen");
+    });
+    let run = device.expect(&["enroll"], 75);
+    assert!(
+        run.stderr.contains(&format!(
+            "ca.dns01_hook: publishing the TXT record for {DEVICE} failed (exit status: 3)"
+        )),
+        "{run:?}"
+    );
+    assert!(!device.current().exists());
+    assert!(fs::read_to_string(&log).unwrap().starts_with("present\n"));
+
+    fs::remove_file(&down).unwrap();
+    device.expect(&["enroll"], 0);
+    device.assert_chain_verifies(&pebble);
+}
+
+#[test]
+fn a_challenge_listener_that_cannot_bind_is_named_75_when_busy_78_when_not_ours() {
+    let Some(pebble) = Pebble::start(PebbleOptions::default()) else { return };
+    // Someone else holds the port (a web server on :80, say): temporary.
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let device = Device::new(&pebble, "p256", |c| {
+        c["ca"]["http01_listen"] = format!("127.0.0.1:{port}").into();
+    });
+    let run = device.expect(&["enroll"], 75);
+    assert!(
+        run.stderr
+            .contains(&format!("ca.http01_listen: cannot listen on 127.0.0.1:{port} for the challenge")),
+        "{run:?}"
+    );
+    drop(busy);
+    // An address this host does not have (TEST-NET-1): a configuration error.
+    device.edit(|c| c["ca"]["http01_listen"] = "192.0.2.1:80".into());
+    let run = device.expect(&["enroll"], 78);
+    assert!(run.stderr.contains("ca.http01_listen: cannot listen on 192.0.2.1:80"), "{run:?}");
+    assert!(!device.current().exists());
+}
+
+#[test]
+fn terms_of_service_must_be_agreed_when_the_directory_names_them() {
+    let Some(pebble) = Pebble::start(PebbleOptions { always_valid: true, ..Default::default() }) else {
+        return;
+    };
+    let device = Device::new(&pebble, "p256", |c| c["ca"]["terms_agreed"] = false.into());
+    let run = device.expect(&["enroll"], 78);
+    assert!(run.stderr.contains("ca.terms_agreed: the CA asks to agree to its terms of service"), "{run:?}");
+    assert!(!device.current().exists());
+    device.edit(|c| c["ca"]["terms_agreed"] = true.into());
+    device.expect(&["enroll"], 0);
+}
+
+#[test]
 fn tls_alpn01_is_answered_with_the_acme_identifier_certificate_for_names_and_addresses() {
     let Some(pebble) = Pebble::start(PebbleOptions::default()) else { return };
     let device = Device::new(&pebble, "p256", |c| {

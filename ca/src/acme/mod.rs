@@ -718,3 +718,26 @@ pub(crate) fn invalid(what: &str, value: &Value) -> Error {
     };
     Error::refused(format!("{what} is {status}{why}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(start: &str, end: &str) -> Result<RenewalWindow> {
+        let text = format!(r#"{{"suggestedWindow": {{"start": "{start}", "end": "{end}"}}}}"#);
+        read_window(&crate::json::parse(text.as_bytes()).unwrap(), Some(3600))
+    }
+
+    #[test]
+    fn ari_windows_must_be_rfc3339_and_forwards() {
+        let ok = window("2027-01-01T00:00:00Z", "2027-01-02T00:00:00Z").unwrap();
+        assert_eq!((ok.end - ok.start, ok.retry_after_s), (86_400, Some(3600)));
+        let backwards = window("2027-01-02T00:00:00Z", "2027-01-01T00:00:00Z").unwrap_err();
+        assert_eq!(backwards.kind().exit_code(), 76);
+        assert!(backwards.to_string().contains("the suggested window ends before it starts"));
+        let garbled = window("tomorrow", "2027-01-01T00:00:00Z").unwrap_err();
+        assert!(garbled.to_string().contains("suggestedWindow.start is not an RFC 3339 time"));
+        let missing = read_window(&crate::json::parse(b"{}").unwrap(), None).unwrap_err();
+        assert_eq!(missing.kind().exit_code(), 76);
+    }
+}
