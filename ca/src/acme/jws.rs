@@ -91,19 +91,13 @@ impl AccountKey {
             Value::from(nonce).to_json(),
             Value::from(url).to_json()
         );
-        let signing_input =
-            format!("{}.{}", URL_SAFE_NO_PAD.encode(&protected), URL_SAFE_NO_PAD.encode(payload));
-        let signature = self
-            .pair
-            .sign(&SystemRandom::new(), signing_input.as_bytes())
-            .map_err(|_| Error::new(Kind::Internal, "signing with the ACME account key failed"))?;
-        let (protected_b64, payload_b64) = signing_input.split_once('.').unwrap_or_default();
-        Ok(json::object([
-            ("protected", protected_b64.into()),
-            ("payload", payload_b64.into()),
-            ("signature", URL_SAFE_NO_PAD.encode(signature.as_ref()).into()),
-        ])
-        .to_json())
+        let jws = flattened(&protected, payload.as_bytes(), |input| {
+            self.pair
+                .sign(&SystemRandom::new(), input)
+                .map(|signature| signature.as_ref().to_vec())
+                .map_err(|_| Error::new(Kind::Internal, "signing with the ACME account key failed"))
+        })?;
+        Ok(jws.to_json())
     }
 
     /// The `externalAccountBinding` of a newAccount request (§7.3.4): the account key as payload,
@@ -119,17 +113,23 @@ impl AccountKey {
             Value::from(kid).to_json(),
             Value::from(new_account_url).to_json()
         );
-        let signing_input =
-            format!("{}.{}", URL_SAFE_NO_PAD.encode(&protected), URL_SAFE_NO_PAD.encode(&self.jwk));
-        let mac =
-            ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), signing_input.as_bytes());
-        let (protected_b64, payload_b64) = signing_input.split_once('.').unwrap_or_default();
-        Ok(json::object([
-            ("protected", protected_b64.into()),
-            ("payload", payload_b64.into()),
-            ("signature", URL_SAFE_NO_PAD.encode(mac.as_ref()).into()),
-        ]))
+        let mac_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+        flattened(&protected, self.jwk.as_bytes(), |input| {
+            Ok(ring::hmac::sign(&mac_key, input).as_ref().to_vec())
+        })
     }
+}
+
+/// A flattened JWS (RFC 7515 §7.2.2): base64url of the protected header and of the payload, and
+/// `sign` over "header.payload".
+fn flattened(protected: &str, payload: &[u8], sign: impl FnOnce(&[u8]) -> Result<Vec<u8>>) -> Result<Value> {
+    let (protected_b64, payload_b64) = (URL_SAFE_NO_PAD.encode(protected), URL_SAFE_NO_PAD.encode(payload));
+    let signature = sign(format!("{protected_b64}.{payload_b64}").as_bytes())?;
+    Ok(json::object([
+        ("protected", protected_b64.into()),
+        ("payload", payload_b64.into()),
+        ("signature", URL_SAFE_NO_PAD.encode(signature).into()),
+    ]))
 }
 
 #[cfg(test)]
