@@ -32,6 +32,7 @@ fn version_names_the_release_the_key_providers_and_the_build_time() {
         ("securosys", cfg!(feature = "securosys")),
         ("est", cfg!(feature = "est")),
         ("acme", cfg!(feature = "acme")),
+        ("scep", cfg!(feature = "scep")),
     ]
     .into_iter()
     .filter_map(|(name, on)| on.then_some(name))

@@ -1,5 +1,6 @@
-//! The in-process emulator: EnOS, EZCA, Sectigo SCM, Securosys TSB, Redtrust and EST on ONE HTTPS
-//! server (their paths do not collide), plus a control API (`/_emulator/…`) and a request log.
+//! The in-process emulator: EnOS, EZCA, Sectigo SCM, Securosys TSB, Redtrust, EST, ACME and SCEP
+//! on ONE HTTPS server (their paths do not collide), plus a control API (`/_emulator/…`) and a
+//! request log.
 //!
 //! ```no_run
 //! use enroll_tests::{Emulator, Fault, Options};
@@ -15,6 +16,7 @@ use crate::ezca::{EzcaConfig, EzcaState};
 use crate::fault::{Endpoint, Fault, FaultState, Phase};
 use crate::pki::Pki;
 use crate::redtrust::{RedtrustConfig, RedtrustState};
+use crate::scep::{ScepCipher, ScepConfig, ScepMessage, ScepState};
 use crate::sectigo::{SectigoConfig, SectigoState};
 use crate::securosys::{SecurosysConfig, SecurosysState};
 use crate::server::{self, HttpsServer, Request, Response};
@@ -52,6 +54,8 @@ pub struct Options {
     pub est: EstConfig,
     /// ACME certificate lifetime and ARI (renewalInfo) behaviour.
     pub acme: AcmeConfig,
+    /// SCEP challenge, capabilities, pending polls and answer cipher.
+    pub scep: ScepConfig,
     /// Polls an asynchronous request stays pending (Sectigo collect calls, Securosys PENDING
     /// GETs) before it completes; default 1. Changeable at run time.
     pub pending_polls: u32,
@@ -76,6 +80,7 @@ impl Default for Options {
             redtrust: RedtrustConfig::generate(),
             est: EstConfig::generate(),
             acme: AcmeConfig::generate(),
+            scep: ScepConfig::generate(),
             pending_polls: 1,
             tls_start_offset_s: -86_400,
             tls_end_offset_s: 365 * 86_400,
@@ -194,6 +199,8 @@ pub(crate) struct Shared {
     pub(crate) est: Mutex<EstState>,
     pub(crate) acme_cfg: AcmeConfig,
     pub(crate) acme: Mutex<AcmeState>,
+    pub(crate) scep_cfg: ScepConfig,
+    pub(crate) scep: Mutex<ScepState>,
     pending_polls: Mutex<u32>,
     faults: Mutex<FaultState>,
     fault_delay: Mutex<Duration>,
@@ -232,6 +239,8 @@ impl Shared {
             est: Mutex::new(est),
             acme_cfg: opts.acme.clone(),
             acme: Mutex::new(AcmeState::default()),
+            scep_cfg: opts.scep.clone(),
+            scep: Mutex::new(ScepState::new(&opts.scep)),
             pending_polls: Mutex::new(opts.pending_polls),
             faults: Mutex::new(faults),
             fault_delay: Mutex::new(opts.fault_delay),
@@ -279,6 +288,7 @@ impl Shared {
             }
             (_, p) if p.starts_with("/.well-known/est/") => self.est(req),
             (_, p) if p.starts_with("/acme/") => self.acme(req),
+            (_, p) if p == "/scep" || p.starts_with("/scep/") => self.scep(req),
             (_, "/_emulator/fault") => self.control_fault(req),
             (_, "/_emulator/pending-polls") => self.control_pending_polls(req),
             ("GET", "/_emulator/log") => self.control_log(),
@@ -447,6 +457,8 @@ pub struct Emulator {
     pub redtrust: RedtrustConfig,
     /// EST settings (label, username, password, retry_after_s, valid_days).
     pub est: EstConfig,
+    /// SCEP settings as started (challenge, caps, pending_polls, reply_cipher, valid_days).
+    pub scep: ScepConfig,
 }
 
 impl Emulator {
@@ -470,6 +482,7 @@ impl Emulator {
             securosys: opts.securosys,
             redtrust: opts.redtrust,
             est: opts.est,
+            scep: opts.scep,
         })
     }
 
@@ -593,6 +606,53 @@ impl Emulator {
     /// ACME renewal-info GETs answered.
     pub fn acme_renewal_info_requests(&self) -> usize {
         lock(&self.shared.acme).renewal_info_requests
+    }
+
+    /// DER of the SCEP CA certificate (RSA-2048, self-signed; what GetCACert answers). The CA
+    /// is generated on first use.
+    pub fn scep_ca_der(&self) -> Vec<u8> {
+        lock(&self.shared.scep).ca_der().expect("the SCEP CA can be generated")
+    }
+
+    /// PEM of the SCEP CA certificate.
+    pub fn scep_ca_pem(&self) -> String {
+        crate::pki::cert_pem(&self.scep_ca_der())
+    }
+
+    /// Lowercase hex SHA-256 of the SCEP CA certificate's DER (the agent's `ca_fingerprint`).
+    pub fn scep_ca_fingerprint(&self) -> String {
+        crate::util::sha256_hex(&[&self.scep_ca_der()])
+    }
+
+    /// Every SCEP PKIOperation whose signed attributes could be read, oldest first.
+    pub fn scep_messages(&self) -> Vec<ScepMessage> {
+        lock(&self.shared.scep).messages()
+    }
+
+    /// SCEP PKIOperations of `message_type` (19 PKCSReq, 17 RenewalReq, 20 CertPoll) received.
+    pub fn scep_requests(&self, message_type: u8) -> usize {
+        self.scep_messages().iter().filter(|m| m.message_type == message_type).count()
+    }
+
+    /// The messageType of the last SCEP PKIOperation received.
+    pub fn scep_last_message_type(&self) -> Option<u8> {
+        self.scep_messages().last().map(|m| m.message_type)
+    }
+
+    /// Replaces the GetCACaps lines (e.g. without `Renewal` or `POSTPKIOperation`).
+    pub fn set_scep_caps(&self, caps: &[&str]) {
+        lock(&self.shared.scep).set_caps(caps);
+    }
+
+    /// CertPolls a new SCEP request stays PENDING; open transactions (except `pending-forever`
+    /// ones) are set to `n` more too, so 0 lets a waiting request be issued at its next CertPoll.
+    pub fn set_scep_pending_polls(&self, n: u32) {
+        lock(&self.shared.scep).set_pending_polls(n);
+    }
+
+    /// The content cipher of SCEP SUCCESS answers (DES-CBC unless set).
+    pub fn set_scep_reply_cipher(&self, cipher: ScepCipher) {
+        lock(&self.shared.scep).set_reply_cipher(cipher);
     }
 
     pub fn est_enroll_requests(&self) -> usize {

@@ -50,6 +50,10 @@ pub enum Endpoint {
     AcmeOrder,
     /// ACME `finalize` (RFC 8555 §7.4), where the certificate is issued.
     AcmeFinalize,
+    /// SCEP `PKIOperation` carrying a PKCSReq or RenewalReq (RFC 8894 §3.3.1).
+    ScepRequest,
+    /// SCEP `PKIOperation` carrying a CertPoll (RFC 8894 §3.3.3).
+    ScepCertPoll,
 }
 
 impl Endpoint {
@@ -70,6 +74,7 @@ impl Endpoint {
                 | EstEnroll
                 | EstReenroll
                 | AcmeOrder
+                | ScepRequest
         )
     }
 
@@ -88,6 +93,8 @@ impl Endpoint {
                 | EstEnroll
                 | EstReenroll
                 | AcmeFinalize
+                | ScepRequest
+                | ScepCertPoll
         )
     }
 }
@@ -128,12 +135,12 @@ faults! {
     Http503RetryAfter = "http503-retry-after", "HTTP 503 with a short text body and `Retry-After: 1` (EST: the configured `retry_after_s`).";
     Http429 = "http429", "HTTP 429 with `Retry-After: 1`.";
     Timeout = "timeout", "Hold the response for the configured delay (default 5 s), then answer 504 without processing.";
-    MalformedJson = "malformed-json", "200 with a body that is not JSON (EZCA V2: not PEM; EST: not base64).";
+    MalformedJson = "malformed-json", "200 with a body that is not JSON (EZCA V2: not PEM; EST: not base64; SCEP: not CMS).";
     TruncatedJson = "truncated-json", "200, complete HTTP message, JSON (or PEM) body cut in half (EST: base64 cut mid-quantum).";
     TruncatedBody = "truncated-body", "Content-Length larger than what is sent, then the connection closes.";
     WrongKeyCert = "wrong-key-cert", "A certificate for another key (same subject and SANs).";
     ExpiredCert = "expired-cert", "A certificate for the right key whose notAfter has passed.";
-    RejectAuth = "reject-auth", "EnOS: token/get answers status 1003 and API calls 401; EZCA: 401 text; EST: 401 with `WWW-Authenticate: Basic realm=\"est\"` whatever the credentials.";
+    RejectAuth = "reject-auth", "EnOS: token/get answers status 1003 and API calls 401; EZCA: 401 text; EST: 401 with `WWW-Authenticate: Basic realm=\"est\"` whatever the credentials; SCEP: a FAILURE CertRep with failInfo badRequest (2).";
     Enos99400 = "enos-99400", "EnOS body code 99400 (invalid argument).";
     Enos11404 = "enos-11404", "EnOS body code 11404 (device cannot be found).";
     Enos11833 = "enos-11833", "EnOS body code 11833 (certificate bound to another device).";
@@ -148,7 +155,7 @@ faults! {
     EzcaV3404 = "ezca-v3-404", "RenewCertificateV3 answers 404 (clients fall back to V2).";
     EzcaWrapped = "ezca-wrapped", "RenewCertificateV3 body JSON-string-wrapped.";
     Oversized = "oversized", "200 with a 2 MiB body.";
-    PendingForever = "pending-forever", "Sectigo: the sslId never becomes collectable; Securosys: the request stays PENDING (sticky per request).";
+    PendingForever = "pending-forever", "Sectigo: the sslId never becomes collectable; Securosys: the request stays PENDING; ACME: the order stays processing; SCEP: PKCSReq/RenewalReq and every CertPoll of that transaction answer PENDING (sticky per request).";
     ApprovalRejected = "approval-rejected", "Sectigo: status Declined, collect 400 -183; Securosys: status REJECTED with rejectedBy (sticky per request).";
     RequestExpired = "request-expired", "Sectigo: status Expired, collect 400 -183; Securosys: status EXPIRED (sticky per request).";
     RequestFailed = "request-failed", "Securosys: status FAILED (sticky per request).";
@@ -163,6 +170,8 @@ faults! {
     EstCrlf = "est-crlf", "EST PKCS#7 answers (cacerts too) as base64 wrapped at 76 columns with CRLF line endings.";
     EstBer = "est-ber", "EST PKCS#7 answers (cacerts too) BER-encoded with indefinite lengths (as EJBCA and libest send).";
     EstExtraCerts = "est-extra-certs", "EST enroll/reenroll answer holds root, issuing CA and leaf, in that order (leaf not first).";
+    ScepBadSignature = "scep-bad-signature", "SCEP: a SUCCESS CertRep whose CA signature does not verify (one bit of it flipped).";
+    ScepWrongNonce = "scep-wrong-nonce", "SCEP: a SUCCESS CertRep, correctly signed, whose recipientNonce is not the request's senderNonce (a replayed answer).";
 }
 
 impl Fault {
@@ -177,9 +186,13 @@ impl Fault {
             | EnosAnswerLost | Gateway401 | Gateway429 => ep == Endpoint::EnosCert,
             EzcaV3404 | EzcaWrapped => ep == Endpoint::EzcaRenewV3,
             WrongKeyCert | ExpiredCert => ep.delivers_cert(),
-            PendingForever => {
-                matches!(ep, Endpoint::SectigoCollect | Endpoint::SecurosysRequest | Endpoint::AcmeFinalize)
-            }
+            PendingForever => matches!(
+                ep,
+                Endpoint::SectigoCollect
+                    | Endpoint::SecurosysRequest
+                    | Endpoint::AcmeFinalize
+                    | Endpoint::ScepRequest
+            ),
             ApprovalRejected | RequestExpired => {
                 matches!(ep, Endpoint::SectigoCollect | Endpoint::SecurosysRequest)
             }
@@ -193,6 +206,7 @@ impl Fault {
             EstWrap64 | EstWrap76 | EstCrlf | EstBer => {
                 matches!(ep, Endpoint::EstCaCerts | Endpoint::EstEnroll | Endpoint::EstReenroll)
             }
+            ScepBadSignature | ScepWrongNonce => matches!(ep, Endpoint::ScepRequest | Endpoint::ScepCertPoll),
             // Generic early faults (http5xx/429, timeout, oversized) and JSON answer faults.
             _ => ep.creates_request(),
         }
@@ -226,7 +240,9 @@ impl Fault {
             | EstWrap76
             | EstCrlf
             | EstBer
-            | EstExtraCerts => Phase::Answer,
+            | EstExtraCerts
+            | ScepBadSignature
+            | ScepWrongNonce => Phase::Answer,
             _ => Phase::Early,
         }
     }
@@ -374,5 +390,23 @@ mod tests {
             "status faults are taken after authentication"
         );
         assert_eq!(s.take(SecurosysRequest, Phase::Authenticated), Some(Fault::PendingForever));
+    }
+
+    #[test]
+    fn scep_routing() {
+        use Endpoint::{EstEnroll, ScepCertPoll, ScepRequest};
+        // Server and body faults hit PKCSReq / RenewalReq, never a CertPoll.
+        for f in [Fault::Http500, Fault::Timeout, Fault::MalformedJson, Fault::RejectAuth, Fault::Oversized] {
+            assert!(f.applies_to(ScepRequest) && !f.applies_to(ScepCertPoll), "{f}");
+        }
+        // Whatever delivers a certificate can deliver a bad one or a bad CertRep.
+        for f in [Fault::WrongKeyCert, Fault::ExpiredCert, Fault::ScepBadSignature, Fault::ScepWrongNonce] {
+            assert!(f.applies_to(ScepRequest) && f.applies_to(ScepCertPoll), "{f}");
+        }
+        assert!(
+            Fault::PendingForever.applies_to(ScepRequest) && !Fault::PendingForever.applies_to(ScepCertPoll)
+        );
+        assert!(!Fault::ScepBadSignature.applies_to(EstEnroll));
+        assert_eq!(Fault::ScepWrongNonce.phase(), Phase::Answer);
     }
 }

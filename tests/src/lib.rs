@@ -16,6 +16,9 @@
 //!   simpleenroll,simplereenroll}` with HTTP Basic or factory / device TLS client certificates;
 //! - ACME (RFC 8555 + RFC 9773 ARI, protocols.md §6.3): `/acme/{directory,new-nonce,new-account,
 //!   new-order,order/…,authz/…,chall/…,finalize/…,cert/…,renewal-info/…}`, JWS-verified;
+//! - SCEP (RFC 8894, protocols.md §6.2): `/scep?operation={GetCACaps,GetCACert,PKIOperation}`
+//!   with its own RSA-2048 CA; CMS signatures and envelopes checked, challengePassword, PENDING
+//!   and CertPoll;
 //! - control: `POST|GET|DELETE /_emulator/fault`, `POST|GET /_emulator/pending-polls`,
 //!   `GET /_emulator/log` (JSON lines).
 //!
@@ -35,6 +38,7 @@ pub mod ezca;
 pub mod fault;
 pub mod pki;
 pub mod redtrust;
+pub mod scep;
 pub mod sectigo;
 pub mod securosys;
 pub mod server;
@@ -47,6 +51,7 @@ pub use est::{EstAuth, EstConfig};
 pub use ezca::EzcaConfig;
 pub use fault::Fault;
 pub use redtrust::RedtrustConfig;
+pub use scep::{ScepCipher, ScepConfig, ScepMessage};
 pub use sectigo::SectigoConfig;
 pub use securosys::SecurosysConfig;
 
@@ -54,3 +59,5 @@ pub use securosys::SecurosysConfig;
 mod selftest;
 #[cfg(test)]
 mod selftest_est;
+#[cfg(test)]
+mod selftest_scep;

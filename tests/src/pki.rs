@@ -60,6 +60,18 @@ impl CertAuthority {
         Ok(Self { cert: params.self_signed(&key)?, key, not_after })
     }
 
+    /// A self-signed RSA root for the RSA PKCS#8 key `key_pkcs8`, valid from a day ago for 20
+    /// years, that may also decrypt (keyEncipherment: a SCEP CA receives requests encrypted to
+    /// its key, RFC 8894 §2.2).
+    pub fn rsa_root(org: &str, cn: &str, key_pkcs8: &[u8]) -> Result<Self, String> {
+        let key = rsa_key_pair(key_pkcs8, &PKCS_RSA_SHA256)?;
+        let mut params = ca_params(org, cn, BasicConstraints::Unconstrained);
+        params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+        let not_after = to_system(params.not_after);
+        let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+        Ok(Self { cert, key, not_after })
+    }
+
     /// An intermediate (issuing) CA signed by `parent`, path length 0.
     fn intermediate(org: &str, cn: &str, parent: &CertAuthority) -> Result<Self, rcgen::Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -347,6 +359,8 @@ pub struct ParsedCsr {
     pub sig_alg: String,
     /// SANs requested in the extensionRequest attribute, sorted.
     pub sans: Vec<San>,
+    /// The challengePassword attribute (PKCS#9, RFC 2985 §5.4.1), if the CSR carries one.
+    pub challenge_password: Option<String>,
     /// The SAN extension value (DER) and its criticality, copied verbatim into the leaf.
     san_ext: RawSanExt,
 }
@@ -380,6 +394,10 @@ pub fn parse_csr(input: &[u8]) -> Result<ParsedCsr, String> {
     csr.verify_signature().map_err(|e| format!("CSR signature does not verify: {e}"))?;
     let info = &csr.certification_request_info;
     let (sans, san_ext) = csr_sans(&csr)?;
+    let challenge_password = info.iter_attributes().find_map(|attr| match attr.parsed_attribute() {
+        ParsedCriAttribute::ChallengePassword(password) => Some(password.0.clone()),
+        _ => None,
+    });
     Ok(ParsedCsr {
         der: der.clone(),
         subject_der: info.subject.as_raw().to_vec(),
@@ -387,6 +405,7 @@ pub fn parse_csr(input: &[u8]) -> Result<ParsedCsr, String> {
         key: key_kind(&info.subject_pki),
         sig_alg: csr.signature_algorithm.algorithm.to_id_string(),
         sans,
+        challenge_password,
         san_ext,
     })
 }

@@ -1,14 +1,15 @@
-//! Asynchronous CAs (design.md §5 rule 4, §7 "Lifecycle"): Sectigo collect and Securosys
-//! approvals are recorded before waiting, resumed after a restart (even SIGKILL) with the same
-//! request and key, abandoned at `poll_timeout_s`, and ended by the CA's terminal answers.
+//! Asynchronous CAs (design.md §5 rule 4, §7 "Lifecycle"): Sectigo collect, Securosys
+//! approvals, ACME orders and SCEP PENDING answers are recorded before waiting, resumed after a
+//! restart (even SIGKILL) with the same request and key, abandoned at `poll_timeout_s`, and ended
+//! by the CA's terminal answers.
 
 mod common;
 
 use std::fs;
 use std::time::{Duration, Instant};
 
-use common::{Ca, Env};
-use enroll_tests::Fault;
+use common::{write_secret, Ca, Env};
+use enroll_tests::{scep, Fault};
 use serde_json::Value;
 
 fn securosys_with_approval() -> Env {
@@ -225,4 +226,103 @@ fn acme_an_order_stuck_in_processing_is_carried_on_not_placed_again() {
     env.expect(&["enroll", "--force"], 0);
     assert_eq!(env.emu.acme_new_orders(), 2);
     assert_eq!(env.status_json()["pending"], Value::Null);
+}
+
+/// SCEP (RFC 8894 §3.3.3): a PKCSReq answered PENDING is recorded as `scep:<transactionID>`
+/// before any wait; a run gives up after `poll_wait_s` with 75, and the next run asks about the
+/// same transaction with CertPoll (never a second PKCSReq) and installs what the CA issued.
+#[test]
+fn scep_a_pending_request_is_resumed_with_certpoll_for_the_same_transaction() {
+    let env = Env::with_config(Ca::Scep, "rsa2048", |c| c["ca"]["poll_wait_s"] = 2.into());
+    env.emu.set_scep_pending_polls(1_000_000);
+    let started = Instant::now();
+    let run = env.expect(&["enroll"], 75);
+    assert!(started.elapsed() < Duration::from_secs(15), "poll_wait_s bounds one run: {run:?}");
+    let status = env.status_json();
+    assert_eq!(status["state"], "pending", "{status}");
+    let id = status["pending"]["request_id"].as_str().unwrap().to_string();
+    let tid = id.strip_prefix("scep:").unwrap_or_else(|| panic!("a PKCSReq transaction: {id}")).to_string();
+    let first = env.emu.scep_messages();
+    assert_eq!(first[0].message_type, scep::PKCS_REQ, "{first:?}");
+    assert!(
+        first.iter().all(|m| m.transaction_id == tid && m.status == Some(scep::PENDING)),
+        "every answer so far was PENDING for {tid}: {first:?}"
+    );
+    let key = env.only_slot_key();
+
+    env.emu.set_scep_pending_polls(0);
+    let run = env.expect(&["enroll"], 0);
+    assert!(run.stderr.contains(&format!("resuming request {id}")), "{run:?}");
+    assert_eq!(env.emu.scep_requests(scep::PKCS_REQ), 1, "no second PKCSReq");
+    let resumed = &env.emu.scep_messages()[first.len()..];
+    assert!(
+        !resumed.is_empty()
+            && resumed.iter().all(|m| m.message_type == scep::CERT_POLL && m.transaction_id == tid),
+        "the resumed run only polled {tid}: {resumed:?}"
+    );
+    assert_eq!(resumed.last().unwrap().status, Some(scep::SUCCESS));
+    assert_eq!(fs::read(env.current().join("key.pem")).unwrap(), key, "the pending key was certified");
+    let installed = pem::parse(fs::read(env.current().join("cert.pem")).unwrap()).unwrap();
+    assert_eq!(env.emu.issued(), vec![installed.contents().to_vec()], "the one certificate the CA issued");
+    assert_eq!(env.status_json()["pending"], Value::Null);
+    env.assert_chain_verifies();
+}
+
+/// A pending SCEP renewal is `scep-renewal:<transactionID>`: its CertPolls are signed by the
+/// current certificate (the emulator insists on the key that signed the RenewalReq).
+#[test]
+fn scep_a_pending_renewal_is_polled_under_the_current_certificate() {
+    let env = Env::with_config(Ca::Scep, "rsa2048", |c| c["ca"]["poll_wait_s"] = 2.into());
+    env.expect(&["enroll"], 0);
+    let before = env.identity();
+    env.emu.set_scep_pending_polls(1_000_000);
+    env.expect(&["renew", "--force"], 75);
+    assert_eq!(env.identity(), before, "the old identity stays in force while the renewal waits");
+    let id = env.status_json()["pending"]["request_id"].as_str().unwrap().to_string();
+    let tid = id.strip_prefix("scep-renewal:").unwrap_or_else(|| panic!("a RenewalReq: {id}")).to_string();
+    assert_eq!(env.emu.scep_requests(scep::RENEWAL_REQ), 1);
+
+    env.emu.set_scep_pending_polls(0);
+    let run = env.expect(&["renew", "--force"], 0);
+    assert!(run.stderr.contains(&format!("resuming request {id}")), "{run:?}");
+    assert_eq!(env.emu.scep_requests(scep::RENEWAL_REQ), 1, "no second RenewalReq");
+    let last = env.emu.scep_messages().pop().unwrap();
+    assert_eq!(
+        (last.message_type, last.transaction_id, last.status),
+        (scep::CERT_POLL, tid, Some(scep::SUCCESS))
+    );
+    assert_ne!(env.identity(), before);
+    assert_eq!(env.status_json()["renewals"], 1);
+    env.assert_chain_verifies();
+}
+
+/// A wrong challenge password is a FAILURE with failInfo badRequest: 77 naming it, nothing
+/// installed on a first enrollment, and an installed identity untouched by a forced one.
+#[test]
+fn scep_a_wrong_challenge_is_a_bad_request_refusal_that_changes_nothing() {
+    let env = Env::new(Ca::Scep, "rsa2048");
+    let challenge = env.dir().join("scep-challenge");
+    write_secret(&challenge, "not-the-challenge");
+    let run = env.expect(&["enroll"], 77);
+    assert!(run.stderr.contains("FAILURE, badRequest"), "{run:?}");
+    assert!(fs::symlink_metadata(env.current()).is_err(), "nothing was installed");
+    let status = env.status_json();
+    assert_eq!(status["state"], "none", "{status}");
+    assert_eq!(status["pending"], Value::Null, "a refusal ends the request: {status}");
+    assert!(status["last_error"].as_str().unwrap().contains("badRequest"), "{status}");
+    let answer = env.emu.scep_messages().pop().unwrap();
+    assert_eq!((answer.message_type, answer.status, answer.fail_info), (scep::PKCS_REQ, Some(2), Some(2)));
+    assert!(env.emu.issued().is_empty(), "the CA issued nothing");
+
+    write_secret(&challenge, &env.emu.scep.challenge);
+    env.expect(&["enroll"], 0);
+    let before = env.identity();
+    write_secret(&challenge, "not-the-challenge");
+    let run = env.expect(&["enroll", "--force"], 77);
+    assert!(run.stderr.contains("FAILURE, badRequest"), "{run:?}");
+    assert_eq!(env.identity(), before, "the installed identity is untouched");
+    let status = env.status_json();
+    assert_eq!(status["state"], "valid", "{status}");
+    assert!(status["last_error"].as_str().unwrap().contains("badRequest"), "{status}");
+    assert_eq!(env.emu.issued().len(), 1);
 }

@@ -7,7 +7,7 @@ use std::fs;
 use std::time::Duration;
 
 use common::{mode, openssl, serial_of, Ca, Env};
-use enroll_tests::Fault;
+use enroll_tests::{scep, Fault, ScepCipher};
 
 /// Generates the suite for one (CA, algorithm, config tweak).
 macro_rules! backend_suite {
@@ -70,6 +70,8 @@ backend_suite!(est_p256, Ca::Est, "p256", no_tweak);
 backend_suite!(est_rsa2048, Ca::Est, "rsa2048", no_tweak);
 backend_suite!(acme_p256, Ca::Acme, "p256", no_tweak);
 backend_suite!(acme_rsa2048, Ca::Acme, "rsa2048", no_tweak);
+// SCEP encrypts its answers to the device key with RSA: a P-256 config is refused (78).
+backend_suite!(scep_rsa2048, Ca::Scep, "rsa2048", no_tweak);
 
 fn suite_first_enroll(env: &Env) {
     let run = env.expect(&["enroll"], 0);
@@ -156,8 +158,14 @@ fn suite_forced_renewal(env: &Env) {
         (Ca::Securosys, _) => sign_path(env),
         (Ca::Est, _) => "POST /.well-known/est/meters/simplereenroll",
         (Ca::Acme, _) => "POST /acme/finalize/",
+        (Ca::Scep, _) => "POST /scep?operation=PKIOperation",
     };
     assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
+    if env.ca == Ca::Scep {
+        // The server lists Renewal: the current certificate signs a RenewalReq.
+        assert_eq!(env.emu.scep_last_message_type(), Some(scep::RENEWAL_REQ));
+        assert_eq!(env.emu.scep_requests(scep::PKCS_REQ), 1, "only the first enrollment was a PKCSReq");
+    }
     assert_eq!(env.status_json()["renewals"], 1);
     env.assert_no_secret_in_outputs();
 }
@@ -185,6 +193,25 @@ fn fault_table(ca: Ca) -> Vec<(Fault, i32, &'static str)> {
             }
         }
         table.extend([(Fault::EstForbidden, 77, "HTTP 403"), (Fault::Http503RetryAfter, 75, "retry after")]);
+    }
+    if ca == Ca::Scep {
+        // A CertRep is DER CMS, not JSON: a body that is not CMS, or half of one, does not parse.
+        for (fault, _, words) in table.iter_mut() {
+            if matches!(fault, Fault::MalformedJson | Fault::TruncatedJson) {
+                *words = "not a CMS message";
+            }
+        }
+        // reject-auth is a FAILURE CertRep with failInfo badRequest: a refusal naming it.
+        for (fault, _, words) in table.iter_mut() {
+            if *fault == Fault::RejectAuth {
+                *words = "FAILURE, badRequest";
+            }
+        }
+        // A CertRep is believed only with the pinned CA's signature and our nonce.
+        table.extend([
+            (Fault::ScepBadSignature, 76, "the signature does not verify"),
+            (Fault::ScepWrongNonce, 76, "recipientNonce is not the nonce we sent"),
+        ]);
     }
     if ca == Ca::Enos {
         table.extend([
@@ -259,8 +286,14 @@ fn suite_forced_enrollment(env: &Env) {
         Ca::Securosys => sign_path(env),
         Ca::Est => "POST /.well-known/est/meters/simpleenroll",
         Ca::Acme => "POST /acme/finalize/",
+        Ca::Scep => "POST /scep?operation=PKIOperation",
     };
     assert!(last.contains(expected) && last.ends_with("-> 200"), "{last}");
+    if env.ca == Ca::Scep {
+        // Enrollment starts over with the challenge password, not the current certificate.
+        assert_eq!(env.emu.scep_last_message_type(), Some(scep::PKCS_REQ));
+        assert_eq!(env.emu.scep_requests(scep::RENEWAL_REQ), 0);
+    }
 }
 
 /// Issue 11's defect: EnOS renewed (superseding the old certificate, §1.5) and the answer was
@@ -341,4 +374,83 @@ fn acme_renewal_follows_the_cas_suggested_window_and_names_what_it_replaces() {
     assert_eq!(replaces.len(), 1, "the renewal order names the certificate it replaces");
     assert!(replaces[0].contains('.'), "an RFC 9773 certID: {replaces:?}");
     env.assert_chain_verifies();
+}
+
+/// SCEP capabilities (RFC 8894 §3.5.2) decide how the agent talks: without POSTPKIOperation (and
+/// SCEPStandard, which implies it) messages go as GET `message=`; without AES the request is
+/// encrypted with DES3; without Renewal a renewal is a PKCSReq with the challenge password.
+#[test]
+fn scep_follows_the_servers_capabilities() {
+    let env = Env::new(Ca::Scep, "rsa2048");
+    env.emu.set_scep_caps(&["SHA-256", "DES3"]);
+    env.expect(&["enroll"], 0);
+    env.expect(&["renew", "--force"], 0);
+    let messages = env.emu.scep_messages();
+    let types: Vec<u8> = messages.iter().map(|m| m.message_type).collect();
+    assert_eq!(types, [scep::PKCS_REQ, scep::PKCS_REQ], "no Renewal: the renewal is a PKCSReq");
+    assert!(
+        messages.iter().all(|m| m.method == "GET" && m.cipher == Some(ScepCipher::Des3)),
+        "no POSTPKIOperation: GET; no AES: DES3: {messages:?}"
+    );
+    env.assert_chain_verifies();
+
+    env.emu.set_scep_caps(scep::DEFAULT_CAPS);
+    env.expect(&["renew", "--force"], 0);
+    let last = env.emu.scep_messages().pop().unwrap();
+    assert_eq!((last.method.as_str(), last.message_type), ("POST", scep::RENEWAL_REQ), "{last:?}");
+    assert!(matches!(last.cipher, Some(ScepCipher::Aes128 | ScepCipher::Aes256)), "AES offered: {last:?}");
+    assert_eq!(env.status_json()["renewals"], 2);
+}
+
+/// A SCEP server answers in the content cipher it likes (micromdm: DES-CBC, the default here);
+/// the agent reads each of them.
+#[test]
+fn scep_answers_in_every_content_cipher_are_read() {
+    let env = Env::new(Ca::Scep, "rsa2048");
+    env.expect(&["enroll"], 0);
+    for cipher in [ScepCipher::Des3, ScepCipher::Aes128, ScepCipher::Aes256] {
+        env.emu.set_scep_reply_cipher(cipher);
+        let run = env.expect(&["renew", "--force"], 0);
+        assert!(run.stdout.starts_with("renew: installed certificate serial"), "{cipher:?}: {run:?}");
+        env.assert_chain_verifies();
+    }
+    assert_eq!(env.emu.issued().len(), 4);
+}
+
+/// RFC 8894 §2.3: the current certificate authenticates a RenewalReq, so a device without the
+/// challenge password still renews; enrolling again needs the challenge and is a 78.
+#[test]
+fn scep_renewal_needs_only_the_current_certificate() {
+    let env = Env::new(Ca::Scep, "rsa2048");
+    env.expect(&["enroll"], 0);
+    env.edit_config(|c| {
+        c["ca"].as_object_mut().unwrap().remove("challenge_password_file");
+    });
+    env.expect(&["renew", "--force"], 0);
+    assert_eq!(env.emu.scep_last_message_type(), Some(scep::RENEWAL_REQ));
+    let before = env.identity();
+    let run = env.expect(&["enroll", "--force"], 78);
+    assert!(run.stderr.contains("challenge_password_file"), "{run:?}");
+    assert_eq!(env.identity(), before);
+    assert_eq!(env.emu.scep_requests(scep::PKCS_REQ), 1, "only the first enrollment");
+}
+
+/// `ca_fingerprint` is SCEP's trust anchor: a CA certificate with another fingerprint is
+/// refused before any request is sent; and a P-256 key, which SCEP cannot decrypt with, is a
+/// configuration error.
+#[test]
+fn scep_refuses_an_unpinned_ca_and_p256_keys() {
+    let env = Env::with_config(Ca::Scep, "rsa2048", |c| {
+        c["ca"]["ca_fingerprint"] = format!("sha256:{}", "ab".repeat(32)).into();
+    });
+    let run = env.expect(&["enroll"], 77);
+    assert!(run.stderr.contains("no certificate matches ca.ca_fingerprint"), "{run:?}");
+    assert!(env.emu.scep_messages().is_empty(), "nothing was sent to an unpinned CA");
+    let log = env.emu.log();
+    assert!(log.iter().any(|r| r.query.iter().any(|(k, v)| k == "operation" && v == "GetCACert")), "{log:?}");
+
+    let env = Env::new(Ca::Scep, "p256");
+    let run = env.expect(&["enroll"], 78);
+    assert!(run.stderr.contains("key.algorithm"), "{run:?}");
+    assert!(env.emu.log().is_empty(), "refused before reaching the CA");
 }

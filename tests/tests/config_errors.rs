@@ -108,13 +108,13 @@ fn providers_and_backends_not_in_this_build_say_so() {
     config_error(
         Ca::Enos,
         "p256",
-        |c| c["ca"]["backend"] = "scep".into(),
-        "ca.backend: backend scep is not implemented in this version",
+        |c| c["ca"]["backend"] = "x509".into(),
+        "ca.backend: \"x509\" is not one of \"enos\", \"ezca\", \"sectigo\", \"securosys\", \"est\", \"acme\", \"scep\"",
     );
     // The binary under test has every protocol (the unit test of config::check_protocol covers
     // the refusal); a build without some refuses each with 78 before reading the rest of `ca`.
     let protocols = version.lines().find_map(|l| l.strip_prefix("protocols: ")).expect("a protocols: line");
-    for protocol in ["enos", "ezca", "sectigo", "securosys", "est", "acme"] {
+    for protocol in ["enos", "ezca", "sectigo", "securosys", "est", "acme", "scep"] {
         if !protocols.split_whitespace().any(|w| w == protocol) {
             config_error(
                 Ca::Enos,

@@ -67,15 +67,21 @@ fn cases() -> Vec<Case> {
         (Ca::Securosys, "rsa2048"),
         (Ca::Est, "p256"),
         (Ca::Acme, "p256"),
+        (Ca::Scep, "rsa2048"),
     ] {
         let env = Env::with_config(ca, algorithm, |c| {
-            if matches!(ca, Ca::Sectigo | Ca::Securosys | Ca::Est | Ca::Acme) {
+            if matches!(ca, Ca::Sectigo | Ca::Securosys | Ca::Est | Ca::Acme | Ca::Scep) {
                 fast_polls(c);
             }
             if ca == Ca::Securosys {
                 c["ca"]["approval"] = true.into();
             }
         });
+        if ca == Ca::Scep {
+            // Every request is PENDING once, then issued on its first CertPoll: kills land
+            // while a transaction is recorded too.
+            env.emu.set_scep_pending_polls(1);
+        }
         cases.push(Case {
             name: format!("{} {algorithm} file", ca.name()),
             env,
@@ -415,15 +421,19 @@ fn key_of(slot: &Path) -> Option<Vec<u8>> {
 /// Requests that asked the CA for a new certificate (not polls): a restart must not repeat one
 /// for a request the CA already accepted.
 fn creations(env: &Env) -> usize {
-    env.emu
-        .log()
-        .into_iter()
-        .filter(|r| r.method == "POST")
-        .filter(|r| {
-            r.path == "/api/ssl/v1/enroll"
-                || r.path.starts_with("/api/ssl/v1/renewById/")
-                || r.path == "/v1/certificate/sign"
-                || r.path == "/acme/new-order"
-        })
-        .count()
+    // SCEP posts every message to one URL: count PKCSReq and RenewalReq, not CertPoll.
+    env.emu.scep_requests(19)
+        + env.emu.scep_requests(17)
+        + env
+            .emu
+            .log()
+            .into_iter()
+            .filter(|r| r.method == "POST")
+            .filter(|r| {
+                r.path == "/api/ssl/v1/enroll"
+                    || r.path.starts_with("/api/ssl/v1/renewById/")
+                    || r.path == "/v1/certificate/sign"
+                    || r.path == "/acme/new-order"
+            })
+            .count()
 }

@@ -138,7 +138,8 @@ fn vendor_ca_pem(env: &Env) -> String {
         Ca::Ezca => env.emu.ezca_issuing_pem(),
         Ca::Sectigo => env.emu.sectigo_issuing_pem(),
         Ca::Securosys => env.emu.securosys_issuing_pem(),
-        Ca::Est | Ca::Acme => unreachable!("EST and ACME are not gateway upstreams"),
+        // SCEP signs with the requested key, which a gateway does not hold.
+        Ca::Est | Ca::Acme | Ca::Scep => unreachable!("EST, ACME and SCEP are not gateway upstreams"),
     };
     format!("{issuing}{}", env.ca_root_pem())
 }

@@ -1,18 +1,19 @@
 //! `ca-emulator [--port N] [--dir DIR] [--fault NAME[:COUNT]] [--fault-delay-ms MS] [--pending-polls N] [--client-cert] [--est-label L] [--enos-fleet] [--enos-leaf-lifetime-s S]`
 //!
-//! Starts the EnOS + EZCA + Sectigo + Securosys + Redtrust + EST emulator (see the `enroll_tests`
-//! crate docs), writes what a client needs into DIR (0700): `tls-root.pem`,
+//! Starts the EnOS + EZCA + Sectigo + Securosys + Redtrust + EST + ACME + SCEP emulator (see the
+//! `enroll_tests` crate docs), writes what a client needs into DIR (0700): `tls-root.pem`,
 //! `securosys-ca-bundle.pem` (issuing then root); secrets (0600, one trailing newline)
 //! `enos-app-secret`, `ezca-bootstrap.token`, `entra-client-secret`, `sectigo-password`,
-//! `securosys-jwt`, `securosys-api-key`, `securosys-key-password`, `redtrust-hmac-secret`;
-//! `emulator.json` (URL and identifiers, no secrets); enroll-agent configs for this emulator:
-//! `agent-enos.json`, `agent-ezca.json`, `agent-sectigo.json`, `agent-securosys.json`
-//! (synchronous sign), `agent-securosys-approval.json` (approval flow) and
+//! `securosys-jwt`, `securosys-api-key`, `securosys-key-password`, `redtrust-hmac-secret`,
+//! `scep-challenge`; `emulator.json` (URL and identifiers, no secrets); enroll-agent configs for
+//! this emulator: `agent-enos.json`, `agent-ezca.json`, `agent-sectigo.json`,
+//! `agent-securosys.json` (synchronous sign), `agent-securosys-approval.json` (approval flow) and
 //! `agent-redtrust-enos.json` (Redtrust key, EnOS CA), `agent-est.json` (EST, factory certificate
-//! `est-factory.pem` / `est-factory.key` (0600)), `agent-acme.json` (ACME, http-01) and
-//! `agent-est-basic.json` (EST, HTTP Basic with
-//! `est-password` (0600)); `est-ca.pem` is the EST issuing CA then root. With `--dir`, TLS client
-//! certificates are requested (optionally) as if `--client-cert` were given, so the EST
+//! `est-factory.pem` / `est-factory.key` (0600)), `agent-acme.json` (ACME, http-01),
+//! `agent-scep.json` (SCEP, RSA-2048, challenge password `scep-challenge`, the SCEP CA pinned by
+//! `ca_fingerprint`) and `agent-est-basic.json` (EST, HTTP Basic with `est-password` (0600));
+//! `est-ca.pem` is the EST issuing CA then root, `scep-ca.pem` the SCEP CA. With `--dir`, TLS
+//! client certificates are requested (optionally) as if `--client-cert` were given, so the EST
 //! factory-certificate config works. Prints `ca-emulator ready <url>` and
 //! serves until killed. `--enos-fleet`: every EnOS deviceKey of the product is a registered
 //! device with its own current certificate (the gateway names devices by `{device}`).
@@ -111,6 +112,8 @@ fn write_dir(dir: &Path, emu: &Emulator) -> io::Result<()> {
     write_file(dir, "est-factory.pem", &emu.factory_cert_pem(), 0o600)?;
     write_file(dir, "est-factory.key", &emu.factory_key_pem(), 0o600)?;
     write_file(dir, "est-ca.pem", &format!("{}{}", emu.est_issuing_pem(), emu.est_root_pem()), 0o644)?;
+    write_file(dir, "scep-challenge", &format!("{}\n", emu.scep.challenge), 0o600)?;
+    write_file(dir, "scep-ca.pem", &emu.scep_ca_pem(), 0o644)?;
     let info = json!({
         "url": emu.url(),
         "enos": {
@@ -141,6 +144,11 @@ fn write_dir(dir: &Path, emu: &Emulator) -> io::Result<()> {
             "label": emu.est.label, "username": emu.est.username,
             "retry_after_s": emu.est.retry_after_s, "valid_days": emu.est.valid_days,
         },
+        "scep": {
+            "path": "/scep", "ca_fingerprint": emu.scep_ca_fingerprint(),
+            "caps": emu.scep.caps, "pending_polls": emu.scep.pending_polls,
+            "reply_cipher": emu.scep.reply_cipher.name(), "valid_days": emu.scep.valid_days,
+        },
         "ca": {
             "enos_root_pem": emu.enos_root_pem(), "ezca_root_pem": emu.ezca_root_pem(),
             "ezca_issuing_pem": emu.ezca_issuing_pem(), "sectigo_root_pem": emu.sectigo_root_pem(),
@@ -157,8 +165,9 @@ fn write_dir(dir: &Path, emu: &Emulator) -> io::Result<()> {
 /// Ready-to-use enroll-agent configs for this emulator (`agent-enos.json`: P-256 key;
 /// `agent-ezca.json`: RSA-2048 key with certificate renewal; `agent-sectigo.json`: P-256;
 /// `agent-securosys.json` / `agent-securosys-approval.json`: P-256, synchronous or approval
-/// flow; `agent-redtrust-enos.json`: Redtrust-held RSA-2048 key issued by EnOS), so a demo or a
-/// person can run the real agent against it without editing anything.
+/// flow; `agent-redtrust-enos.json`: Redtrust-held RSA-2048 key issued by EnOS; `agent-est.json`,
+/// `agent-est-basic.json`, `agent-acme.json`: P-256; `agent-scep.json`: RSA-2048, the only key
+/// SCEP takes), so a demo or a person can run the real agent against it without editing anything.
 fn write_agent_configs(dir: &Path, emu: &Emulator) -> io::Result<()> {
     let dir = fs::canonicalize(dir)?;
     let common = |backend: &str, algorithm: &str, ca: serde_json::Value| {
@@ -263,7 +272,20 @@ fn write_agent_configs(dir: &Path, emu: &Emulator) -> io::Result<()> {
             "challenge": "http-01", "http01_listen": "127.0.0.1:0", "poll_wait_s": 30,
         }),
     );
+    // SCEP (RFC 8894): RSA only (the CA encrypts its answer to the device key); the CA
+    // certificate GetCACert returns is pinned by its SHA-256.
+    let scep = common(
+        "scep",
+        "rsa2048",
+        json!({
+            "backend": "scep", "url": format!("{}/scep", emu.url()),
+            "ca_fingerprint": format!("sha256:{}", emu.scep_ca_fingerprint()),
+            "challenge_password_file": dir.join("scep-challenge"),
+            "poll_interval_s": 1, "poll_wait_s": 30,
+        }),
+    );
     write_file(&dir, "agent-acme.json", &format!("{acme:#}\n"), 0o644)?;
+    write_file(&dir, "agent-scep.json", &format!("{scep:#}\n"), 0o644)?;
     write_file(&dir, "agent-est.json", &format!("{est_cert:#}\n"), 0o644)?;
     write_file(&dir, "agent-est-basic.json", &format!("{est_basic:#}\n"), 0o644)?;
     write_file(&dir, "agent-enos.json", &format!("{enos:#}\n"), 0o644)?;

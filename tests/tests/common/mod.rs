@@ -25,6 +25,9 @@ pub enum Ca {
     Est,
     /// ACME (RFC 8555) on the emulator: JWS-verified, challenges valid once answered, ARI offered.
     Acme,
+    /// SCEP (RFC 8894) on the emulator's `/scep`: its own RSA CA pinned by `ca_fingerprint`,
+    /// PKCSReq with the challenge password (`scep-challenge`), RenewalReq, CertPoll. RSA keys only.
+    Scep,
 }
 
 impl Ca {
@@ -37,6 +40,7 @@ impl Ca {
             Ca::Securosys => "securosys",
             Ca::Est => "est",
             Ca::Acme => "acme",
+            Ca::Scep => "scep",
         }
     }
 }
@@ -287,6 +291,18 @@ impl Env {
                 "poll_wait_s": 5,
                 "poll_timeout_s": 60
             }),
+            Ca::Scep => {
+                write_secret(&dir.join("scep-challenge"), &emu.scep.challenge);
+                json!({
+                    "backend": "scep",
+                    "url": format!("{}/scep", emu.url()),
+                    "ca_fingerprint": format!("sha256:{}", emu.scep_ca_fingerprint()),
+                    "challenge_password_file": dir.join("scep-challenge"),
+                    "poll_interval_s": 1,
+                    "poll_wait_s": 5,
+                    "poll_timeout_s": 60
+                })
+            }
         };
         let mut config = json!({
             "state_dir": dir.join("state"),
@@ -418,6 +434,7 @@ impl Env {
             Ca::Sectigo => self.emu.sectigo_root_pem(),
             Ca::Securosys => self.emu.securosys_root_pem(),
             Ca::Est | Ca::Acme => self.emu.est_root_pem(),
+            Ca::Scep => self.emu.scep_ca_pem(),
         }
     }
 
@@ -499,13 +516,16 @@ impl Env {
                     || r.path.ends_with("/simplereenroll")
                     || r.path.starts_with("/acme/new-order")
                     || r.path.starts_with("/acme/finalize/")
+                    || (r.path == "/scep"
+                        && r.query.iter().any(|(k, v)| k == "operation" && v == "PKIOperation"))
             })
             .map(|r| {
+                // EnOS `action=`, SCEP `operation=` (never the GET form's `message=`).
                 let action = r
                     .query
                     .iter()
-                    .find(|(k, _)| k == "action")
-                    .map(|(_, v)| format!("?action={v}"))
+                    .find(|(k, _)| k == "action" || k == "operation")
+                    .map(|(k, v)| format!("?{k}={v}"))
                     .unwrap_or_default();
                 format!("{} {}{} -> {}", r.method, r.path, action, r.status)
             })
@@ -524,6 +544,7 @@ impl Env {
             self.emu.securosys.key_password.clone().unwrap_or_default(),
             self.emu.redtrust.hmac_secret.clone(),
             self.emu.est.password.clone(),
+            self.emu.scep.challenge.clone(),
         ]
         .into_iter()
         .filter(|s| !s.is_empty())
