@@ -24,7 +24,7 @@ for _ in $(seq 100); do grep -q '^ca-emulator ready' "$work/emulator.out" 2>/dev
 grep '^ca-emulator ready' "$work/emulator.out" || { echo "the emulator did not start" >&2; exit 1; }
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
-for ca in enos ezca sectigo securosys securosys-approval redtrust-enos est est-basic acme; do
+for ca in enos ezca sectigo securosys securosys-approval redtrust-enos est est-basic acme scep; do
   config=$work/emulator/agent-$ca.json
   printf '\n======== %s (config %s)\n' "$ca" "$config"
   step "$bin/enroll-agent" -c "$config" enroll

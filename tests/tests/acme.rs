@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::hw::{require, Token, USER_PIN};
-use common::{agent_binary, mode, openssl, write_secret, Run, Scratch};
+use common::{agent_binary, mode, openssl, skipped_without, write_secret, Run, Scratch};
 use serde_json::{json, Value};
 
 const DEVICE: &str = "sensor-0042.devices.acme.example";
@@ -481,9 +481,7 @@ fn tls_alpn01_is_answered_with_the_acme_identifier_certificate_for_names_and_add
         c["san"]["ip"] = json!(["127.0.0.1"]);
     });
     let run = device.run(&["enroll"]);
-    if run.code == 78 && run.stderr.contains("(cargo feature acme-tls-alpn)") {
-        // Plain `cargo test` builds the default agent; scripts/test.sh builds --all-features.
-        eprintln!("SKIPPED: this enroll-agent was built without acme-tls-alpn");
+    if skipped_without(&run, "acme-tls-alpn") {
         return;
     }
     assert_eq!(run.code, 0, "{run:?}");
@@ -593,9 +591,7 @@ fn a_softhsm2_key_is_certified_through_its_csr() {
     });
     device.env.extend(token.env.iter().cloned());
     let run = device.run(&["enroll"]);
-    if run.code == 78 && run.stderr.contains("(cargo feature pkcs11)") {
-        // Plain `cargo test` builds the default agent; scripts/test.sh builds --all-features.
-        eprintln!("SKIPPED: this enroll-agent was built without pkcs11");
+    if skipped_without(&run, "pkcs11") {
         return;
     }
     assert_eq!(run.code, 0, "{run:?}");

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::hw::{require, Swtpm, Token, USER_PIN};
-use common::{agent_binary, openssl, write_secret, Run, Scratch};
+use common::{agent_binary, openssl, skipped_without, write_secret, Run, Scratch};
 use serde_json::{json, Value};
 
 const DEVICE: &str = "sensor-0042.devices.example";
@@ -221,15 +221,6 @@ impl Device {
         ]);
         assert!(ok, "openssl verify: {text}");
     }
-}
-
-/// Whether this agent build has `feature`; prints the skip line when not.
-fn skipped_without(run: &Run, feature: &str) -> bool {
-    if run.code == 78 && run.stderr.contains(&format!("(cargo feature {feature})")) {
-        eprintln!("SKIPPED: this enroll-agent was built without {feature}");
-        return true;
-    }
-    false
 }
 
 #[test]

@@ -174,6 +174,17 @@ pub struct Identity {
     pub files: Vec<(String, Vec<u8>)>,
 }
 
+/// Whether `run` was refused because this agent build lacks cargo feature `feature` (plain
+/// `cargo test` builds the default agent; scripts/test.sh builds --all-features); prints the
+/// skip line when so.
+pub fn skipped_without(run: &Run, feature: &str) -> bool {
+    if run.code == 78 && run.stderr.contains(&format!("(cargo feature {feature})")) {
+        eprintln!("SKIPPED: this enroll-agent was built without {feature}");
+        return true;
+    }
+    false
+}
+
 pub fn write_secret(path: &Path, text: &str) {
     fs::write(path, format!("{text}\n")).unwrap();
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
