@@ -72,6 +72,33 @@ pub fn certificates(input: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
+/// The first SignerInfo's signedAttrs exactly as sent, re-tagged as the SET OF that the
+/// signature covers (RFC 5652 §5.4); `None` when there are none. A signer that sends its
+/// attributes in another order than DER's has signed those bytes, not a re-sorted encoding.
+pub fn signed_attributes(input: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    let (info, _) = read(input, 0)?;
+    let mut fields = children(&info, 1)?.into_iter();
+    if next(&mut fields, OID, "ContentInfo contentType")?.content != SIGNED_DATA {
+        return Err("the PKCS#7 content is not SignedData (1.2.840.113549.1.7.2)".into());
+    }
+    let explicit = next(&mut fields, CONTEXT_0, "ContentInfo content")?;
+    let signed = next(&mut children(&explicit, 2)?.into_iter(), SEQUENCE, "SignedData")?;
+    // version, digestAlgorithms, encapContentInfo, [0] certificates, [1] crls, then signerInfos.
+    let Some(signer_infos) = children(&signed, 3)?.into_iter().skip(3).find(|f| f.tag == SET) else {
+        return Err("SignedData signerInfos: missing".into());
+    };
+    let Some(signer) = children(&signer_infos, 4)?.into_iter().next() else {
+        return Ok(None);
+    };
+    // version, sid, digestAlgorithm, then [0] signedAttrs if present.
+    let attrs = children(&signer, 5)?.into_iter().nth(3).filter(|f| f.tag == CONTEXT_0);
+    Ok(attrs.filter(|a| !a.indefinite).map(|a| {
+        let mut set = a.whole.to_vec();
+        set[0] = SET;
+        set
+    }))
+}
+
 /// 1.2.840.113549.1.7.3 (id-envelopedData), as DER content octets.
 const ENVELOPED_DATA: [u8; 9] = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x03];
 const OCTET_STRING: u8 = 0x04;

@@ -152,7 +152,9 @@ pub struct Expected<'a> {
 /// Reads and authenticates a CertRep.
 pub fn read_cert_rep(der: &[u8], expected: &Expected) -> Result<Answer> {
     let (signer_info, content) = decode_cert_rep(der)?;
-    let attributes = verify_signer(&signer_info, content.as_deref().unwrap_or_default(), expected.ca_certs)?;
+    let as_sent = crate::pkcs7::signed_attributes(der).ok().flatten();
+    let attributes =
+        verify_signer(&signer_info, as_sent, content.as_deref().unwrap_or_default(), expected.ca_certs)?;
     answer_of(&attributes, content, expected)
 }
 
@@ -250,7 +252,14 @@ impl Attributes {
 }
 
 /// Checks that one of `ca_certs` signed `signer_info` over `content`; answers its attributes.
-fn verify_signer(signer_info: &SignerInfo, content: &[u8], ca_certs: &[Cert]) -> Result<Attributes> {
+/// `as_sent`: the signed attributes in the order the CA sent them, tried before their DER
+/// re-encoding (which is what RFC 5652 §5.4 says is signed; servers sign what they send).
+fn verify_signer(
+    signer_info: &SignerInfo,
+    as_sent: Option<Vec<u8>>,
+    content: &[u8],
+    ca_certs: &[Cert],
+) -> Result<Attributes> {
     let refused = |what: &str| Error::protocol(format!("SCEP CertRep: {what}"));
     let signer = ca_certs
         .iter()
@@ -284,10 +293,12 @@ fn verify_signer(signer_info: &SignerInfo, content: &[u8], ca_certs: &[Cert]) ->
         .subject_public_key
         .as_bytes()
         .ok_or_else(|| refused("the signer's key is malformed"))?;
-    let to_verify = signed_attrs.to_der().map_err(|e| refused(&format!("attributes do not encode ({e})")))?;
-    ring::signature::UnparsedPublicKey::new(algorithm, public_key)
-        .verify(&to_verify, signer_info.signature.as_bytes())
-        .map_err(|_| refused("the signature does not verify with the CA's key"))?;
+    let der = signed_attrs.to_der().map_err(|e| refused(&format!("attributes do not encode ({e})")))?;
+    let key = ring::signature::UnparsedPublicKey::new(algorithm, public_key);
+    let signature = signer_info.signature.as_bytes();
+    if !as_sent.into_iter().chain([der]).any(|signed| key.verify(&signed, signature).is_ok()) {
+        return Err(refused("the signature does not verify with the CA's key"));
+    }
     let attributes = Attributes(signed_attrs.iter().cloned().collect());
     // RFC 5652 §11.2: the signed digest of the content.
     let digest_of_content = ring::digest::digest(digest, content);
@@ -316,4 +327,53 @@ pub fn issuer_and_subject(ca: &Cert, subject: &x509_cert::name::Name) -> Result<
     out.extend_from_slice(&issuer);
     out.extend_from_slice(&subject);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// micromdm scepserver 2.1.0's real answers (tests/fuzz/corpus/scep, after the selector byte).
+    const CERT_REP: &[u8] = include_bytes!("../../../tests/fuzz/corpus/scep/certrep-success-micromdm");
+    const CA_CERT: &[u8] = include_bytes!("../../../tests/fuzz/corpus/scep/getcacert-micromdm");
+
+    fn expected_of(der: &[u8]) -> (String, Vec<u8>) {
+        let (signer_info, _) = decode_cert_rep(der).unwrap();
+        let attributes = Attributes(signer_info.signed_attrs.unwrap().iter().cloned().collect());
+        (
+            attributes.printable(TRANSACTION_ID, "transactionID").unwrap(),
+            attributes.octets(RECIPIENT_NONCE, "recipientNonce").unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_real_micromdm_cert_rep_verifies_and_any_change_to_it_is_refused() {
+        let (der, ca) = (&CERT_REP[1..], vec![Cert::from_der(&CA_CERT[1..]).unwrap()]);
+        let (tid, nonce) = expected_of(der);
+        let expected = Expected { transaction_id: &tid, sender_nonce: &nonce, ca_certs: &ca };
+        assert!(matches!(read_cert_rep(der, &expected).unwrap(), Answer::Success(_)));
+        // The attributes as sent are what micromdm signed (here also their DER form).
+        let as_sent = crate::pkcs7::signed_attributes(der).unwrap().unwrap();
+        let (signer_info, _) = decode_cert_rep(der).unwrap();
+        assert_eq!(as_sent, signer_info.signed_attrs.unwrap().to_der().unwrap());
+
+        let other_nonce = [0u8; 16];
+        let replayed = Expected { sender_nonce: &other_nonce, ..expected };
+        assert!(read_cert_rep(der, &replayed).unwrap_err().to_string().contains("recipientNonce"));
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &ring::rand::SystemRandom::new(),
+        )
+        .unwrap();
+        let key = enroll_hal::soft::SoftKey::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let other = crate::pki::self_signed(&key, ca[0].parsed.tbs_certificate.subject.clone(), vec![], 60);
+        let wrong_ca = [Cert::from_der(&other.unwrap()).unwrap()];
+        let stranger = Expected { ca_certs: &wrong_ca, ..expected };
+        assert!(read_cert_rep(der, &stranger).unwrap_err().to_string().contains("not the pinned CA"));
+        // One flipped bit in the signed content: the messageDigest or the signature fails.
+        let mut changed = der.to_vec();
+        let at = changed.len() / 2;
+        changed[at] ^= 1;
+        assert!(read_cert_rep(&changed, &expected).is_err());
+    }
 }
