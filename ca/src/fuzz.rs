@@ -181,15 +181,14 @@ pub fn scep_answer(data: &[u8]) {
     }
 }
 
-/// One RSA-2048 key for the whole fuzz run (generating one per input would dominate it).
+/// A fixed RSA-2048 key (made with `openssl genpkey` for fuzzing only; it guards nothing):
+/// generating one at the first input took longer than libFuzzer's per-input timeout.
 #[cfg(feature = "scep")]
 fn fuzz_rsa_key() -> &'static dyn enroll_hal::DeviceKey {
     static KEY: std::sync::OnceLock<enroll_hal::soft::SoftKey> = std::sync::OnceLock::new();
     KEY.get_or_init(|| {
-        use rsa::pkcs8::EncodePrivateKey;
-        let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).expect("generating the fuzz key");
-        let der = key.to_pkcs8_der().expect("encoding the fuzz key");
-        enroll_hal::soft::SoftKey::from_pkcs8(der.as_bytes()).expect("loading the fuzz key")
+        enroll_hal::soft::SoftKey::from_pkcs8(include_bytes!("../../tests/fuzz/scep-fuzz-key.pk8"))
+            .expect("loading the fuzz key")
     })
 }
 
