@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::hw::{require, Token, USER_PIN};
-use common::{agent_binary, mode, openssl, skipped_without, write_secret, Run, Scratch};
+use common::{mode, openssl, skipped_without, write_secret, Device, Scratch};
 use serde_json::{json, Value};
 
 const DEVICE: &str = "sensor-0042.devices.acme.example";
@@ -172,18 +172,10 @@ impl Drop for Pebble {
     }
 }
 
-/// A device: a scratch directory with an ACME config for the real agent.
-struct Device {
-    scratch: Scratch,
-    config: PathBuf,
-    env: Vec<(String, String)>,
-}
-
-impl Device {
-    fn new(pebble: &Pebble, algorithm: &str, tweak: impl FnOnce(&mut Value)) -> Device {
-        let scratch = Scratch::new("acme-device");
-        let dir = &scratch.0;
-        let mut config = json!({
+/// A device with an ACME config for `pebble` (http-01 on Pebble's validation port).
+fn device(pebble: &Pebble, algorithm: &str, tweak: impl FnOnce(&mut Value)) -> Device {
+    let config = |dir: &Path| {
+        json!({
             "state_dir": dir.join("state"),
             "subject": { "CN": DEVICE },
             "san": { "dns": [DEVICE] },
@@ -196,49 +188,18 @@ impl Device {
             },
             "tls": { "trust_bundle": pebble.tls_root(), "timeout_s": 5 },
             "renewal": { "retry_initial_s": 1, "retry_max_s": 4 }
-        });
-        tweak(&mut config);
-        let path = dir.join("config.json");
-        fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-        Device { scratch, config: path, env: Vec::new() }
-    }
+        })
+    };
+    Device::new("acme-device", config, tweak)
+}
 
-    fn dir(&self) -> &Path {
-        &self.scratch.0
-    }
+/// What the ACME tests check on a device.
+trait Checks {
+    fn serial(&self) -> String;
+    fn assert_chain_verifies(&self, pebble: &Pebble);
+}
 
-    fn current(&self) -> PathBuf {
-        self.dir().join("state/current")
-    }
-
-    fn edit(&self, edit: impl FnOnce(&mut Value)) {
-        let mut config: Value = serde_json::from_slice(&fs::read(&self.config).unwrap()).unwrap();
-        edit(&mut config);
-        fs::write(&self.config, config.to_string()).unwrap();
-    }
-
-    fn run(&self, args: &[&str]) -> Run {
-        Command::new(agent_binary())
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .env_remove("ENROLL_AGENT_CONFIG")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .output()
-            .unwrap()
-            .into()
-    }
-
-    fn expect(&self, args: &[&str], code: i32) -> Run {
-        let run = self.run(args);
-        assert_eq!(run.code, code, "enroll-agent {args:?}: {run:?}");
-        run
-    }
-
-    fn cert(&self) -> Vec<u8> {
-        fs::read(self.current().join("cert.pem")).unwrap()
-    }
-
+impl Checks for Device {
     fn serial(&self) -> String {
         let (ok, text) =
             openssl(&["x509", "-noout", "-serial", "-in", self.current().join("cert.pem").to_str().unwrap()]);
@@ -261,16 +222,12 @@ impl Device {
         ]);
         assert!(ok, "openssl verify: {text}");
     }
-
-    fn state(&self) -> Value {
-        serde_json::from_slice(&fs::read(self.dir().join("state/state.json")).unwrap()).unwrap()
-    }
 }
 
 #[test]
 fn enrolls_and_renews_through_a_real_http01_validation() {
     let Some(pebble) = Pebble::start(PebbleOptions::default()) else { return };
-    let device = Device::new(&pebble, "p256", |_| {});
+    let device = device(&pebble, "p256", |_| {});
     device.expect(&["enroll"], 0);
     device.assert_chain_verifies(&pebble);
     let account_key = device.dir().join("state/acme/account.key");
@@ -299,7 +256,7 @@ fn an_rsa2048_device_key_is_certified_under_a_p256_account() {
     let Some(pebble) = Pebble::start(PebbleOptions { always_valid: true, ..Default::default() }) else {
         return;
     };
-    let device = Device::new(&pebble, "rsa2048", |_| {});
+    let device = device(&pebble, "rsa2048", |_| {});
     device.expect(&["enroll"], 0);
     device.assert_chain_verifies(&pebble);
     let (ok, text) =
@@ -316,7 +273,7 @@ fn bad_nonces_are_retried_with_the_nonce_that_came_with_them() {
     else {
         return;
     };
-    let device = Device::new(&pebble, "p256", |_| {});
+    let device = device(&pebble, "p256", |_| {});
     let mut retried = 0;
     for args in [&["-v", "enroll"][..], &["-v", "renew", "--force"][..]] {
         let run = device.expect(args, 0);
@@ -335,7 +292,7 @@ fn external_account_binding_is_required_checked_and_accepted() {
     else {
         return;
     };
-    let device = Device::new(&pebble, "p256", |_| {});
+    let device = device(&pebble, "p256", |_| {});
     let run = device.expect(&["enroll"], 78);
     assert!(run.stderr.contains("ca.eab"), "the error names the field: {run:?}");
     assert!(!device.current().exists());
@@ -376,7 +333,7 @@ fn dns01_publishes_the_txt_record_through_the_hook_and_removes_it() {
     )
     .unwrap();
     fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-    let device = Device::new(&pebble, "p256", |c| {
+    let device = device(&pebble, "p256", |c| {
         c["ca"]["challenge"] = "dns-01".into();
         c["ca"]["dns01_hook"] = json!([hook]);
         c["ca"].as_object_mut().unwrap().remove("http01_listen");
@@ -414,7 +371,7 @@ exit 0\n",
     )
     .unwrap();
     fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-    let device = Device::new(&pebble, "p256", |c| {
+    let device = device(&pebble, "p256", |c| {
         c["ca"]["challenge"] = "dns-01".into();
         c["ca"]["dns01_hook"] = json!([hook]);
         c["ca"].as_object_mut().unwrap().remove("http01_listen");
@@ -440,7 +397,7 @@ fn a_challenge_listener_that_cannot_bind_is_named_75_when_busy_78_when_not_ours(
     // Someone else holds the port (a web server on :80, say): temporary.
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();
-    let device = Device::new(&pebble, "p256", |c| {
+    let device = device(&pebble, "p256", |c| {
         c["ca"]["http01_listen"] = format!("127.0.0.1:{port}").into();
     });
     let run = device.expect(&["enroll"], 75);
@@ -462,7 +419,7 @@ fn terms_of_service_must_be_agreed_when_the_directory_names_them() {
     let Some(pebble) = Pebble::start(PebbleOptions { always_valid: true, ..Default::default() }) else {
         return;
     };
-    let device = Device::new(&pebble, "p256", |c| c["ca"]["terms_agreed"] = false.into());
+    let device = device(&pebble, "p256", |c| c["ca"]["terms_agreed"] = false.into());
     let run = device.expect(&["enroll"], 78);
     assert!(run.stderr.contains("ca.terms_agreed: the CA asks to agree to its terms of service"), "{run:?}");
     assert!(!device.current().exists());
@@ -473,7 +430,7 @@ fn terms_of_service_must_be_agreed_when_the_directory_names_them() {
 #[test]
 fn tls_alpn01_is_answered_with_the_acme_identifier_certificate_for_names_and_addresses() {
     let Some(pebble) = Pebble::start(PebbleOptions::default()) else { return };
-    let device = Device::new(&pebble, "p256", |c| {
+    let device = device(&pebble, "p256", |c| {
         c["ca"]["challenge"] = "tls-alpn-01".into();
         c["ca"]["tls_alpn01_listen"] = format!("127.0.0.1:{}", pebble.tls_alpn01).into();
         c["ca"].as_object_mut().unwrap().remove("http01_listen");
@@ -506,7 +463,7 @@ fn tls_alpn01_is_answered_with_the_acme_identifier_certificate_for_names_and_add
 #[test]
 fn a_failed_validation_is_refused_and_leaves_the_identity_untouched() {
     let Some(pebble) = Pebble::start(PebbleOptions::default()) else { return };
-    let device = Device::new(&pebble, "p256", |_| {});
+    let device = device(&pebble, "p256", |_| {});
     device.expect(&["enroll"], 0);
     let installed = device.cert();
     let target = fs::read_link(device.current()).unwrap();
@@ -529,7 +486,7 @@ fn an_unreachable_ca_is_temporary_and_leaves_the_identity_untouched() {
     let Some(mut pebble) = Pebble::start(PebbleOptions { always_valid: true, ..Default::default() }) else {
         return;
     };
-    let device = Device::new(&pebble, "p256", |_| {});
+    let device = device(&pebble, "p256", |_| {});
     device.expect(&["enroll"], 0);
     let installed = device.cert();
     pebble.stop();
@@ -548,7 +505,7 @@ fn an_order_still_being_validated_is_carried_on_by_the_next_run() {
     else {
         return;
     };
-    let device = Device::new(&pebble, "p256", |c| c["ca"]["poll_wait_s"] = 1.into());
+    let device = device(&pebble, "p256", |c| c["ca"]["poll_wait_s"] = 1.into());
     let mut attempts = 0;
     while device.run(&["enroll"]).code == 0 {
         attempts += 1;
@@ -580,7 +537,7 @@ fn a_softhsm2_key_is_certified_through_its_csr() {
     let Some(pebble) = Pebble::start(PebbleOptions { always_valid: true, ..Default::default() }) else {
         return;
     };
-    let mut device = Device::new(&pebble, "p256", |_| {});
+    let mut device = device(&pebble, "p256", |_| {});
     let Some(token) = require(Token::softhsm(device.dir(), "acme-test"), "SoftHSM2") else { return };
     let pin = device.dir().join("token.pin");
     write_secret(&pin, USER_PIN);

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::hw::{require, Swtpm, Token, USER_PIN};
-use common::{agent_binary, openssl, skipped_without, write_secret, Run, Scratch};
+use common::{openssl, skipped_without, write_secret, Device, Scratch};
 use serde_json::{json, Value};
 
 const DEVICE: &str = "sensor-0042.devices.example";
@@ -136,20 +136,12 @@ fn rand_u32() -> u32 {
     u32::from_le_bytes(bytes)
 }
 
-/// A device: a scratch directory with a SCEP config for the real agent.
-struct Device {
-    scratch: Scratch,
-    config: PathBuf,
-    env: Vec<(String, String)>,
-}
-
-impl Device {
-    fn new(server: &ScepServer, tweak: impl FnOnce(&mut Value)) -> Device {
-        let scratch = Scratch::new("scep-device");
-        let dir = &scratch.0;
+/// A device with a SCEP config for `server` (RSA-2048 file key, the server's challenge).
+fn device(server: &ScepServer, tweak: impl FnOnce(&mut Value)) -> Device {
+    let config = |dir: &Path| {
         let challenge = dir.join("scep.challenge");
         write_secret(&challenge, &server.challenge);
-        let mut config = json!({
+        json!({
             "state_dir": dir.join("state"),
             "subject": { "CN": "sensor-0042", "O": "Acme" },
             "san": { "dns": [DEVICE] },
@@ -160,49 +152,18 @@ impl Device {
             },
             "tls": { "timeout_s": 5 },
             "renewal": { "retry_initial_s": 1, "retry_max_s": 4 }
-        });
-        tweak(&mut config);
-        let path = dir.join("config.json");
-        fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-        Device { scratch, config: path, env: Vec::new() }
-    }
+        })
+    };
+    Device::new("scep-device", config, tweak)
+}
 
-    fn dir(&self) -> &Path {
-        &self.scratch.0
-    }
+/// What the SCEP tests check on a device.
+trait Checks {
+    fn x509(&self, what: &[&str]) -> String;
+    fn assert_chain_verifies(&self, server: &ScepServer);
+}
 
-    fn current(&self) -> PathBuf {
-        self.dir().join("state/current")
-    }
-
-    fn edit(&self, edit: impl FnOnce(&mut Value)) {
-        let mut config: Value = serde_json::from_slice(&fs::read(&self.config).unwrap()).unwrap();
-        edit(&mut config);
-        fs::write(&self.config, config.to_string()).unwrap();
-    }
-
-    fn run(&self, args: &[&str]) -> Run {
-        Command::new(agent_binary())
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .env_remove("ENROLL_AGENT_CONFIG")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .output()
-            .unwrap()
-            .into()
-    }
-
-    fn expect(&self, args: &[&str], code: i32) -> Run {
-        let run = self.run(args);
-        assert_eq!(run.code, code, "enroll-agent {args:?}: {run:?}");
-        run
-    }
-
-    fn cert(&self) -> Vec<u8> {
-        fs::read(self.current().join("cert.pem")).unwrap()
-    }
-
+impl Checks for Device {
     fn x509(&self, what: &[&str]) -> String {
         let path = self.current().join("cert.pem");
         let mut args = vec!["x509", "-noout", "-in", path.to_str().unwrap()];
@@ -226,7 +187,7 @@ impl Device {
 #[test]
 fn enrolls_with_the_challenge_and_renews_with_renewal_req_signed_by_the_current_certificate() {
     let Some(server) = ScepServer::start() else { return };
-    let device = Device::new(&server, |_| {});
+    let device = device(&server, |_| {});
     let run = device.expect(&["-v", "enroll"], 0);
     device.assert_chain_verifies(&server);
     assert!(device.x509(&["-subject"]).contains("CN = sensor-0042"));
@@ -251,7 +212,7 @@ fn enrolls_with_the_challenge_and_renews_with_renewal_req_signed_by_the_current_
 #[test]
 fn a_wrong_challenge_is_a_77_naming_bad_request_and_installs_nothing() {
     let Some(server) = ScepServer::start() else { return };
-    let device = Device::new(&server, |_| {});
+    let device = device(&server, |_| {});
     write_secret(&device.dir().join("scep.challenge"), "not-the-challenge");
     let run = device.expect(&["enroll"], 77);
     assert!(run.stderr.contains("PKCSReq: FAILURE, badRequest"), "{run:?}");
@@ -272,7 +233,7 @@ fn a_wrong_challenge_is_a_77_naming_bad_request_and_installs_nothing() {
 #[test]
 fn a_server_whose_ca_does_not_match_the_pinned_fingerprint_is_refused() {
     let Some(server) = ScepServer::start() else { return };
-    let device = Device::new(&server, |c| {
+    let device = device(&server, |c| {
         c["ca"]["ca_fingerprint"] = format!("sha256:{}", "ab".repeat(32)).into();
     });
     let run = device.expect(&["enroll"], 77);
@@ -286,7 +247,7 @@ fn a_server_whose_ca_does_not_match_the_pinned_fingerprint_is_refused() {
 #[test]
 fn a_server_that_is_gone_is_a_75_and_the_identity_stays() {
     let Some(mut server) = ScepServer::start() else { return };
-    let device = Device::new(&server, |_| {});
+    let device = device(&server, |_| {});
     device.expect(&["enroll"], 0);
     let before = device.cert();
     server.stop();
@@ -302,7 +263,7 @@ fn a_server_that_is_gone_is_a_75_and_the_identity_stays() {
 #[test]
 fn p256_keys_redtrust_keys_and_a_missing_fingerprint_are_config_errors() {
     let Some(server) = ScepServer::start() else { return };
-    let device = Device::new(&server, |c| c["key"]["algorithm"] = "p256".into());
+    let device = device(&server, |c| c["key"]["algorithm"] = "p256".into());
     let run = device.expect(&["enroll"], 78);
     assert!(
         run.stderr.contains("key.algorithm: SCEP answers are encrypted to the device key with RSA"),
@@ -323,7 +284,7 @@ fn p256_keys_redtrust_keys_and_a_missing_fingerprint_are_config_errors() {
 #[test]
 fn a_softhsm2_key_decrypts_the_answer_inside_the_token() {
     let Some(server) = ScepServer::start() else { return };
-    let mut device = Device::new(&server, |_| {});
+    let mut device = device(&server, |_| {});
     let Some(token) = require(Token::softhsm(device.dir(), "scep-test"), "SoftHSM2") else { return };
     let pin = device.dir().join("token.pin");
     write_secret(&pin, USER_PIN);
@@ -348,7 +309,7 @@ fn a_softhsm2_key_decrypts_the_answer_inside_the_token() {
 #[test]
 fn a_tpm_key_decrypts_the_answer_inside_the_tpm() {
     let Some(server) = ScepServer::start() else { return };
-    let device = Device::new(&server, |_| {});
+    let device = device(&server, |_| {});
     let Some(tpm) = require(Swtpm::start(device.dir()), "swtpm") else { return };
     device.edit(|c| {
         c["key"]["provider"] = "tpm".into();

@@ -174,6 +174,66 @@ pub struct Identity {
     pub files: Vec<(String, Vec<u8>)>,
 }
 
+/// A device for the suites against real servers (Pebble, micromdm scepserver): a scratch
+/// directory with a config for the real agent, and the environment its runs get.
+pub struct Device {
+    pub scratch: Scratch,
+    pub config: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl Device {
+    /// `config` makes the config from the scratch directory; `tweak` then adjusts it.
+    pub fn new(name: &str, config: impl FnOnce(&Path) -> Value, tweak: impl FnOnce(&mut Value)) -> Device {
+        let scratch = Scratch::new(name);
+        let mut value = config(&scratch.0);
+        tweak(&mut value);
+        let path = scratch.0.join("config.json");
+        fs::write(&path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+        Device { scratch, config: path, env: Vec::new() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.scratch.0
+    }
+
+    pub fn current(&self) -> PathBuf {
+        self.dir().join("state/current")
+    }
+
+    pub fn edit(&self, edit: impl FnOnce(&mut Value)) {
+        let mut config: Value = serde_json::from_slice(&fs::read(&self.config).unwrap()).unwrap();
+        edit(&mut config);
+        fs::write(&self.config, config.to_string()).unwrap();
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Command::new(agent_binary())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("ENROLL_AGENT_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap()
+            .into()
+    }
+
+    pub fn expect(&self, args: &[&str], code: i32) -> Run {
+        let run = self.run(args);
+        assert_eq!(run.code, code, "enroll-agent {args:?}: {run:?}");
+        run
+    }
+
+    pub fn cert(&self) -> Vec<u8> {
+        fs::read(self.current().join("cert.pem")).unwrap()
+    }
+
+    pub fn state(&self) -> Value {
+        serde_json::from_slice(&fs::read(self.dir().join("state/state.json")).unwrap()).unwrap()
+    }
+}
+
 /// Whether `run` was refused because this agent build lacks cargo feature `feature` (plain
 /// `cargo test` builds the default agent; scripts/test.sh builds --all-features); prints the
 /// skip line when so.
