@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::hw::{require, Token, USER_PIN};
+use common::hw::require;
 use common::{mode, openssl, skipped_without, write_secret, Device, Scratch};
 use serde_json::{json, Value};
 
@@ -538,15 +538,7 @@ fn a_softhsm2_key_is_certified_through_its_csr() {
         return;
     };
     let mut device = device(&pebble, "p256", |_| {});
-    let Some(token) = require(Token::softhsm(device.dir(), "acme-test"), "SoftHSM2") else { return };
-    let pin = device.dir().join("token.pin");
-    write_secret(&pin, USER_PIN);
-    device.edit(|c| {
-        c["key"]["provider"] = "pkcs11".into();
-        c["key"]["pkcs11"] =
-            json!({ "module": token.module, "token_label": token.label, "pin_file": pin, "key_label": "device" });
-    });
-    device.env.extend(token.env.iter().cloned());
+    let Some(_token) = device.use_softhsm("acme-test") else { return };
     let run = device.run(&["enroll"]);
     if skipped_without(&run, "pkcs11") {
         return;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::hw::{require, Swtpm, Token, USER_PIN};
+use common::hw::{require, Swtpm};
 use common::{openssl, skipped_without, write_secret, Device, Scratch};
 use serde_json::{json, Value};
 
@@ -285,15 +285,7 @@ fn p256_keys_redtrust_keys_and_a_missing_fingerprint_are_config_errors() {
 fn a_softhsm2_key_decrypts_the_answer_inside_the_token() {
     let Some(server) = ScepServer::start() else { return };
     let mut device = device(&server, |_| {});
-    let Some(token) = require(Token::softhsm(device.dir(), "scep-test"), "SoftHSM2") else { return };
-    let pin = device.dir().join("token.pin");
-    write_secret(&pin, USER_PIN);
-    device.edit(|c| {
-        c["key"]["provider"] = "pkcs11".into();
-        c["key"]["pkcs11"] =
-            json!({ "module": token.module, "token_label": token.label, "pin_file": pin, "key_label": "device" });
-    });
-    device.env.extend(token.env.iter().cloned());
+    let Some(_token) = device.use_softhsm("scep-test") else { return };
     let run = device.run(&["enroll"]);
     if skipped_without(&run, "pkcs11") {
         return;

@@ -232,6 +232,21 @@ impl Device {
     pub fn state(&self) -> Value {
         serde_json::from_slice(&fs::read(self.dir().join("state/state.json")).unwrap()).unwrap()
     }
+
+    /// Puts the device's key into a SoftHSM2 token of its own (`None`: SoftHSM2 cannot run
+    /// here, see [`hw::require`]). Keep the token while the device runs.
+    pub fn use_softhsm(&mut self, label: &str) -> Option<hw::Token> {
+        let token = hw::require(hw::Token::softhsm(self.dir(), label), "SoftHSM2")?;
+        let pin = self.dir().join("token.pin");
+        write_secret(&pin, hw::USER_PIN);
+        self.edit(|c| {
+            c["key"]["provider"] = "pkcs11".into();
+            c["key"]["pkcs11"] =
+                json!({ "module": token.module, "token_label": token.label, "pin_file": pin, "key_label": "device" });
+        });
+        self.env.extend(token.env.iter().cloned());
+        Some(token)
+    }
 }
 
 /// Whether `run` was refused because this agent build lacks cargo feature `feature` (plain
