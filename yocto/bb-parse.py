@@ -65,10 +65,12 @@ def expect(cond, what):
         failures.append(what)
 
 
-ALL = "enos ezca sectigo securosys est redtrust"
+ALL = "enos ezca sectigo securosys est acme scep redtrust"
 for pc, features, unit in (("", [], "enroll-agent.service"),
                            (ALL, [f"--features={f}" for f in ALL.split()], "enroll-agent.service"),
                            ("est", ["--features=est"], "enroll-agent.service"),
+                           ("acme acme-tls-alpn", ["--features=acme", "--features=acme-tls-alpn"],
+                            "enroll-agent.service"),
                            ("sectigo redtrust", ["--features=sectigo", "--features=redtrust"],
                             "enroll-agent.service"),
                            ("pkcs11", ["--features=pkcs11"], "enroll-agent.service"),

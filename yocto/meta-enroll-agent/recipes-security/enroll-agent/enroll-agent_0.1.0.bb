@@ -57,13 +57,19 @@ CARGO_LOCK_PATH = "${S}/Cargo.lock"
 # config naming one that is left out is refused with exit 78 naming its cargo feature:
 #   enos, ezca, sectigo, securosys: the EnOS, EZCA, Sectigo SCM and Securosys TSB API clients.
 #   est:      the EST client (RFC 7030).
+#   acme:     the ACME client (RFC 8555, with ARI); acme-tls-alpn adds the tls-alpn-01 challenge
+#             (a TLS server in the agent, about 115 KB), off by default.
+#   scep:     the SCEP client (RFC 8894; RSA-2048 device keys).
 #   redtrust: the Redtrust remote key provider (key.provider "redtrust").
-PACKAGECONFIG ??= "enos ezca sectigo securosys est redtrust"
+PACKAGECONFIG ??= "enos ezca sectigo securosys est acme scep redtrust"
 PACKAGECONFIG[enos] = ",,,"
 PACKAGECONFIG[ezca] = ",,,"
 PACKAGECONFIG[sectigo] = ",,,"
 PACKAGECONFIG[securosys] = ",,,"
 PACKAGECONFIG[est] = ",,,"
+PACKAGECONFIG[acme] = ",,,"
+PACKAGECONFIG[acme-tls-alpn] = ",,,"
+PACKAGECONFIG[scep] = ",,,"
 PACKAGECONFIG[redtrust] = ",,,"
 PACKAGECONFIG[pkcs11] = ",,,,"
 PACKAGECONFIG[tpm] = ",,tpm2-tss,libtss2-tcti-device"
@@ -72,7 +78,7 @@ PACKAGECONFIG[timer] = ",,,"
 # The cargo features are passed explicitly: scarthgap's cargo class does not add
 # PACKAGECONFIG_CONFARGS to the cargo command line (later ones do), so the PACKAGECONFIG flags
 # above leave their first field empty and this works on every release without doubling.
-CARGO_BUILD_FLAGS += "--bin enroll-agent --no-default-features ${@' '.join('--features=' + f for f in bb.utils.filter('PACKAGECONFIG', 'enos ezca sectigo securosys est redtrust pkcs11 tpm', d).split())}"
+CARGO_BUILD_FLAGS += "--bin enroll-agent --no-default-features ${@' '.join('--features=' + f for f in bb.utils.filter('PACKAGECONFIG', 'enos ezca sectigo securosys est acme acme-tls-alpn scep redtrust pkcs11 tpm', d).split())}"
 
 # Defaults compiled into the binary (read with option_env! at build time).
 export ENROLL_AGENT_DEFAULT_CONFIG = "${sysconfdir}/enroll-agent/config.json"
