@@ -312,6 +312,17 @@ fn external_account_binding_is_required_checked_and_accepted() {
     }
 }
 
+/// A device answering dns-01 through `hook`, an executable written with `script`.
+fn dns01_device(pebble: &Pebble, hook: &Path, script: &str) -> Device {
+    fs::write(hook, script).unwrap();
+    fs::set_permissions(hook, fs::Permissions::from_mode(0o755)).unwrap();
+    device(pebble, "p256", |c| {
+        c["ca"]["challenge"] = "dns-01".into();
+        c["ca"]["dns01_hook"] = json!([hook]);
+        c["ca"].as_object_mut().unwrap().remove("http01_listen");
+    })
+}
+
 #[test]
 fn dns01_publishes_the_txt_record_through_the_hook_and_removes_it() {
     let Some(pebble) = Pebble::start(PebbleOptions::default()) else { return };
@@ -319,9 +330,10 @@ fn dns01_publishes_the_txt_record_through_the_hook_and_removes_it() {
     let hook = scratch.0.join("dns-hook");
     let log = scratch.0.join("hook.log");
     // The operator's hook: here it writes into pebble-challtestsrv's DNS, which Pebble asks.
-    fs::write(
+    let device = dns01_device(
+        &pebble,
         &hook,
-        format!(
+        &format!(
             "#!/bin/sh\nset -e\necho \"$ACME_ACTION $ACME_DOMAIN\" >> {log}\n\
              case $ACME_ACTION in\n\
              present) curl -sf -d \"{{\\\"host\\\":\\\"_acme-challenge.$ACME_DOMAIN.\\\",\\\"value\\\":\\\"$ACME_TXT\\\"}}\" http://127.0.0.1:{port}/set-txt ;;\n\
@@ -330,14 +342,7 @@ fn dns01_publishes_the_txt_record_through_the_hook_and_removes_it() {
             log = log.display(),
             port = pebble.dns_management
         ),
-    )
-    .unwrap();
-    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-    let device = device(&pebble, "p256", |c| {
-        c["ca"]["challenge"] = "dns-01".into();
-        c["ca"]["dns01_hook"] = json!([hook]);
-        c["ca"].as_object_mut().unwrap().remove("http01_listen");
-    });
+    );
     device.expect(&["enroll"], 0);
     device.assert_chain_verifies(&pebble);
     assert_eq!(
@@ -358,9 +363,10 @@ fn a_failing_dns01_hook_is_temporary_names_the_step_and_the_next_run_recovers() 
     // Fails while the flag file exists (a DNS API that is down), then works.
     let down = scratch.0.join("dns-api-down");
     fs::write(&down, "").unwrap();
-    fs::write(
+    let device = dns01_device(
+        &pebble,
         &hook,
-        format!(
+        &format!(
             "#!/bin/sh
 echo \"$ACME_ACTION\" >> {log}
 [ -e {down} ] && exit 3
@@ -368,14 +374,7 @@ exit 0\n",
             log = log.display(),
             down = down.display()
         ),
-    )
-    .unwrap();
-    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-    let device = device(&pebble, "p256", |c| {
-        c["ca"]["challenge"] = "dns-01".into();
-        c["ca"]["dns01_hook"] = json!([hook]);
-        c["ca"].as_object_mut().unwrap().remove("http01_listen");
-    });
+    );
     let run = device.expect(&["enroll"], 75);
     assert!(
         run.stderr.contains(&format!(
