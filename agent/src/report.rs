@@ -298,13 +298,21 @@ pub fn check(settings: &Settings, online: bool) -> Result<String> {
         let response = http.send("reaching the CA", "GET", &url, &[], None)?;
         // Only an https:// URL went through TLS; tls.danger_allow_http lets a lab CA use http://.
         let tls = url.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+        let channel = match (tls, backend.name()) {
+            (true, _) => "verified TLS",
+            (false, "scep") => {
+                "plain HTTP; SCEP messages are signed and encrypted, the CA pinned by ca.ca_fingerprint"
+            }
+            (false, _) => "plain HTTP",
+        };
         lines.push(format!(
-            "ok: {} reachable over {} (HTTP {} from {url})",
+            "ok: {} reachable over {channel} (HTTP {} from {url})",
             backend.name(),
-            if tls { "verified TLS" } else { "plain HTTP" },
             response.status
         ));
-        if !tls {
+        // SCEP over http is the norm: its messages are signed and encrypted, and the CA is
+        // pinned by ca.ca_fingerprint (design.md §10), so there is nothing to warn about.
+        if !tls && backend.name() != "scep" {
             lines.push(
                 "warning: no TLS: nothing authenticates the CA or protects the requests (tls.danger_allow_http)"
                     .into(),

@@ -207,6 +207,10 @@ fn enrolls_with_the_challenge_and_renews_with_renewal_req_signed_by_the_current_
     assert_ne!(fs::read(device.current().join("key.pem")).unwrap(), key, "rotate_on_renew: a new key");
     assert_eq!(server.message_types(), ["PKCSReq (19)", "RenewalReq (17)"]);
     device.expect(&["check"], 0);
+    // Plain http is SCEP's norm (design.md §10): no TLS warning, the pin is named instead.
+    let online = device.expect(&["check", "--online"], 0);
+    assert!(online.stdout.contains("the CA pinned by ca.ca_fingerprint"), "{online:?}");
+    assert!(!online.stdout.contains("warning: no TLS"), "{online:?}");
 }
 
 #[test]
