@@ -49,7 +49,7 @@ impl Device {
     }
 
     fn transaction_id(&self) -> String {
-        enroll_ca::scep::transaction_id(self.key.public_key_spki())
+        enroll_ca::scep::transaction_id(self.key.public_key_spki(), None)
     }
 }
 

@@ -113,6 +113,17 @@ impl ScepServer {
         format!("sha256:{hex}")
     }
 
+    /// The transactionIDs of the messages the server parsed, from its debug log, in order.
+    fn transaction_ids(&self) -> Vec<String> {
+        let log = fs::read_to_string(self.scratch.0.join("server.log")).unwrap_or_default();
+        log.lines()
+            .filter(|line| line.contains("scep_message_type="))
+            .filter_map(|line| line.split("transaction_id=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+
     /// The message types the server parsed, from its debug log, in order.
     fn message_types(&self) -> Vec<String> {
         let log = fs::read_to_string(self.scratch.0.join("server.log")).unwrap_or_default();
@@ -211,6 +222,21 @@ fn enrolls_with_the_challenge_and_renews_with_renewal_req_signed_by_the_current_
     let online = device.expect(&["check", "--online"], 0);
     assert!(online.stdout.contains("the CA pinned by ca.ca_fingerprint"), "{online:?}");
     assert!(!online.stdout.contains("warning: no TLS"), "{online:?}");
+}
+
+#[test]
+fn a_renewal_with_the_same_key_is_a_new_transaction() {
+    let Some(server) = ScepServer::start() else { return };
+    let device = device(&server, |c| c["key"]["rotate_on_renew"] = false.into());
+    device.expect(&["enroll"], 0);
+    let key = fs::read(device.current().join("key.pem")).unwrap();
+    device.expect(&["renew", "--force"], 0);
+    device.expect(&["renew", "--force"], 0);
+    assert_eq!(fs::read(device.current().join("key.pem")).unwrap(), key, "the key is kept");
+    let ids = server.transaction_ids();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2], "{ids:?}");
+    device.assert_chain_verifies(&server);
 }
 
 #[test]

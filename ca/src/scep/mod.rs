@@ -116,10 +116,17 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The transactionID (RFC 8894 §3.2.1.1): a hash of the public key being certified, so a
-/// request for the same key is the same transaction.
-pub fn transaction_id(spki: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, spki).as_ref())
+/// The transactionID (RFC 8894 §3.2.1.1): SHA-256 of the public key being certified, so a
+/// request resent for the same key is the same transaction. A renewal also hashes the
+/// certificate it replaces: with `rotate_on_renew: false` the key is the enrollment's, and a
+/// server must not take the renewal for that finished transaction.
+pub fn transaction_id(spki: &[u8], renewing: Option<&Cert>) -> String {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(spki);
+    if let Some(cert) = renewing {
+        context.update(&cert.der);
+    }
+    hex(context.finish().as_ref())
 }
 
 /// failInfo (RFC 8894 §3.2.1.4) as an error of the right class.
@@ -289,7 +296,8 @@ impl<'a> Scep<'a> {
     }
 
     /// PKCSReq: the CSR with the challenge, signed under a self-signed certificate of the new key.
-    fn pkcs_req(&mut self, request: &Request) -> Result<Outcome> {
+    /// `renewing`: the certificate a PKCSReq renews (servers without `Renewal`).
+    fn pkcs_req(&mut self, request: &Request, renewing: Option<&Cert>) -> Result<Outcome> {
         let key = request_key(request)?;
         let Some(challenge) = &self.settings.challenge else {
             return Err(Error::config(
@@ -303,7 +311,7 @@ impl<'a> Scep<'a> {
             challenge.expose(),
         )?;
         let signer = self_signed(&key, request)?;
-        let tid = transaction_id(key.public_key_spki());
+        let tid = transaction_id(key.public_key_spki(), renewing);
         let answer = self.operation(MessageType::PkcsReq, &tid, &csr.der, &signer)?;
         self.outcome("PKCSReq", answer, &signer, key.public_key_spki(), format!("{PENDING_ENROLL}{tid}"))
     }
@@ -327,7 +335,7 @@ impl<'a> Scep<'a> {
             )?,
             None => crate::csr::build(new_key.as_ref(), request.subject, request.sans)?,
         };
-        let tid = transaction_id(new_key.public_key_spki());
+        let tid = transaction_id(new_key.public_key_spki(), Some(current.cert));
         let answer = self.operation(MessageType::RenewalReq, &tid, &csr.der, &signer)?;
         self.outcome(
             "RenewalReq",
@@ -360,7 +368,7 @@ impl CaBackend for Scep<'_> {
     }
 
     fn enroll(&mut self, request: &Request) -> Result<Outcome> {
-        self.pkcs_req(request)
+        self.pkcs_req(request, None)
     }
 
     fn renew(&mut self, request: &Request, current: &Current) -> Result<Outcome> {
@@ -368,7 +376,7 @@ impl CaBackend for Scep<'_> {
             return self.renewal_req(request, current);
         }
         log::info!("the SCEP server does not list Renewal: renewing with PKCSReq and the challenge password");
-        self.pkcs_req(request)
+        self.pkcs_req(request, Some(current.cert))
     }
 
     fn credentials(&self) -> Credentials {
@@ -400,7 +408,7 @@ impl CaBackend for Scep<'_> {
             .strip_prefix(PENDING_RENEWAL)
             .or_else(|| request_id.strip_prefix(PENDING_ENROLL))
             .ok_or_else(|| Error::protocol(format!("{request_id} is not a SCEP transaction")))?;
-        if tid != transaction_id(key.public_key_spki()) {
+        if tid != transaction_id(key.public_key_spki(), current.map(|c| c.cert)) {
             return Ok(Poll::Ended(Error::protocol("the pending SCEP transaction was for another key")));
         }
         let ca = self.ca()?;
