@@ -394,8 +394,17 @@ impl CaBackend for Scep<'_> {
     /// CertPoll (RFC 8894 §3.3.3) for the transaction, signed as the request was.
     fn poll(&mut self, request_id: &str, request: &Request, current: Option<&Current>) -> Result<Poll> {
         let key = request_key(request)?;
-        let (signer, operation) = match (request_id.strip_prefix(PENDING_RENEWAL), current) {
-            (Some(_), Some(current)) => (
+        let (renewal, tid) =
+            match (request_id.strip_prefix(PENDING_RENEWAL), request_id.strip_prefix(PENDING_ENROLL)) {
+                (Some(tid), _) => (true, tid),
+                (None, Some(tid)) => (false, tid),
+                _ => return Err(Error::protocol(format!("{request_id} is not a SCEP transaction"))),
+            };
+        if tid != transaction_id(key.public_key_spki(), current.map(|c| c.cert)) {
+            return Ok(Poll::Ended(Error::protocol("the pending SCEP transaction was for another key")));
+        }
+        let (signer, operation) = match (renewal, current) {
+            (true, Some(current)) => (
                 Credential {
                     cert: current.cert.clone(),
                     key: crate::backend::current_key(current, "SCEP CertPoll")?,
@@ -404,13 +413,6 @@ impl CaBackend for Scep<'_> {
             ),
             _ => (self_signed(&key, request)?, "CertPoll"),
         };
-        let tid = request_id
-            .strip_prefix(PENDING_RENEWAL)
-            .or_else(|| request_id.strip_prefix(PENDING_ENROLL))
-            .ok_or_else(|| Error::protocol(format!("{request_id} is not a SCEP transaction")))?;
-        if tid != transaction_id(key.public_key_spki(), current.map(|c| c.cert)) {
-            return Ok(Poll::Ended(Error::protocol("the pending SCEP transaction was for another key")));
-        }
         let ca = self.ca()?;
         let content =
             message::issuer_and_subject(&ca.trusted[0], &crate::csr::encode_name(request.subject)?)?;
