@@ -298,21 +298,18 @@ pub fn check(settings: &Settings, online: bool) -> Result<String> {
         let response = http.send("reaching the CA", "GET", &url, &[], None)?;
         // Only an https:// URL went through TLS; tls.danger_allow_http lets a lab CA use http://.
         let tls = url.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
-        let channel = match (tls, backend.name()) {
-            (true, _) => "verified TLS",
-            (false, "scep") => {
-                "plain HTTP; SCEP messages are signed and encrypted, the CA pinned by ca.ca_fingerprint"
-            }
-            (false, _) => "plain HTTP",
+        let protection = backend.plain_http_protection();
+        let channel = match (tls, protection) {
+            (true, _) => "verified TLS".to_string(),
+            (false, Some(protection)) => format!("plain HTTP; {protection}"),
+            (false, None) => "plain HTTP".to_string(),
         };
         lines.push(format!(
             "ok: {} reachable over {channel} (HTTP {} from {url})",
             backend.name(),
             response.status
         ));
-        // SCEP over http is the norm: its messages are signed and encrypted, and the CA is
-        // pinned by ca.ca_fingerprint (design.md §10), so there is nothing to warn about.
-        if !tls && backend.name() != "scep" {
+        if !tls && protection.is_none() {
             lines.push(
                 "warning: no TLS: nothing authenticates the CA or protects the requests (tls.danger_allow_http)"
                     .into(),

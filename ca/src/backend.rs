@@ -73,6 +73,11 @@ pub trait CaBackend {
     fn credentials(&self) -> Credentials;
     /// The URL `check --online` probes.
     fn probe_url(&self) -> String;
+    /// What protects this protocol's messages over plain `http://`, for protocols that are
+    /// secure without TLS (SCEP); `None`: plain http is unprotected (a lab setting).
+    fn plain_http_protection(&self) -> Option<&'static str> {
+        None
+    }
     /// How to poll, for asynchronous CAs; `None` for CAs that always answer at once.
     fn polling(&self) -> Option<Polling> {
         None

@@ -387,6 +387,10 @@ impl CaBackend for Scep<'_> {
         self.url("GetCACaps")
     }
 
+    fn plain_http_protection(&self) -> Option<&'static str> {
+        Some("SCEP messages are signed and encrypted, the CA pinned by ca.ca_fingerprint")
+    }
+
     fn polling(&self) -> Option<Polling> {
         Some(self.settings.polling)
     }
