@@ -29,10 +29,8 @@ pub struct ScepSettings {
 /// `poll_interval_s`, `poll_wait_s`, `poll_timeout_s`.
 pub fn parse(fields: &mut Fields, _allow_http: bool) -> Result<ScepSettings> {
     // design.md §10: plain http is fine here, because the fingerprint below pins the CA.
+    // (fields.url refuses a query already: `?operation=` is ours to add.)
     let url = fields.url("url", None, true)?;
-    if url.contains('?') || url.contains('#') {
-        return Err(Error::config("ca.url: the SCEP URL takes no query or fragment (…?operation= is added)"));
-    }
     let fingerprint = fields.required_string("ca_fingerprint")?;
     let ca_fingerprint = parse_fingerprint(&fingerprint).ok_or_else(|| {
         Error::config(
