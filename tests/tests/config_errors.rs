@@ -473,3 +473,35 @@ fn acme_blocks_are_checked_field_by_field() {
         config_error(Ca::Enos, "p256", acme(extra), message);
     }
 }
+
+#[test]
+fn scep_blocks_are_checked_field_by_field() {
+    let scep = |tweak: fn(&mut Value)| {
+        move |c: &mut Value| {
+            tweak(&mut c["ca"]);
+        }
+    };
+    let cases: [(fn(&mut Value), &str); 3] = [
+        (
+            |ca| ca["url"] = format!("{}?operation=GetCACaps", ca["url"].as_str().unwrap()).into(),
+            "has no host or has a query",
+        ),
+        (
+            |ca| ca["ca_fingerprint"] = "sha256:zz".into(),
+            "ca.ca_fingerprint: SHA-256 of the CA certificate's DER, 64 hex digits (colons allowed, \"sha256:\" prefix optional)",
+        ),
+        (|ca| { ca["poll_interval_s"] = 10.into(); ca["poll_timeout_s"] = 5.into() }, "ca.poll_timeout_s: must not be smaller than poll_interval_s"),
+    ];
+    for (tweak, message) in cases {
+        let env = Env::with_config(Ca::Scep, "rsa2048", scep(tweak));
+        let run = env.expect(&["enroll"], 78);
+        assert!(first_line(&run.stderr).ends_with(message), "{run:?}");
+        assert!(env.issuing_calls().is_empty());
+    }
+    // An empty challenge file: named, and nothing sent.
+    let env = Env::with_config(Ca::Scep, "rsa2048", |_| {});
+    std::fs::write(env.dir().join("scep-challenge"), "").unwrap();
+    let run = env.expect(&["enroll"], 78);
+    assert!(run.stderr.contains("ca.challenge_password_file: "), "{run:?}");
+    assert!(env.issuing_calls().is_empty());
+}
