@@ -481,7 +481,9 @@ fn scep_blocks_are_checked_field_by_field() {
             tweak(&mut c["ca"]);
         }
     };
-    let cases: [(fn(&mut Value), &str); 3] = [
+    /// An edit of the `ca` block and the end of the error it must cause.
+    type Case = (fn(&mut Value), &'static str);
+    let cases: [Case; 3] = [
         (
             |ca| ca["url"] = format!("{}?operation=GetCACaps", ca["url"].as_str().unwrap()).into(),
             "has no host or has a query",
