@@ -102,6 +102,90 @@ impl Transport {
     }
 }
 
+/// ring's algorithms, cut to what every TLS 1.2/1.3 server offers (issue 13): secp256r1 is the
+/// key exchange group RFC 8446 §9.1 requires of every server and AES-GCM the cipher (TLS 1.3's
+/// `TLS_AES_128_GCM_SHA256` is a must; TLS 1.2 servers pair AES-GCM with ECDHE), so X25519,
+/// P-384 key exchange and ChaCha20-Poly1305 stay out of the device binary. Built field by field
+/// because `ring::default_provider()` would link the left-out algorithms anyway. Server
+/// signatures are checked with every algorithm webpki has.
+pub fn device_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::{cipher_suite, kx_group};
+    rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            cipher_suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        ],
+        kx_groups: vec![kx_group::SECP256R1],
+        signature_verification_algorithms: SIGNATURE_ALGORITHMS,
+        secure_random: &RingRandom,
+        key_provider: &OwnKeysOnly,
+    }
+}
+
+/// For each TLS signature scheme, the webpki algorithms that may check it (for TLS 1.2 ECDSA the
+/// scheme does not fix the curve, so both).
+static SIGNATURE_ALGORITHMS: rustls::crypto::WebPkiSupportedAlgorithms = {
+    use rustls::SignatureScheme as Scheme;
+    use webpki::ring as alg;
+    rustls::crypto::WebPkiSupportedAlgorithms {
+        all: &[
+            alg::ECDSA_P256_SHA256,
+            alg::ECDSA_P256_SHA384,
+            alg::ECDSA_P384_SHA256,
+            alg::ECDSA_P384_SHA384,
+            alg::ED25519,
+            alg::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+            alg::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+            alg::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+            alg::RSA_PKCS1_2048_8192_SHA256,
+            alg::RSA_PKCS1_2048_8192_SHA384,
+            alg::RSA_PKCS1_2048_8192_SHA512,
+            alg::RSA_PKCS1_2048_8192_SHA256_ABSENT_PARAMS,
+            alg::RSA_PKCS1_2048_8192_SHA384_ABSENT_PARAMS,
+            alg::RSA_PKCS1_2048_8192_SHA512_ABSENT_PARAMS,
+        ],
+        mapping: &[
+            (Scheme::ECDSA_NISTP256_SHA256, &[alg::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256]),
+            (Scheme::ECDSA_NISTP384_SHA384, &[alg::ECDSA_P384_SHA384, alg::ECDSA_P256_SHA384]),
+            (Scheme::ED25519, &[alg::ED25519]),
+            (Scheme::RSA_PSS_SHA256, &[alg::RSA_PSS_2048_8192_SHA256_LEGACY_KEY]),
+            (Scheme::RSA_PSS_SHA384, &[alg::RSA_PSS_2048_8192_SHA384_LEGACY_KEY]),
+            (Scheme::RSA_PSS_SHA512, &[alg::RSA_PSS_2048_8192_SHA512_LEGACY_KEY]),
+            (Scheme::RSA_PKCS1_SHA256, &[alg::RSA_PKCS1_2048_8192_SHA256]),
+            (Scheme::RSA_PKCS1_SHA384, &[alg::RSA_PKCS1_2048_8192_SHA384]),
+            (Scheme::RSA_PKCS1_SHA512, &[alg::RSA_PKCS1_2048_8192_SHA512]),
+        ],
+    }
+};
+
+#[derive(Debug)]
+struct RingRandom;
+
+impl rustls::crypto::SecureRandom for RingRandom {
+    fn fill(&self, buf: &mut [u8]) -> std::result::Result<(), rustls::crypto::GetRandomFailed> {
+        use ring::rand::SecureRandom;
+        ring::rand::SystemRandom::new().fill(buf).map_err(|_| rustls::crypto::GetRandomFailed)
+    }
+}
+
+/// The agent signs with its own keys (`HalSigningKey`, the tls-alpn-01 certificate's key), never
+/// with a private key rustls would load.
+#[derive(Debug)]
+struct OwnKeysOnly;
+
+impl rustls::crypto::KeyProvider for OwnKeysOnly {
+    fn load_private_key(
+        &self,
+        _key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> std::result::Result<Arc<dyn SigningKey>, rustls::Error> {
+        Err(rustls::Error::General("enroll-agent loads no private keys into rustls".into()))
+    }
+}
+
 /// The rustls client configuration. `clock_window_s`: see [`clock_window`].
 pub fn client_config(
     roots: Arc<RootCertStore>,
@@ -109,7 +193,7 @@ pub fn client_config(
     identity: Option<ClientIdentity>,
     clock: Arc<Clock>,
 ) -> Result<Arc<ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(device_provider());
     let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| Error::config(format!("tls.trust_bundle: {e}")))?;

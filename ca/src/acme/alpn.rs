@@ -38,7 +38,7 @@ pub fn server_config(answers: &[(Identifier, String)]) -> Result<rustls::ServerC
         certs
             .push((server_name(identifier), Arc::new(challenge_certificate(identifier, key_authorization)?)));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::tls::device_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::new(Kind::Internal, format!("tls-alpn-01 server: {e}")))?
