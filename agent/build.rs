@@ -3,8 +3,8 @@
 //!
 //! In release builds (the profile sets `panic = "abort"`) it also links with
 //! `link/no-unwind-tables.ld`: nothing unwinds there, so the unwind tables are dropped (issue 13:
-//! about 320 KB of the aarch64 binary). `ENROLL_KEEP_UNWIND_TABLES=1` keeps them (for a linker
-//! that takes no GNU ld script, such as mold).
+//! about 320 KB of the aarch64 binary), and static musl builds drop RELRO's page padding.
+//! `ENROLL_KEEP_UNWIND_TABLES=1` keeps both (for a linker that takes no GNU ld script, such as mold).
 fn main() {
     let now =
         std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or_else(|| {
@@ -34,4 +34,10 @@ fn drop_unwind_tables_when_nothing_unwinds() {
     }
     let script = std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join("link/no-unwind-tables.ld");
     println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
+    // A static musl binary has no dynamic loader, and musl's static start-up does not mprotect
+    // the RELRO segment, so RELRO protects nothing there; its alignment padding (up to 64 KiB on
+    // aarch64, whose segments align to 64 KiB) is dropped with it.
+    if var("CARGO_CFG_TARGET_ENV") == "musl" {
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,norelro");
+    }
 }
