@@ -72,24 +72,79 @@ pub fn certificates(input: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
-/// The first SignerInfo's signedAttrs exactly as sent, re-tagged as the SET OF that the
-/// signature covers (RFC 5652 §5.4); `None` when there are none. A signer that sends its
-/// attributes in another order than DER's has signed those bytes, not a re-sorted encoding.
-pub fn signed_attributes(input: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let (info, _) = read(input, 0)?;
+/// What a signature check needs from a SignedData (RFC 5652 §5.1); the rest (certificates,
+/// CRLs) is skipped unread, so the device binary carries no decoder for CMS's CRL and
+/// attribute-certificate types (issue 13).
+#[derive(Debug)]
+pub struct Signed<'a> {
+    /// The encapsulated content's octets (segments of a BER OCTET STRING joined), if present.
+    pub content: Option<Vec<u8>>,
+    /// Each SignerInfo, whole (DER in practice; read with `der` by the caller).
+    pub signer_infos: Vec<&'a [u8]>,
+}
+
+/// Reads a ContentInfo(SignedData), DER or BER.
+pub fn signed(input: &[u8]) -> Result<Signed<'_>, String> {
+    let mut fields = signed_data_fields(input)?.into_iter();
+    next(&mut fields, INTEGER, "SignedData version")?;
+    next(&mut fields, SET, "SignedData digestAlgorithms")?;
+    let encapsulated = next(&mut fields, SEQUENCE, "SignedData encapContentInfo")?;
+    let mut parts = children(&encapsulated, 3)?.into_iter();
+    next(&mut parts, OID, "encapContentInfo eContentType")?;
+    let content = match parts.next() {
+        None => None,
+        Some(explicit) => {
+            expect(&explicit, CONTEXT_0, "encapContentInfo eContent")?;
+            let octets = children(&explicit, 4)?.into_iter().next().ok_or("eContent: missing")?;
+            if octets.tag != OCTET_STRING && octets.tag != OCTET_STRING_ANY {
+                return Err(format!("eContent: expected an OCTET STRING, found tag 0x{:02x}", octets.tag));
+            }
+            Some(octet_string(&octets, 5)?)
+        }
+    };
+    // [0] certificates and [1] crls may come first.
+    let signer_infos = fields.find(|f| f.tag == SET).ok_or("SignedData signerInfos: missing")?;
+    let signer_infos = children(&signer_infos, 3)?.into_iter().map(|s| s.whole).collect();
+    Ok(Signed { content, signer_infos })
+}
+
+/// The fields of the SignedData in a ContentInfo, with nothing after the ContentInfo.
+fn signed_data_fields(input: &[u8]) -> Result<Vec<Tlv<'_>>, String> {
+    let (info, rest) = read(input, 0)?;
+    if rest.iter().any(|b| *b != 0) {
+        return Err("bytes follow the PKCS#7 ContentInfo".into());
+    }
+    expect(&info, SEQUENCE, "ContentInfo")?;
     let mut fields = children(&info, 1)?.into_iter();
     if next(&mut fields, OID, "ContentInfo contentType")?.content != SIGNED_DATA {
         return Err("the PKCS#7 content is not SignedData (1.2.840.113549.1.7.2)".into());
     }
     let explicit = next(&mut fields, CONTEXT_0, "ContentInfo content")?;
     let signed = next(&mut children(&explicit, 2)?.into_iter(), SEQUENCE, "SignedData")?;
-    // version, digestAlgorithms, encapContentInfo, [0] certificates, [1] crls, then signerInfos.
-    let Some(signer_infos) = children(&signed, 3)?.into_iter().skip(3).find(|f| f.tag == SET) else {
-        return Err("SignedData signerInfos: missing".into());
-    };
-    let Some(signer) = children(&signer_infos, 4)?.into_iter().next() else {
+    children(&signed, 3)
+}
+
+/// An OCTET STRING's octets: primitive, or constructed (BER) with its segments joined.
+fn octet_string(tlv: &Tlv, depth: usize) -> Result<Vec<u8>, String> {
+    if tlv.tag == OCTET_STRING {
+        return Ok(tlv.content.to_vec());
+    }
+    let mut joined = Vec::new();
+    for segment in children(tlv, depth)? {
+        expect(&segment, OCTET_STRING, "an OCTET STRING segment")?;
+        joined.extend_from_slice(segment.content);
+    }
+    Ok(joined)
+}
+
+/// The first SignerInfo's signedAttrs exactly as sent, re-tagged as the SET OF that the
+/// signature covers (RFC 5652 §5.4); `None` when there are none. A signer that sends its
+/// attributes in another order than DER's has signed those bytes, not a re-sorted encoding.
+pub fn signed_attributes(input: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    let Some(signer) = signed(input)?.signer_infos.first().copied() else {
         return Ok(None);
     };
+    let (signer, _) = read(signer, 4)?;
     // version, sid, digestAlgorithm, then [0] signedAttrs if present.
     let attrs = children(&signer, 5)?.into_iter().nth(3).filter(|f| f.tag == CONTEXT_0);
     Ok(attrs.filter(|a| !a.indefinite).map(|a| {
@@ -102,6 +157,8 @@ pub fn signed_attributes(input: &[u8]) -> Result<Option<Vec<u8>>, String> {
 /// 1.2.840.113549.1.7.3 (id-envelopedData), as DER content octets.
 const ENVELOPED_DATA: [u8; 9] = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x03];
 const OCTET_STRING: u8 = 0x04;
+/// A constructed (BER, segmented) OCTET STRING.
+const OCTET_STRING_ANY: u8 = 0x24;
 /// [0] primitive: EncryptedContentInfo's encryptedContent (IMPLICIT OCTET STRING, RFC 5652 §6.1).
 const CONTEXT_0_PRIMITIVE: u8 = 0x80;
 
@@ -147,14 +204,7 @@ pub fn enveloped(input: &[u8]) -> Result<Enveloped<'_>, String> {
     let content = parts.next().ok_or("encryptedContentInfo encryptedContent: missing")?;
     let encrypted = match content.tag {
         CONTEXT_0_PRIMITIVE => content.content.to_vec(),
-        CONTEXT_0 => {
-            let mut joined = Vec::new();
-            for segment in children(&content, 5)? {
-                expect(&segment, OCTET_STRING, "an encryptedContent segment")?;
-                joined.extend_from_slice(segment.content);
-            }
-            joined
-        }
+        CONTEXT_0 => octet_string(&content, 5)?,
         other => return Err(format!("encryptedContent: expected tag 0x80 or 0xa0, found 0x{other:02x}")),
     };
     Ok(Enveloped { recipient_infos: recipients.whole, content_algorithm: algorithm.whole, encrypted })

@@ -161,24 +161,13 @@ pub fn read_cert_rep(der: &[u8], expected: &Expected) -> Result<Answer> {
 /// The one SignerInfo of a CertRep and its content (the encrypted reply), not yet verified.
 fn decode_cert_rep(der: &[u8]) -> Result<(SignerInfo, Option<Vec<u8>>)> {
     let malformed = |what: String| Error::protocol(format!("SCEP CertRep: {what}"));
-    let info = ContentInfo::from_der(der).map_err(|e| malformed(format!("not a CMS message ({e})")))?;
-    if info.content_type != SIGNED_DATA {
-        return Err(malformed(format!("the content is {}, not SignedData", info.content_type)));
-    }
-    let signed: SignedData =
-        info.content.decode_as().map_err(|e| malformed(format!("the SignedData does not parse ({e})")))?;
-    let [signer_info] = signed.signer_infos.0.as_slice() else {
-        return Err(malformed(format!("{} signers instead of one", signed.signer_infos.0.len())));
+    let signed = crate::pkcs7::signed(der).map_err(|e| malformed(format!("not a CMS SignedData ({e})")))?;
+    let [signer_info] = signed.signer_infos.as_slice() else {
+        return Err(malformed(format!("{} signers instead of one", signed.signer_infos.len())));
     };
-    let content = match &signed.encap_content_info.econtent {
-        Some(any) => Some(
-            any.decode_as::<OctetString>()
-                .map_err(|e| malformed(format!("the content is not an OCTET STRING ({e})")))?
-                .into_bytes(),
-        ),
-        None => None,
-    };
-    Ok((signer_info.clone(), content))
+    let signer_info = SignerInfo::from_der(signer_info)
+        .map_err(|e| malformed(format!("the SignerInfo does not parse ({e})")))?;
+    Ok((signer_info, signed.content))
 }
 
 /// What the verified attributes say, checked against our request.
