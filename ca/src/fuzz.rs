@@ -209,3 +209,29 @@ pub fn header_values(data: &[u8]) {
     let _ = crate::http::excerpt(text);
     let _ = json::Value::String(text.to_string()).to_json();
 }
+
+/// An HTTP/1.1 response as a CA's socket would deliver it (status line, header fields, every
+/// body framing), and the URLs the client is asked to follow (ACME and SCEP take them from answers).
+pub fn http_response(data: &[u8]) {
+    use crate::http::wire;
+    const LIMIT: u64 = 4096;
+    let mut input = data;
+    if let Ok(head) = wire::read_head(&mut input) {
+        assert!(head.status >= 200 && head.status <= 999, "status {}", head.status);
+        if let Ok(framing) = wire::framing("GET", &head) {
+            let declared = match framing {
+                wire::Framing::Length(length) => Some(length),
+                _ => None,
+            };
+            if let Ok(body) = wire::read_body(&mut input, framing, LIMIT) {
+                assert!(body.len() as u64 <= LIMIT);
+                assert!(declared.map_or(true, |length| length == body.len() as u64));
+            }
+        }
+    }
+    if let Ok(url) = std::str::from_utf8(data) {
+        if let Ok(target) = crate::http::connect::Target::parse(url) {
+            assert!(target.port != 0 && target.path_and_query.starts_with('/') && !target.host.is_empty());
+        }
+    }
+}

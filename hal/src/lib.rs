@@ -10,6 +10,7 @@ pub mod key;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 pub mod remote;
+pub mod rsa_keygen;
 pub mod soft;
 pub mod store;
 #[cfg(feature = "tpm")]

@@ -88,7 +88,7 @@ fn generate_p256() -> Result<Zeroizing<Vec<u8>>, Error> {
 
 fn generate_rsa2048() -> Result<Zeroizing<Vec<u8>>, Error> {
     use rsa::pkcs8::EncodePrivateKey;
-    let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048)
+    let key = crate::rsa_keygen::generate(&mut rand_core::OsRng)
         .map_err(|e| Error::key("generating RSA-2048 key", e.to_string()))?;
     let doc = key.to_pkcs8_der().map_err(|e| Error::key("encoding RSA-2048 key", e.to_string()))?;
     Ok(Zeroizing::new(doc.as_bytes().to_vec()))

@@ -3,7 +3,7 @@
 //! what an HTTP status means for their CA. Our own client (`wire`, `connect`) rather than ureq:
 //! the requests are few and simple, and it saves about 150 KB of the device binary (issue 13).
 
-mod connect;
+pub(crate) mod connect;
 pub mod wire;
 
 use std::io::BufReader;
