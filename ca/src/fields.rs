@@ -73,7 +73,9 @@ impl<'a> Fields<'a> {
     pub fn number(&mut self, key: &str) -> Result<Option<f64>> {
         match self.take(key) {
             None => Ok(None),
-            Some(v @ Value::Number(_)) => Ok(v.as_f64()),
+            Some(v @ Value::Number(_)) => v.as_f64().map(Some).ok_or_else(|| {
+                Error::config(format!("{}: use at most 15 digits (a number such as 0.66)", self.path_of(key)))
+            }),
             Some(other) => Err(self.wrong_type(key, "a number", other)),
         }
     }

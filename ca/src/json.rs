@@ -57,11 +57,34 @@ impl Value {
         }
     }
 
+    /// The number as f64, for the config's fractions: up to 15 significant digits with a
+    /// decimal exponent within ±22, which one IEEE multiplication or division by an exact
+    /// power of ten rounds correctly; others are `None`. (`str::parse::<f64>` would link core's
+    /// general decimal-to-float converter and its tables, about 15 KB of the device binary.)
     pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Value::Number(n) => n.parse().ok(),
-            _ => None,
+        let Value::Number(text) = self else { return None };
+        let (negative, unsigned) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text.as_str()),
+        };
+        let (decimal, exponent) = match unsigned.split_once(['e', 'E']) {
+            Some((decimal, exponent)) => (decimal, exponent.parse::<i32>().ok()?),
+            None => (unsigned, 0),
+        };
+        let (whole, fraction) = decimal.split_once('.').unwrap_or((decimal, ""));
+        let significant = whole.trim_start_matches('0').len() + fraction.len();
+        if significant > 15 || !whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit()) {
+            return None;
         }
+        let mantissa = whole.bytes().chain(fraction.bytes()).fold(0u64, |n, b| n * 10 + u64::from(b - b'0'));
+        let exponent = exponent.checked_sub(i32::try_from(fraction.len()).ok()?)?;
+        const POWERS_OF_TEN: [f64; 23] = [
+            1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17,
+            1e18, 1e19, 1e20, 1e21, 1e22,
+        ];
+        let scale = *POWERS_OF_TEN.get(exponent.unsigned_abs() as usize)?;
+        let magnitude = if exponent < 0 { mantissa as f64 / scale } else { mantissa as f64 * scale };
+        Some(if negative { -magnitude } else { magnitude })
     }
 
     pub fn as_bool(&self) -> Option<bool> {
@@ -473,6 +496,19 @@ fn write_string(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fractions_read_exactly_as_the_standard_parser_reads_them() {
+        for text in
+            ["0.66", "0.05", "1", "0", "-2.5e-3", "1E2", "66e-2", "0.123456789012345", "12345e+10", "3.0"]
+        {
+            let number = Value::Number(text.into());
+            assert_eq!(number.as_f64(), Some(text.parse::<f64>().unwrap()), "{text}");
+        }
+        for text in ["0.1234567890123456", "1e23", "1e-30", "12345678901234567890"] {
+            assert_eq!(Value::Number(text.into()).as_f64(), None, "{text}");
+        }
+    }
 
     #[test]
     fn round_trips_nested_values_and_keeps_big_integers_exact() {
