@@ -165,8 +165,10 @@ const CONTEXT_0_PRIMITIVE: u8 = 0x80;
 /// What a recipient needs from a ContentInfo(EnvelopedData) (RFC 5652 §6.1).
 #[derive(Debug)]
 pub struct Enveloped<'a> {
-    /// The recipientInfos SET, whole (DER in practice; read with `der` by the caller).
-    pub recipient_infos: &'a [u8],
+    /// The key-transport entries (KeyTransRecipientInfo, untagged SEQUENCEs) of recipientInfos,
+    /// each whole (DER in practice; read with `der` by the caller). The other kinds, all tagged
+    /// (key agreement, KEK, password, other), are skipped: SCEP transports keys with RSA.
+    pub key_transport: Vec<&'a [u8]>,
     /// The contentEncryptionAlgorithm AlgorithmIdentifier, whole.
     pub content_algorithm: &'a [u8],
     /// The encrypted content, its BER segments joined.
@@ -207,7 +209,9 @@ pub fn enveloped(input: &[u8]) -> Result<Enveloped<'_>, String> {
         CONTEXT_0 => octet_string(&content, 5)?,
         other => return Err(format!("encryptedContent: expected tag 0x80 or 0xa0, found 0x{other:02x}")),
     };
-    Ok(Enveloped { recipient_infos: recipients.whole, content_algorithm: algorithm.whole, encrypted })
+    let key_transport =
+        children(&recipients, 4)?.into_iter().filter(|r| r.tag == SEQUENCE).map(|r| r.whole).collect();
+    Ok(Enveloped { key_transport, content_algorithm: algorithm.whole, encrypted })
 }
 
 fn expect(tlv: &Tlv, tag: u8, what: &str) -> Result<(), String> {
@@ -403,7 +407,8 @@ mod tests {
             eci.extend(&algorithm);
             eci.extend(content);
             let mut body = tlv(INTEGER, &[0]);
-            body.extend(tlv(SET, &tlv(SEQUENCE, &[1, 2, 3])));
+            // A key-transport entry, then a key-agreement one ([1]) that is skipped.
+            body.extend(tlv(SET, &[tlv(SEQUENCE, &[1, 2, 3]), tlv(0xa1, &[4])].concat()));
             body.extend(wrap(SEQUENCE, &eci));
             let mut info = tlv(OID, &ENVELOPED_DATA);
             info.extend(wrap(CONTEXT_0, &wrap(SEQUENCE, &body)));
@@ -416,7 +421,7 @@ mod tests {
             let input = build(wrap, wrap(CONTEXT_0, &segments));
             let parts = enveloped(&input).unwrap();
             assert_eq!(parts.encrypted, b"0123456789abcdef");
-            assert_eq!(parts.recipient_infos, tlv(SET, &tlv(SEQUENCE, &[1, 2, 3])).as_slice());
+            assert_eq!(parts.key_transport, [tlv(SEQUENCE, &[1, 2, 3]).as_slice()]);
         }
         let input = build(ber, ber(CONTEXT_0, &segments));
         for cut in 0..input.len() {

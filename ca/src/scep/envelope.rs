@@ -134,8 +134,6 @@ pub fn seal(content: &[u8], recipient: &Cert, cipher: Cipher) -> Result<Vec<u8>>
 pub fn open(der: &[u8], key: &dyn DeviceKey) -> Result<Zeroizing<Vec<u8>>> {
     let malformed = |what: &str| Error::protocol(format!("SCEP CertRep: the encrypted answer {what}"));
     let parts = crate::pkcs7::enveloped(der).map_err(|e| malformed(&format!("does not parse ({e})")))?;
-    let recipients = RecipientInfos::from_der(parts.recipient_infos)
-        .map_err(|e| malformed(&format!("has unreadable recipientInfos ({e})")))?;
     let algorithm = AlgorithmIdentifierOwned::from_der(parts.content_algorithm)
         .map_err(|e| malformed(&format!("has an unreadable cipher ({e})")))?;
     let cipher = Cipher::from_oid(&algorithm.oid)
@@ -151,12 +149,12 @@ pub fn open(der: &[u8], key: &dyn DeviceKey) -> Result<Zeroizing<Vec<u8>>> {
     }
     // One recipient (us) in practice; try each RSA key-transport entry until one opens.
     let mut cek = None;
-    for recipient in recipients.0.iter() {
-        if let RecipientInfo::Ktri(ktri) = recipient {
-            if let Ok(key) = key.decrypt_pkcs1v15(ktri.enc_key.as_bytes()) {
-                cek = Some(key);
-                break;
-            }
+    for recipient in &parts.key_transport {
+        let ktri = KeyTransRecipientInfo::from_der(recipient)
+            .map_err(|e| malformed(&format!("has an unreadable recipientInfo ({e})")))?;
+        if let Ok(key) = key.decrypt_pkcs1v15(ktri.enc_key.as_bytes()) {
+            cek = Some(key);
+            break;
         }
     }
     let cek =

@@ -359,10 +359,15 @@ mod tests {
         let wrong_ca = [Cert::from_der(&other.unwrap()).unwrap()];
         let stranger = Expected { ca_certs: &wrong_ca, ..expected };
         assert!(read_cert_rep(der, &stranger).unwrap_err().to_string().contains("not the pinned CA"));
-        // One flipped bit in the signed content: the messageDigest or the signature fails.
-        let mut changed = der.to_vec();
-        let at = changed.len() / 2;
-        changed[at] ^= 1;
-        assert!(read_cert_rep(&changed, &expected).is_err());
+        // One flipped bit in the signed content fails the messageDigest; one in the signature
+        // (the SignerInfo ends the message) fails the signature. (The certificates the message
+        // carries are not signed and not used: the signer must be the pinned CA.)
+        let content = crate::pkcs7::signed(der).unwrap().content.unwrap();
+        let start = der.windows(content.len()).position(|w| w == content.as_slice()).unwrap();
+        for at in [start + content.len() / 2, der.len() - 1] {
+            let mut changed = der.to_vec();
+            changed[at] ^= 1;
+            assert!(read_cert_rep(&changed, &expected).is_err(), "bit flipped at {at}");
+        }
     }
 }
