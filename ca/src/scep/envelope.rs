@@ -8,17 +8,14 @@
 
 use cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit};
 use cms::content_info::{CmsVersion, ContentInfo};
-use cms::enveloped_data::{
-    EncryptedContentInfo, EnvelopedData, KeyTransRecipientInfo, RecipientIdentifier, RecipientInfo,
-    RecipientInfos,
-};
+use cms::enveloped_data::{EncryptedContentInfo, KeyTransRecipientInfo, RecipientIdentifier};
 use der::asn1::{Any, ObjectIdentifier, OctetString, SetOfVec};
 use der::{Decode, Encode};
 use enroll_hal::DeviceKey;
 use spki::AlgorithmIdentifierOwned;
 use zeroize::Zeroizing;
 
-use super::message::{issuer_and_serial, DATA, ENVELOPED_DATA};
+use super::message::{any, issuer_and_serial, DATA, ENVELOPED_DATA};
 use crate::error::{Error, Kind, Result};
 use crate::pki::Cert;
 
@@ -108,23 +105,21 @@ pub fn seal(content: &[u8], recipient: &Cert, cipher: Cipher) -> Result<Vec<u8>>
     };
     let iv_param =
         Any::encode_from(&OctetString::new(iv.to_vec()).map_err(internal("IV"))?).map_err(internal("IV"))?;
-    let enveloped = EnvelopedData {
-        version: CmsVersion::V0,
-        originator_info: None,
-        recip_infos: RecipientInfos(
-            SetOfVec::try_from(vec![RecipientInfo::Ktri(ktri)]).map_err(internal("recipients"))?,
-        ),
-        encrypted_content: EncryptedContentInfo {
-            content_type: DATA,
-            content_enc_alg: AlgorithmIdentifierOwned { oid: cipher.oid(), parameters: Some(iv_param) },
-            encrypted_content: Some(OctetString::new(encrypted).map_err(internal("content"))?),
-        },
-        unprotected_attrs: None,
+    let encrypted_content = EncryptedContentInfo {
+        content_type: DATA,
+        content_enc_alg: AlgorithmIdentifierOwned { oid: cipher.oid(), parameters: Some(iv_param) },
+        encrypted_content: Some(OctetString::new(encrypted).map_err(internal("content"))?),
     };
-    let info = ContentInfo {
-        content_type: ENVELOPED_DATA,
-        content: Any::encode_from(&enveloped).map_err(internal("EnvelopedData"))?,
-    };
+    // EnvelopedData (RFC 5652 §6.1) field by field, with one key-transport recipient: cms's own
+    // EnvelopedData type would link the encoders of every RecipientInfo kind (issue 13).
+    let recipients =
+        SetOfVec::try_from(vec![any(&ktri, "recipientInfo")?]).map_err(internal("recipients"))?;
+    let enveloped: Vec<Any> = vec![
+        any(&CmsVersion::V0, "version")?,
+        any(&recipients, "recipientInfos")?,
+        any(&encrypted_content, "encryptedContentInfo")?,
+    ];
+    let info = ContentInfo { content_type: ENVELOPED_DATA, content: any(&enveloped, "EnvelopedData")? };
     info.to_der().map_err(internal("ContentInfo"))
 }
 

@@ -6,13 +6,11 @@
 //! CA or RA certificate that `GetCACert` returned (pinned by fingerprint) before anything in it
 //! is believed, and whose transactionID and recipientNonce must answer our request.
 
-use cms::cert::{CertificateChoices, IssuerAndSerialNumber};
+use cms::cert::IssuerAndSerialNumber;
 use cms::content_info::{CmsVersion, ContentInfo};
-use cms::signed_data::{
-    CertificateSet, EncapsulatedContentInfo, SignedData, SignerIdentifier, SignerInfo, SignerInfos,
-};
-use der::asn1::{Any, ObjectIdentifier, OctetString, PrintableStringRef, SetOfVec};
-use der::{Decode, Encode};
+use cms::signed_data::{EncapsulatedContentInfo, SignerIdentifier, SignerInfo};
+use der::asn1::{Any, ContextSpecific, ObjectIdentifier, OctetString, PrintableStringRef, SetOfVec};
+use der::{Decode, Encode, TagMode, TagNumber};
 use enroll_hal::{DeviceKey, SignatureScheme};
 use spki::AlgorithmIdentifierOwned;
 use x509_cert::attr::Attribute;
@@ -73,6 +71,12 @@ fn internal(what: &'static str) -> impl Fn(der::Error) -> Error {
     move |e| Error::new(Kind::Internal, format!("SCEP message: {what}: {e}"))
 }
 
+/// `value` as an ASN.1 element of its own type, to assemble a SEQUENCE field by field.
+pub fn any(value: &impl Encode, what: &'static str) -> Result<Any> {
+    let der = value.to_der().and_then(|der| Any::from_der(&der));
+    der.map_err(|e| Error::new(Kind::Internal, format!("SCEP: encoding {what}: {e}")))
+}
+
 pub fn issuer_and_serial(cert: &Cert) -> IssuerAndSerialNumber {
     IssuerAndSerialNumber {
         issuer: cert.parsed.tbs_certificate.issuer.clone(),
@@ -121,24 +125,23 @@ pub fn sign(kind: MessageType, transaction_id: &str, envelope: &[u8], signer: &S
         signature: OctetString::new(signature).map_err(internal("signature"))?,
         unsigned_attrs: None,
     };
-    let certificate = CertificateChoices::Certificate(signer.cert.parsed.clone());
-    let signed = SignedData {
-        version: CmsVersion::V1,
-        digest_algorithms: SetOfVec::try_from(vec![sha256]).map_err(internal("digestAlgorithms"))?,
-        encap_content_info: EncapsulatedContentInfo {
-            econtent_type: DATA,
-            econtent: Some(octets(envelope)?),
-        },
-        certificates: Some(CertificateSet(
-            SetOfVec::try_from(vec![certificate]).map_err(internal("certificates"))?,
-        )),
-        crls: None,
-        signer_infos: SignerInfos(SetOfVec::try_from(vec![signer_info]).map_err(internal("signerInfos"))?),
+    // SignedData (RFC 5652 §5.1) field by field: cms's own SignedData type would link the
+    // encoders of every CertificateChoices and RevocationInfoChoice kind (issue 13).
+    let certificate = Any::from_der(&signer.cert.der).map_err(internal("certificate"))?;
+    let certificates = ContextSpecific {
+        tag_number: TagNumber::N0,
+        tag_mode: TagMode::Implicit,
+        value: SetOfVec::try_from(vec![certificate]).map_err(internal("certificates"))?,
     };
-    let info = ContentInfo {
-        content_type: SIGNED_DATA,
-        content: Any::encode_from(&signed).map_err(internal("SignedData"))?,
-    };
+    let encapsulated = EncapsulatedContentInfo { econtent_type: DATA, econtent: Some(octets(envelope)?) };
+    let signed: Vec<Any> = vec![
+        any(&CmsVersion::V1, "version")?,
+        any(&SetOfVec::try_from(vec![sha256]).map_err(internal("digestAlgorithms"))?, "digestAlgorithms")?,
+        any(&encapsulated, "encapContentInfo")?,
+        any(&certificates, "certificates")?,
+        any(&SetOfVec::try_from(vec![signer_info]).map_err(internal("signerInfos"))?, "signerInfos")?,
+    ];
+    let info = ContentInfo { content_type: SIGNED_DATA, content: any(&signed, "SignedData")? };
     Ok(Outgoing { der: info.to_der().map_err(internal("ContentInfo"))?, sender_nonce })
 }
 
@@ -161,7 +164,7 @@ pub fn read_cert_rep(der: &[u8], expected: &Expected) -> Result<Answer> {
 /// The one SignerInfo of a CertRep and its content (the encrypted reply), not yet verified.
 fn decode_cert_rep(der: &[u8]) -> Result<(SignerInfo, Option<Vec<u8>>)> {
     let malformed = |what: String| Error::protocol(format!("SCEP CertRep: {what}"));
-    let signed = crate::pkcs7::signed(der).map_err(|e| malformed(format!("not a CMS SignedData ({e})")))?;
+    let signed = crate::pkcs7::signed(der).map_err(|e| malformed(format!("not a CMS message ({e})")))?;
     let [signer_info] = signed.signer_infos.as_slice() else {
         return Err(malformed(format!("{} signers instead of one", signed.signer_infos.len())));
     };
