@@ -160,8 +160,12 @@ fn past_poll_timeout_s_the_request_is_cancelled_at_tsb_and_replaced() {
     assert_eq!(env.emu.securosys_cancelled(), 1, "DELETE /v1/request/{{id}} withdrew it");
     assert_eq!(env.status_json()["pending"], Value::Null);
     env.emu.set_pending_polls(0);
-    // The new request still passes through APPROVED: give this run time to see it executed.
-    env.edit_config(|c| c["ca"]["poll_wait_s"] = 10.into());
+    // The new request still passes through APPROVED: give this run time to see it executed
+    // (and lift the 2 s limit, which a loaded machine can spend on the polls alone).
+    env.edit_config(|c| {
+        c["ca"]["poll_wait_s"] = 10.into();
+        c["ca"]["poll_timeout_s"] = 60.into();
+    });
     env.expect(&["enroll"], 0);
     assert_eq!(env.emu.securosys_requests(), 2);
 }
