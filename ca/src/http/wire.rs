@@ -114,7 +114,12 @@ fn parse_status_line(line: &str) -> Result<u16, WireError> {
         .ok_or(WireError::Malformed("the status line is not HTTP/1.x"))?;
     let code = rest.get(..3).filter(|c| c.bytes().all(|b| b.is_ascii_digit()));
     match (code, rest.as_bytes().get(3)) {
-        (Some(code), None | Some(b' ')) => code.parse().map_err(|_| WireError::Malformed("bad status code")),
+        (Some(code), None | Some(b' ')) => match code.parse() {
+            // RFC 9110 §15: a status code has three digits and a class from 1 to 5 (we read 6-9
+            // as unknown answers, which the backends refuse by class); "0xx" is no code.
+            Ok(status) if status >= 100 => Ok(status),
+            _ => Err(WireError::Malformed("the status code is below 100")),
+        },
         _ => Err(WireError::Malformed("the status line has no three-digit code")),
     }
 }
@@ -332,6 +337,7 @@ mod tests {
         for garbled in [
             "SSH-2.0-OpenSSH\r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/1.1 093 Odd\r\n\r\n",
             "HTTP/2 200\r\n\r\n",
             "HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
             "HTTP/1.1 200 OK\r\n folded: value\r\n\r\n",
